@@ -1,0 +1,104 @@
+"""`specmatch <stage>`: the command-line contract shared by Snakemake rules, DVC stages,
+SLURM jobs and people (DESIGN.md). Each stage reads explicit inputs and its resolved
+parameters (`--params`, a JSON object or a YAML/JSON file) and writes one output folder
+atomically, with a provenance record."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from . import __version__
+from .errors import SpecmatchError
+
+# Compute nodes have no internet: no library may try to reach a model hub from any process.
+for _var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+    os.environ.setdefault(_var, "1")
+
+PARAMS_HELP = "resolved parameters: a JSON object, or a YAML/JSON file holding one"
+
+
+def _cmd_prepare_data(args) -> None:
+    from . import config
+    from .data.prepare import prepare
+
+    prepare(config.parse_params_arg(args.params), args.name, args.out)
+
+
+def _cmd_data_spectra(args) -> None:
+    from . import config
+    from .metrics import spectra
+
+    spectra.run(args.dataset, config.parse_params_arg(args.params), args.grids, args.name, args.out)
+
+
+def _cmd_params_show(args) -> None:
+    from . import config
+
+    resolved = config.load(args.params_file, args.preset)
+    section = resolved
+    for key in filter(None, (args.key or "").split(".")):
+        if not isinstance(section, dict) or key not in section:
+            raise SpecmatchError(f"{args.params_file}: no key {args.key!r} in the resolved parameters")
+        section = section[key]
+    print(json.dumps(section, indent=None if args.compact else 2, sort_keys=True))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="specmatch", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"specmatch {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="<stage>")
+
+    p = sub.add_parser("prepare-data", help="build a dataset's uint8 shards and manifest",
+                       description="Build a dataset (embedded crops, an image folder, or ImageNet class "
+                                   "folders) into uint8 npz shards (train-*.npz, test-*.npz) with "
+                                   "manifest.json and provenance.json in OUT. Parameters: the "
+                                   "`datasets.<name>` section of params.yaml (see docs/parameters.md).")
+    p.add_argument("--name", required=True, help="dataset name (the key under `datasets`)")
+    p.add_argument("--params", required=True, help=PARAMS_HELP)
+    p.add_argument("--out", required=True, help="output folder (replaced atomically)")
+    p.set_defaults(func=_cmd_prepare_data)
+
+    p = sub.add_parser("data-spectra", help="spectrum distributions and PSD exponent of a dataset",
+                       description="Spectrum distributions of a prepared dataset at each latent grid "
+                                   "size (training setting with the delta-tilted ESM targets, and the "
+                                   "analysis setting), and its PSD exponent. Writes spectra.json, "
+                                   "spectrum_distribution.png and provenance.json in OUT. Parameters: "
+                                   "the `spectra` section of params.yaml.")
+    p.add_argument("--dataset", required=True, help="prepared dataset folder (from prepare-data)")
+    p.add_argument("--name", required=True, help="dataset name, recorded in the outputs")
+    p.add_argument("--grids", type=int, nargs="+", required=True, help="latent grid sizes (h = w)")
+    p.add_argument("--params", default="{}", help=PARAMS_HELP + " (default: all defaults)")
+    p.add_argument("--out", required=True, help="output folder (replaced atomically)")
+    p.set_defaults(func=_cmd_data_spectra)
+
+    p = sub.add_parser("params", help="inspect parameters")
+    psub = p.add_subparsers(dest="params_command", required=True)
+    q = psub.add_parser("show", help="print the resolved parameters (params.yaml + preset + defaults) as JSON")
+    q.add_argument("--params-file", default="params.yaml")
+    q.add_argument("--preset", default=None, help="override the `preset` key")
+    q.add_argument("--key", default=None, help="dotted key of a section, e.g. datasets.embedded")
+    q.add_argument("--compact", action="store_true", help="one line")
+    q.set_defaults(func=_cmd_params_show)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        args.func(args)
+    except SpecmatchError as e:
+        print(f"specmatch {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

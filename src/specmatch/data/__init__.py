@@ -1,0 +1,1 @@
+"""Datasets: the embedded default, image folders, ImageNet, and their uint8 shards."""

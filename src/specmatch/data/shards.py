@@ -1,0 +1,134 @@
+"""uint8 image shards (npz) and the dataset manifest that lists them.
+
+A shard is an uncompressed (or deflated) .npz holding `images` (N, H, W, 3) uint8, `labels`
+(N,) int64 and `sources` (N,) int64 (index into the manifest's `files`). numpy's own savez
+stamps the current time into the zip entries, which would make two identical runs differ
+byte for byte; this writer fixes the entry dates so that the same data gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import zipfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from ..errors import SpecmatchError
+from ..runtime import atomic
+from ..runtime.hashing import ImageStreamHash, sha256_file, sha256_images
+
+MANIFEST = "manifest.json"
+MANIFEST_SCHEMA = "specmatch.dataset/1"
+_FIXED_DATE = (1980, 1, 1, 0, 0, 0)
+
+
+def write_npz(path: str | os.PathLike, arrays: dict[str, np.ndarray], compression: str = "none") -> None:
+    """Write a deterministic .npz (loadable by `np.load`) atomically."""
+    method = {"none": zipfile.ZIP_STORED, "deflate": zipfile.ZIP_DEFLATED}[compression]
+    with atomic.atomic_file(path, "wb") as f:
+        with zipfile.ZipFile(f, "w", compression=method, allowZip64=True) as zf:
+            for name in sorted(arrays):
+                buf = io.BytesIO()
+                np.lib.format.write_array(buf, np.ascontiguousarray(arrays[name]), allow_pickle=False)
+                info = zipfile.ZipInfo(f"{name}.npy", date_time=_FIXED_DATE)
+                info.compress_type = method
+                info.external_attr = 0o644 << 16
+                zf.writestr(info, buf.getvalue())
+
+
+class ShardWriter:
+    """Collects one split's images and writes fixed-size shards, hashing as it goes."""
+
+    def __init__(self, folder: Path, split: str, resolution: int, shard_size: int, compression: str = "none"):
+        self.folder, self.split = Path(folder), split
+        self.shard_size, self.compression = shard_size, compression
+        self._hash = ImageStreamHash((resolution, resolution, 3))
+        self._label_hash = ImageStreamHash((), dtype="<i8")
+        self._buf: list[tuple[np.ndarray, int, int]] = []
+        self.shards: list[dict[str, Any]] = []
+        self.label_counts: dict[int, int] = {}
+
+    def add(self, image: np.ndarray, label: int, source: int) -> None:
+        self._buf.append((image, int(label), int(source)))
+        self.label_counts[int(label)] = self.label_counts.get(int(label), 0) + 1
+        if len(self._buf) == self.shard_size:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._buf:
+            return
+        images = np.stack([b[0] for b in self._buf]).astype(np.uint8, copy=False)
+        labels = np.array([b[1] for b in self._buf], dtype=np.int64)
+        sources = np.array([b[2] for b in self._buf], dtype=np.int64)
+        self._hash.update(images)
+        self._label_hash.update(labels)
+        name = f"{self.split}-{len(self.shards):05d}.npz"
+        write_npz(self.folder / name, {"images": images, "labels": labels, "sources": sources},
+                  self.compression)
+        self.shards.append({"file": name, "count": len(self._buf), "sha256": sha256_file(self.folder / name)})
+        self._buf = []
+
+    def close(self) -> dict[str, Any]:
+        self._flush()
+        return {
+            "count": self._hash.count,
+            "shards": self.shards,
+            "images_sha256": self._hash.hexdigest(),
+            "labels_sha256": self._label_hash.hexdigest(),
+            "label_counts": {str(k): v for k, v in sorted(self.label_counts.items())},
+        }
+
+
+def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
+    atomic.write_text(Path(folder) / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+
+
+def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise SpecmatchError(f"{folder}: not a prepared dataset (no {MANIFEST}); run `specmatch prepare-data` first")
+    with open(path, encoding="utf-8") as f:
+        man = json.load(f)
+    if man.get("schema") != MANIFEST_SCHEMA:
+        raise SpecmatchError(f"{path}: unknown manifest schema {man.get('schema')!r}, expected {MANIFEST_SCHEMA!r}")
+    return man
+
+
+def _split_entry(man: dict[str, Any], split: str, folder: Path) -> dict[str, Any]:
+    if split not in man["splits"]:
+        raise SpecmatchError(f"{folder / MANIFEST}: no split {split!r} (has {sorted(man['splits'])})")
+    return man["splits"][split]
+
+
+def iter_shards(folder: str | os.PathLike, split: str, verify: bool = False) -> Iterator[dict[str, np.ndarray]]:
+    """Yield each shard of a split as a dict of arrays, optionally checking its sha256."""
+    folder = Path(folder)
+    man = read_manifest(folder)
+    for shard in _split_entry(man, split, folder)["shards"]:
+        path = folder / shard["file"]
+        if not path.is_file():
+            raise SpecmatchError(f"{path}: shard listed in {folder / MANIFEST} is missing")
+        if verify and sha256_file(path) != shard["sha256"]:
+            raise SpecmatchError(f"{path}: sha256 does not match the manifest (file modified or corrupt)")
+        with np.load(path, allow_pickle=False) as z:
+            yield {k: z[k] for k in z.files}
+
+
+def load_split(folder: str | os.PathLike, split: str, verify: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """All images (N, H, W, 3) uint8 and labels (N,) of a split, checked against the manifest."""
+    folder = Path(folder)
+    parts = list(iter_shards(folder, split, verify))
+    man = read_manifest(folder)
+    entry = _split_entry(man, split, folder)
+    if not parts:
+        res = man["resolution"]
+        return np.zeros((0, res, res, 3), np.uint8), np.zeros((0,), np.int64)
+    images = np.concatenate([p["images"] for p in parts])
+    labels = np.concatenate([p["labels"] for p in parts])
+    if verify and sha256_images(images) != entry["images_sha256"]:
+        raise SpecmatchError(f"{folder}: images of split {split!r} do not match images_sha256 in the manifest")
+    return images, labels

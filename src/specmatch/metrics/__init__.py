@@ -1,0 +1,1 @@
+"""Metrics: spectral statistics now; FID and reconstruction metrics follow."""

@@ -1,0 +1,64 @@
+"""Figures in the style of the paper."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from ..runtime import atomic  # noqa: E402
+
+
+def _save(fig, path: Path) -> None:
+    # Fixed metadata so that the same figure gives the same bytes (no software/date stamps).
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight", metadata={"Software": None})
+    plt.close(fig)
+    atomic.write_bytes(path, buf.getvalue())
+
+
+def spectrum_distribution_figure(result: dict[str, Any], path: str | Path) -> None:
+    """The paper's "spectrum distribution" plot: p_k against the frequency band k, one panel per
+    latent grid (image untilted and the delta-tilted ESM targets, training setting), and one
+    panel with the analysis setting (no centring, DC kept) at every grid and at full size."""
+    grids = result["grids"]
+    fig, axes = plt.subplots(1, len(grids) + 1, figsize=(4.2 * (len(grids) + 1), 3.6), squeeze=False)
+    axes = axes[0]
+    cmap = plt.get_cmap("viridis")
+    for ax, (g, s) in zip(axes, grids.items()):
+        dists = s["training"]["distribution"]
+        valid = s["valid_bins"]
+        for i, (delta, d) in enumerate(dists.items()):
+            ks = [k for k, v in enumerate(valid) if v]
+            ys = [d["mean"][k] for k in ks]
+            style = dict(color="black", lw=2, label="image (delta 0)") if float(delta) == 0 else \
+                dict(color=cmap(i / max(1, len(dists) - 1)), lw=1.3, ls="--", label=f"target delta {delta}")
+            ax.plot(ks, ys, marker="o", ms=3, **style)
+        ax.set_title(f"{g}x{g} latent grid\n(training setting: centred, DC removed)", fontsize=10)
+        ax.set_xlabel("frequency band k")
+        ax.set_ylabel("spectrum distribution p_k")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    ax = axes[-1]
+    entries = [("full", result["full_resolution"])] + list(grids.items())
+    for i, (g, s) in enumerate(entries):
+        valid = s["valid_bins"]
+        ks = [k for k, v in enumerate(valid) if v]
+        mean = s["analysis"]["distribution"]["mean"]
+        label = f"{s['size'][0]}x{s['size'][1]}" + (" (full)" if g == "full" else "")
+        ax.plot(ks, [mean[k] for k in ks], marker="o", ms=3, label=label, color=cmap(i / max(1, len(entries) - 1)))
+    ax.set_title("all grids\n(analysis setting: DC kept)", fontsize=10)
+    ax.set_xlabel("frequency band k")
+    ax.set_ylabel("p_k")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    slope = result["full_resolution"]["psd_exponent"]["of_mean_energy"]
+    fig.suptitle(f"Spectrum distribution of {result['dataset']} ({result['split']}, {result['n_images']} images;"
+                 f" PSD exponent {slope:.2f})")
+    fig.tight_layout()
+    _save(fig, Path(path))

@@ -1,0 +1,112 @@
+"""End to end: the tiny DAG through Snakemake, `snakemake --lint`, and `dvc repro`, each in a
+temporary copy of the repository (so the developer's results/ are never touched)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+IGNORE = shutil.ignore_patterns(".venv", "results", ".snakemake", ".git", "__pycache__", ".pytest_cache",
+                                ".hypothesis", "*.egg-info", ".whl", ".gl")
+
+pytestmark = pytest.mark.slow
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env.update(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
+    return env
+
+
+def _run(cmd: list[str], cwd: Path, timeout: int = 900) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def _copy_repo(dst: Path) -> Path:
+    shutil.copytree(REPO, dst, ignore=IGNORE, symlinks=True)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """One Snakemake run of the tiny DAG, shared by the tests below."""
+    repo = _copy_repo(tmp_path_factory.mktemp("dag") / "repo")
+    _run([str(BIN / "snakemake"), "--cores", "2", "--config", "preset=tiny"], repo)
+    return repo
+
+
+def test_tiny_dag_outputs(tiny_run):
+    out = tiny_run / "results" / "tiny"
+    data = out / "data" / "embedded"
+    man = json.loads((data / "manifest.json").read_text())
+    assert man["splits"]["train"]["count"] == 4096 and man["splits"]["test"]["count"] == 512
+    with np.load(data / man["splits"]["test"]["shards"][0]["file"]) as z:
+        assert z["images"].dtype == np.uint8 and z["images"].shape[1:] == (64, 64, 3)
+    spectra = json.loads((out / "spectra" / "embedded" / "spectra.json").read_text())
+    assert set(spectra["grids"]) == {"16", "8"}
+    assert (out / "spectra" / "embedded" / "spectrum_distribution.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Provenance: the spectra record points at the dataset's record, and both hash their files.
+    prov_d = json.loads((data / "provenance.json").read_text())
+    prov_s = json.loads((out / "spectra" / "embedded" / "provenance.json").read_text())
+    assert prov_d["stage"] == "prepare-data" and prov_s["stage"] == "data-spectra"
+    (dep,) = [i for i in prov_s["inputs"] if i["role"] == "dataset"]
+    import hashlib
+
+    assert dep["provenance_sha256"] == hashlib.sha256((data / "provenance.json").read_bytes()).hexdigest()
+    assert set(prov_d["outputs"]["files"]) == {p.name for p in data.iterdir()} - {"provenance.json"}
+    assert prov_d["params"]["n_train"] == 4096  # the resolved preset values reached the stage
+    assert (out / "logs" / "prepare_data" / "embedded.log").is_file()
+
+
+def test_tiny_dag_is_up_to_date_after_run(tiny_run):
+    proc = _run([str(BIN / "snakemake"), "--cores", "1", "--config", "preset=tiny", "-n"], tiny_run)
+    assert "Nothing to be done" in proc.stdout + proc.stderr
+
+
+def test_params_change_reruns_only_spectra(tiny_run, tmp_path):
+    repo = tiny_run
+    proc = _run([str(BIN / "snakemake"), "--cores", "1", "--config", "preset=tiny", "-n",
+                 "--config", "preset=tiny", "spectra={n_bins: 8}"], repo)
+    text = proc.stdout + proc.stderr
+    assert "data_spectra" in text and "prepare_data" not in text.split("Job stats")[-1].split("Reasons")[0] \
+        or "prepare_data" not in text
+
+
+def test_snakemake_lint_is_clean(tmp_path):
+    repo = _copy_repo(tmp_path / "repo")
+    proc = subprocess.run([str(BIN / "snakemake"), "--lint", "--config", "preset=tiny"], cwd=repo, env=_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Lints for" not in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+
+
+def test_dvc_repro_data_stage(tmp_path):
+    repo = _copy_repo(tmp_path / "repo")
+    params = repo / "params.yaml"
+    params.write_text(params.read_text().replace("preset: paper", "preset: tiny", 1))
+    _run(["git", "init", "-q"], repo)
+    _run(["git", "add", "-A"], repo)
+    _run(["git", "commit", "-qm", "copy"], repo)
+    _run([str(BIN / "dvc"), "repro"], repo)
+    lock = (repo / "dvc.lock").read_text()
+    assert "results/tiny/data" in lock and "results/tiny/spectra" in lock
+    assert (repo / "results/tiny/spectra/embedded/spectra.json").is_file()
+    again = _run([str(BIN / "dvc"), "repro"], repo)
+    assert "didn't change" in again.stdout + again.stderr
+    # A parameter of the phase changes -> DVC sees the stage as changed.
+    params.write_text(params.read_text().replace("n_bins: 16", "n_bins: 8", 1))
+    status = _run([str(BIN / "dvc"), "status"], repo)
+    assert "data" in status.stdout and "spectra" in status.stdout
