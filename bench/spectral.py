@@ -96,7 +96,10 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     dtype = torch.float32
 
-    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    if device.type == "cuda":
+        dev_name = torch.cuda.get_device_name(device)
+    else:
+        dev_name = platform.processor() or platform.machine()
     print(f"device: {args.device} ({dev_name}), dtype: {str(dtype).replace('torch.', '')}, batch: {args.batch}, "
           f"image: {args.image}px, delta: {args.delta}")
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, python {platform.python_version()}")

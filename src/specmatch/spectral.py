@@ -165,7 +165,8 @@ def _bin_average_matrix(h: int, w: int, n_bins: int, device: str) -> torch.Tenso
 
 def _band_energies_from_power(p: torch.Tensor, n_bins: int) -> torch.Tensor:
     h, w = p.shape[-2:]
-    return p.flatten(-2) @ _bin_average_matrix(h, w, n_bins, _key(p.device))
+    with _no_autocast(p):  # the averaging is a matmul, which autocast would run in bf16
+        return p.float().flatten(-2) @ _bin_average_matrix(h, w, n_bins, _key(p.device))
 
 
 def band_energies(s: torch.Tensor, n_bins: int = 16, center: Center = "none", remove_dc: bool = False) -> torch.Tensor:

@@ -11,6 +11,7 @@ output resolution with PIL's antialiased bicubic filter.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable
 
@@ -32,13 +33,15 @@ def _skimage(name: str) -> Callable[[], np.ndarray]:
     return load
 
 
+@functools.lru_cache(maxsize=1)
+def _sklearn_images() -> tuple[np.ndarray, ...]:
+    from sklearn.datasets import load_sample_images
+
+    return tuple(load_sample_images().images)
+
+
 def _sklearn(index: int) -> Callable[[], np.ndarray]:
-    def load() -> np.ndarray:
-        from sklearn.datasets import load_sample_images
-
-        return load_sample_images().images[index]
-
-    return load
+    return lambda: _sklearn_images()[index]
 
 
 def _matplotlib(name: str) -> Callable[[], np.ndarray]:

@@ -133,7 +133,7 @@ def _build_embedded(b: _Builder, p: dict[str, Any]) -> list[str]:
 def _build_folder(b: _Builder, p: dict[str, Any], prov: Provenance) -> list[str]:
     root = _folder(p["root"], b.name, "root")
     files = [(f, 0) for f in _list_images(root, b.name, "root")]
-    for split, items in _hold_out(files, p["n_test"], p["n_train"], p["seed"], b.name).items():
+    for split, items in _hold_out(files, p.get("n_test", 0), p.get("n_train"), p["seed"], b.name).items():
         b.add_files(split, items, root)
     prov.add_input(root, "images", sha256=_listing_digest(b, root))
     return [root.name]
@@ -145,12 +145,12 @@ def _build_imagenet(b: _Builder, p: dict[str, Any], prov: Provenance) -> list[st
     if p["test_root"]:
         test_root = _folder(p["test_root"], b.name, "test_root")
         _, test_items = _list_classes(test_root, b.name, "test_root", classes)
-        train = items[: p["n_train"]] if p["n_train"] else items
-        b.add_files("train", train, root)
-        b.add_files("test", test_items[: p["n_test"]] if p["n_test"] else test_items, test_root)
+        n_train, n_test = p.get("n_train"), p.get("n_test", 0)
+        b.add_files("train", items[:n_train] if n_train else items, root)
+        b.add_files("test", test_items[:n_test] if n_test else test_items, test_root)
         prov.add_input(test_root, "test-images", sha256=_listing_digest(b, test_root, split="test"))
     else:
-        for split, part in _hold_out(items, p["n_test"], p["n_train"], p["seed"], b.name).items():
+        for split, part in _hold_out(items, p.get("n_test", 0), p.get("n_train"), p["seed"], b.name).items():
             b.add_files(split, part, root)
     prov.add_input(root, "images", sha256=_listing_digest(b, root, split=None if not p["test_root"] else "train"))
     return classes

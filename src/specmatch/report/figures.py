@@ -43,7 +43,7 @@ def spectrum_distribution_figure(result: dict[str, Any], path: str | Path) -> No
         ax.set_xlabel("frequency band k")
         ax.set_ylabel("spectrum distribution p_k")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper right")
     ax = axes[-1]
     entries = [("full", result["full_resolution"])] + list(grids.items())
     for i, (g, s) in enumerate(entries):
@@ -56,7 +56,7 @@ def spectrum_distribution_figure(result: dict[str, Any], path: str | Path) -> No
     ax.set_xlabel("frequency band k")
     ax.set_ylabel("p_k")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper right")
     slope = result["full_resolution"]["psd_exponent"]["of_mean_energy"]
     fig.suptitle(f"Spectrum distribution of {result['dataset']} ({result['split']}, {result['n_images']} images;"
                  f" PSD exponent {slope:.2f})")
