@@ -539,13 +539,10 @@ def test_esm_loss_float32_under_bf16_autocast(ch, size):
     assert abs(auto.item() - plain.item()) <= 1e-6 * abs(plain.item())
 
 
-# KNOWN BUG in spectral.py (reported, not fixed here): SPEC 2.2 says the spectrum is computed
-# in float32 even under bf16 autocast, and the module docstring promises the same, but
-# `band_energies` (hence `spectrum_distribution`) does its bin-averaging matmul
-# `_band_energies_from_power` outside the autocast guard, so under
-# torch.autocast(dtype=bfloat16) it returns bfloat16 with ~3 significant digits
-# (and `distribution_from_energies` then stays in bf16). esm_loss is not affected (it wraps
-# everything in its own guard). Expected: float32 equal to the non-autocast result.
+# Regression test (SPEC 2.2: float32 even under bf16 autocast). It caught a real bug:
+# `band_energies` did its bin-averaging matmul outside the autocast guard and returned
+# bfloat16 (~3 significant digits), and `spectrum_distribution` with it. esm_loss was not
+# affected: it runs everything inside its own guard.
 def test_band_energies_and_distribution_float32_under_bf16_autocast():
     z = smooth_maps((2, 4, 32, 32), seed=9)
     e_plain = sp.band_energies(z, center="mean", remove_dc=True)
