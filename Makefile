@@ -3,15 +3,23 @@
 PYTHON ?= python3.11
 VENV   := .venv
 BIN    := $(CURDIR)/$(VENV)/bin
-STAMP  := $(VENV)/.installed
+# The environment is built once per lock file: .venv links to $(ENV_CACHE)/py311-<hash of the
+# lock>, so a fresh clone on a machine that already installed the same pins reuses them (a
+# cache keyed by the lock file, as CI caches are). Installing ~165 wheels takes tens of minutes
+# on our 2-core machines. `make ENV_CACHE=` builds .venv in place instead.
+ENV_CACHE ?= $(HOME)/.cache/specmatch/envs
+LOCK_ID := $(shell cat requirements/lock.txt | sha256sum | cut -c1-16)
+# Per clone: this checkout's editable install into the (possibly shared) environment is done.
+STAMP  := .venv.stamp
 export PATH := $(BIN):$(PATH)
 # Single-threaded BLAS/OpenMP inside each job: the DAG already runs jobs in parallel.
 JOBS ?= 2
 # Where the pinned CPU torch wheel lies (pip's find-links on our machines); see README.
 WHEELS ?= /opt/wheels
-PIP_INSTALL := $(BIN)/python -m pip install --quiet --disable-pip-version-check --no-compile $(if $(wildcard $(WHEELS)),--find-links $(WHEELS))
+PIP_FLAGS := --quiet --disable-pip-version-check --no-compile $(if $(wildcard $(WHEELS)),--find-links $(WHEELS))
+PIP_INSTALL := $(BIN)/python -m pip install $(PIP_FLAGS)
 
-.PHONY: demo test test-fast bench lint install lock clean-demo help
+.PHONY: demo test test-fast bench lint install lock clean-demo help build-env
 
 help:
 	@echo "make demo       run the whole tiny DAG on the embedded default (CPU, minutes)"
@@ -21,14 +29,28 @@ help:
 	@echo "make lock       re-resolve requirements/*.in into requirements/lock.txt"
 
 $(STAMP): requirements/lock.txt pyproject.toml
-	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(PIP_INSTALL) -r requirements/lock.txt
+	@if [ -n "$(ENV_CACHE)" ]; then \
+	  env="$(ENV_CACHE)/py311-$(LOCK_ID)"; \
+	  test -f "$$env/.complete" || $(MAKE) --no-print-directory build-env ENV_DIR="$$env" || exit 1; \
+	  rm -rf $(VENV) && ln -s "$$env" $(VENV); \
+	else \
+	  test -f $(VENV)/.complete || $(MAKE) --no-print-directory build-env ENV_DIR="$(CURDIR)/$(VENV)" || exit 1; \
+	fi
 	$(PIP_INSTALL) --no-deps --no-build-isolation -e .
-	@# Byte-compile once, on all cores (pip's own compile step is single-threaded): with
-	@# PYTHONDONTWRITEBYTECODE set (as on CI), every process would otherwise recompile
-	@# torch's sources at import (tens of seconds per stage command).
-	$(BIN)/python -m compileall -q -j 0 $(VENV)/lib > /dev/null || true
 	@touch $@
+
+# Internal: a complete environment at ENV_DIR from the lock (--no-deps: the lock is the whole
+# closure, so pip need not resolve). Byte-compiled once on all cores (pip's own compile step is
+# single-threaded): with PYTHONDONTWRITEBYTECODE set, as on CI, every process would otherwise
+# recompile torch's sources at import (tens of seconds per stage command). `.complete` is
+# written last, so an interrupted build is started again, never used.
+build-env:
+	@test -n "$(ENV_DIR)" || { echo "build-env needs ENV_DIR"; exit 1; }
+	rm -rf "$(ENV_DIR)"
+	$(PYTHON) -m venv "$(ENV_DIR)"
+	"$(ENV_DIR)/bin/python" -m pip install $(PIP_FLAGS) --no-deps -r requirements/lock.txt
+	"$(ENV_DIR)/bin/python" -m compileall -q -j 0 "$(ENV_DIR)/lib" > /dev/null || true
+	@touch "$(ENV_DIR)/.complete"
 
 install: $(STAMP)
 
@@ -44,6 +66,7 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/spectral.py
+	$(BIN)/python bench/fid.py
 
 lint: $(STAMP)
 	snakemake --lint

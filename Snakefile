@@ -18,9 +18,11 @@ container: config["container"]["image"]
 
 
 include: "workflow/rules/data.smk"
+include: "workflow/rules/evaluation.smk"
 
 
 rule all:
     default_target: True
     input:
         rules.data_phase.input,
+        rules.evaluation_phase.input,

@@ -70,6 +70,14 @@ def test_tiny_dag_outputs(tiny_run):
     assert set(prov_d["outputs"]["files"]) == {p.name for p in data.iterdir() if not p.name.startswith(".")} - {"provenance.json"}
     assert prov_d["params"]["n_train"] == 4096  # the resolved preset values reached the stage
     assert (out / "logs" / "prepare_data" / "embedded.log").is_file()
+    # Evaluation: reference statistics with the tiny preset's net, and the real-data floor,
+    # named FD-EffNetLite0 (never "FID"), its record pointing at the reference it used.
+    floor = json.loads((out / "fid_floor" / "embedded" / "metrics.json").read_text())
+    assert floor["metric"] == "FD-EffNetLite0" and "FID" not in floor
+    assert floor["samples"]["n"] == 512 and floor["reference"]["n"] == 2048
+    assert 0 < floor["FD-EffNetLite0"] and 0 < floor["precision"] <= 1 and 0 < floor["recall"] <= 1
+    ref = json.loads((out / "fid_ref" / "embedded" / "stats.json").read_text())
+    assert ref["protocol"]["feature_net"] == "efficientnet-lite0" and ref["split"] == "train"
 
 
 def test_tiny_dag_is_up_to_date_after_run(tiny_run):
@@ -98,7 +106,14 @@ def test_spectra_parameter_change_reruns_only_spectra(tiny_run):
 def test_dataset_parameter_change_reruns_data_and_spectra(tiny_run):
     proc = _run([str(BIN / "snakemake"), "--cores", "1", "-n", "--config", "preset=tiny",
                  "datasets={embedded: {seed: 1}}"], tiny_run)
-    assert _planned_jobs(proc.stdout + proc.stderr) == {"prepare_data": 1, "data_spectra": 1, "all": 1}
+    assert _planned_jobs(proc.stdout + proc.stderr) == {"prepare_data": 1, "data_spectra": 1, "fid_ref": 1,
+                                                        "fid_real_floor": 1, "all": 1}
+
+
+def test_metrics_parameter_change_reruns_only_evaluation(tiny_run):
+    proc = _run([str(BIN / "snakemake"), "--cores", "1", "-n", "--config", "preset=tiny",
+                 "metrics={pr_k: 5}"], tiny_run)
+    assert _planned_jobs(proc.stdout + proc.stderr) == {"fid_ref": 1, "fid_real_floor": 1, "all": 1}
 
 
 def test_snakemake_lint_is_clean(tmp_path):
@@ -109,7 +124,7 @@ def test_snakemake_lint_is_clean(tmp_path):
     assert "Lints for" not in proc.stdout + proc.stderr, proc.stdout + proc.stderr
 
 
-def test_dvc_repro_data_stage(tmp_path):
+def test_dvc_repro_stages(tmp_path):
     repo = _copy_repo(tmp_path / "repo")
     params = repo / "params.yaml"
     params.write_text(params.read_text().replace("preset: paper", "preset: tiny", 1))
@@ -118,11 +133,13 @@ def test_dvc_repro_data_stage(tmp_path):
     _run(["git", "commit", "-qm", "copy"], repo)
     _run([str(BIN / "dvc"), "repro"], repo)
     lock = (repo / "dvc.lock").read_text()
-    assert "results/tiny/data" in lock and "results/tiny/spectra" in lock
+    assert "results/tiny/data" in lock and "results/tiny/spectra" in lock and "results/tiny/fid_ref" in lock
     assert (repo / "results/tiny/spectra/embedded/spectra.json").is_file()
+    assert (repo / "results/tiny/fid_floor/embedded/metrics.json").is_file()
     again = _run([str(BIN / "dvc"), "repro"], repo)
     assert "didn't change" in again.stdout + again.stderr
     # A parameter of the phase changes -> DVC sees the stage as changed.
     params.write_text(params.read_text().replace("n_bins: 16", "n_bins: 8", 1))
     status = _run([str(BIN / "dvc"), "status"], repo)
     assert "data" in status.stdout and "spectra" in status.stdout
+    assert "evaluation" not in status.stdout  # its params and dependencies did not change

@@ -35,6 +35,44 @@ def _cmd_data_spectra(args) -> None:
     spectra.run(args.dataset, config.parse_params_arg(args.params), args.grids, args.name, args.out)
 
 
+def _cmd_fid_ref(args) -> None:
+    from . import config
+    from .metrics import fid_stage
+
+    fid_stage.ref(args.dataset, config.parse_params_arg(args.params), args.name, args.out)
+
+
+def _cmd_fid_calc(args) -> None:
+    from . import config
+    from .metrics import fid_stage
+
+    result = fid_stage.calc(args.samples, args.split, args.ref, config.parse_params_arg(args.params), args.name,
+                            args.out)
+    print(json.dumps({k: result[k] for k in result if k not in ("protocol", "samples", "reference")}))
+
+
+def _cmd_resources_check(args) -> None:
+    from . import resources
+
+    names = args.names or sorted(resources.manifest())
+    bad = []
+    for name in names:
+        st = resources.check(resources.get(name), args.dir)
+        if not st["present"]:
+            state = "MISSING"
+        elif not st["ok"]:
+            state = "MISMATCH"
+        else:
+            state = "ok" if st["verified"] else "present (no published checksum)"
+        print(f"{name:20s} {state:34s} {st['path']}  expected {st['expected']}"
+              + (f", got {st['sha256']}" if st["present"] and not st["ok"] else ""))
+        if state in ("MISSING", "MISMATCH"):
+            bad.append(name)
+    if bad:
+        raise SpecmatchError(f"{len(bad)} pretrained file(s) missing or mismatched: {', '.join(bad)} "
+                             "(see resources/manifest.yaml for where to obtain each)")
+
+
 def _cmd_params_show(args) -> None:
     from . import config
 
@@ -45,6 +83,18 @@ def _cmd_params_show(args) -> None:
             raise SpecmatchError(f"{args.params_file}: no key {args.key!r} in the resolved parameters")
         section = section[key]
     print(json.dumps(section, indent=None if args.compact else 2, sort_keys=True))
+
+
+def _stage_io(p: argparse.ArgumentParser, func, name_help: str = "run name, recorded in the outputs",
+              params_required: bool = False) -> None:
+    """The arguments every stage shares: its run name, its resolved parameters, its output."""
+    p.add_argument("--name", required=True, help=name_help)
+    if params_required:
+        p.add_argument("--params", required=True, help=PARAMS_HELP)
+    else:
+        p.add_argument("--params", default="{}", help=PARAMS_HELP + " (default: all defaults)")
+    p.add_argument("--out", required=True, help="output folder (replaced atomically)")
+    p.set_defaults(func=func)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,10 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "folders) into uint8 npz shards (train-*.npz, test-*.npz) with "
                                    "manifest.json and provenance.json in OUT. Parameters: the "
                                    "`datasets.<name>` section of params.yaml (see docs/parameters.md).")
-    p.add_argument("--name", required=True, help="dataset name (the key under `datasets`)")
-    p.add_argument("--params", required=True, help=PARAMS_HELP)
-    p.add_argument("--out", required=True, help="output folder (replaced atomically)")
-    p.set_defaults(func=_cmd_prepare_data)
+    _stage_io(p, _cmd_prepare_data, "dataset name (the key under `datasets`)", params_required=True)
 
     p = sub.add_parser("data-spectra", help="spectrum distributions and PSD exponent of a dataset",
                        description="Spectrum distributions of a prepared dataset at each latent grid "
@@ -71,11 +118,38 @@ def build_parser() -> argparse.ArgumentParser:
                                    "spectrum_distribution.png and provenance.json in OUT. Parameters: "
                                    "the `spectra` section of params.yaml.")
     p.add_argument("--dataset", required=True, help="prepared dataset folder (from prepare-data)")
-    p.add_argument("--name", required=True, help="dataset name, recorded in the outputs")
     p.add_argument("--grids", type=int, nargs="+", required=True, help="latent grid sizes (h = w)")
-    p.add_argument("--params", default="{}", help=PARAMS_HELP + " (default: all defaults)")
-    p.add_argument("--out", required=True, help="output folder (replaced atomically)")
-    p.set_defaults(func=_cmd_data_spectra)
+    _stage_io(p, _cmd_data_spectra, "dataset name, recorded in the outputs")
+
+    p = sub.add_parser("fid", help="Fréchet distance: reference statistics and sample metrics")
+    fsub = p.add_subparsers(dest="fid_command", required=True)
+    q = fsub.add_parser("ref", help="reference statistics of a prepared dataset split",
+                        description="Embed a prepared split (metrics.split, or a seeded subset of "
+                                    "metrics.max_images) with the feature net metrics.net and write "
+                                    "stats.npz (mu, sigma, features), stats.json (protocol, images sha256) "
+                                    "and provenance.json in OUT. Parameters: the `metrics` section.")
+    q.add_argument("--dataset", required=True, help="prepared dataset folder (from prepare-data)")
+    _stage_io(q, _cmd_fid_ref)
+    q = fsub.add_parser("calc", help="Fréchet distance, IS and precision/recall of samples vs a reference",
+                        description="Embed every image of a sample set (npz shards with a manifest) and "
+                                    "compare it with reference statistics from `fid ref`. Writes "
+                                    "metrics.json (the distance under its metric name: FID for "
+                                    "inception-fid, FD-EffNetLite0 for efficientnet-lite0; IS; precision "
+                                    "and recall; the protocol) and provenance.json in OUT.")
+    q.add_argument("--samples", required=True, help="folder of npz shards with a manifest")
+    q.add_argument("--split", default="train", help="split of the sample folder (default: train)")
+    q.add_argument("--ref", required=True, help="reference statistics folder (from `fid ref`)")
+    _stage_io(q, _cmd_fid_calc)
+
+    p = sub.add_parser("resources", help="pretrained files")
+    rsub = p.add_subparsers(dest="resources_command", required=True)
+    q = rsub.add_parser("check", help="verify the pretrained files against resources/manifest.yaml",
+                        description="Print, for each pretrained file of the manifest, whether it is "
+                                    "present and whether its sha256 matches; exit 2 when any is "
+                                    "missing or mismatched.")
+    q.add_argument("names", nargs="*", help="resource names (default: all)")
+    q.add_argument("--dir", default=None, help="resources folder (default: $SPECMATCH_RESOURCES or resources/)")
+    q.set_defaults(func=_cmd_resources_check)
 
     p = sub.add_parser("params", help="inspect parameters")
     psub = p.add_subparsers(dest="params_command", required=True)

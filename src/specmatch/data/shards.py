@@ -132,3 +132,29 @@ def load_split(folder: str | os.PathLike, split: str, verify: bool = True) -> tu
     if verify and sha256_images(images) != entry["images_sha256"]:
         raise SpecmatchError(f"{folder}: images of split {split!r} do not match images_sha256 in the manifest")
     return images, labels
+
+
+def subset_indices(total: int, max_images: int | None, seed: int) -> np.ndarray | None:
+    """Sorted indices of a seeded subset of `max_images` out of `total` (None = keep all)."""
+    if max_images is None or total <= max_images:
+        return None
+    return np.sort(np.random.default_rng(seed).choice(total, size=max_images, replace=False))
+
+
+def iter_image_batches(folder: str | os.PathLike, split: str, batch_size: int, max_images: int | None = None,
+                       seed: int = 0, verify: bool = True) -> Iterator[np.ndarray]:
+    """uint8 image batches (B, H, W, 3) of a split, or of a seeded subset of it, in shard order."""
+    folder = Path(folder)
+    total = _split_entry(read_manifest(folder), split, folder)["count"]
+    if total == 0:
+        raise SpecmatchError(f"{folder}: split {split!r} has no images")
+    keep = subset_indices(total, max_images, seed)
+    offset = 0
+    for shard in iter_shards(folder, split, verify=verify):
+        imgs = shard["images"]
+        if keep is not None:
+            local = keep[(keep >= offset) & (keep < offset + len(imgs))] - offset
+            offset += len(imgs)
+            imgs = imgs[local]
+        for i in range(0, len(imgs), batch_size):
+            yield imgs[i:i + batch_size]

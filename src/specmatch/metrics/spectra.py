@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .. import config, spectral
-from ..data.shards import iter_shards, read_manifest
+from ..data.shards import iter_image_batches, read_manifest
 from ..errors import SpecmatchError
 from ..runtime import atomic
 from ..runtime.atomic import atomic_dir
@@ -111,29 +111,11 @@ class GridSpectra:
         }
 
 
-def _select(total: int, max_images: int, seed: int) -> np.ndarray | None:
-    if total <= max_images:
-        return None
-    return np.sort(np.random.default_rng(seed).choice(total, size=max_images, replace=False))
-
-
 def image_batches(folder: Path, split: str, max_images: int, batch_size: int, seed: int):
     """Yield float images in [-1, 1] (B, 3, H, W) of a seeded subset of a prepared split."""
-    man = read_manifest(folder)
-    total = man["splits"][split]["count"] if split in man["splits"] else 0
-    if total == 0:
-        raise SpecmatchError(f"{folder}: split {split!r} has no images")
-    keep = _select(total, max_images, seed)
-    offset = 0
-    for shard in iter_shards(folder, split, verify=True):
-        imgs = shard["images"]
-        if keep is not None:
-            local = keep[(keep >= offset) & (keep < offset + len(imgs))] - offset
-            offset += len(imgs)
-            imgs = imgs[local]
-        for i in range(0, len(imgs), batch_size):
-            batch = torch.from_numpy(np.ascontiguousarray(imgs[i:i + batch_size])).permute(0, 3, 1, 2)
-            yield batch.float() / 127.5 - 1.0
+    for imgs in iter_image_batches(folder, split, batch_size, max_images, seed):
+        batch = torch.from_numpy(np.ascontiguousarray(imgs)).permute(0, 3, 1, 2)
+        yield batch.float() / 127.5 - 1.0
 
 
 def dataset_spectra(folder: Path, grids: list[int], p: dict[str, Any]) -> dict[str, Any]:
@@ -181,3 +163,45 @@ def run(dataset_dir: str | Path, params: dict[str, Any], grids: list[int], name:
     log.info("data-spectra %s: %d images, PSD exponent %.3f", name, result["n_images"],
              result["full_resolution"]["psd_exponent"]["of_mean_energy"])
     return result
+
+
+def compare_to_real(x: torch.Tensor, real: dict[str, Any], grid: int | None = None, delta: float = 1.0,
+                    setting: str = "analysis") -> dict[str, Any]:
+    """Spectral metrics of generated images (in [-1, 1]) or latents against a dataset's
+    `spectra.json` summary (`real`, from `data-spectra`), SPEC sections 2-3 and 8:
+    - `kl_to_real`: KL(mean distribution of x || the real mean distribution), same setting
+      (`analysis`: the paper's spectrum plot; `training`: centred, DC removed);
+    - `kl_to_target`: KL(x || the delta-tilted image target of ESM), `training` setting; this
+      is what ESM drives towards 0 for latents of grid size `grid`;
+    - `psd_exponent`: slope of the mean band energy (training setting) against log(k + 1).
+    `grid` selects the real summary at that latent grid size (None = full resolution)."""
+    summary = real["full_resolution"] if grid is None else real["grids"].get(str(grid))
+    if summary is None:
+        raise SpecmatchError(f"spectra summary has no grid {grid} (has {sorted(real['grids'])})")
+    if tuple(x.shape[-2:]) != tuple(summary["size"]):
+        raise SpecmatchError(f"maps of size {tuple(x.shape[-2:])} do not match the real summary's {summary['size']}")
+    if setting not in ("analysis", "training"):
+        raise SpecmatchError(f"setting must be 'analysis' or 'training', got {setting!r}")
+    n_bins = real["n_bins"]
+    h, w = summary["size"]
+    valid = spectral.bin_counts(h, w, n_bins) > 0
+    with torch.no_grad():
+        ours = spectral.spectrum_distribution(x, n_bins, **getattr(spectral, setting.upper())).double().mean(0)
+        e = spectral.band_energies(x, n_bins, **spectral.TRAINING).double()
+        ours_train = spectral.distribution_from_energies(e).mean(0)
+    real_dist = torch.tensor(summary[setting]["distribution"]["mean"] if setting == "analysis"
+                             else summary["training"]["distribution"][delta_key(0.0)]["mean"], dtype=torch.float64)
+    key = delta_key(delta)
+    if key not in summary["training"]["distribution"]:
+        raise SpecmatchError(f"spectra summary has no delta {delta} target (has {sorted(summary['training']['distribution'])})")
+    target = torch.tensor(summary["training"]["distribution"][key]["mean"], dtype=torch.float64)
+    return {
+        "setting": setting,
+        "size": [h, w],
+        "distribution": ours.tolist(),
+        "kl_to_real": float(spectral.kl_divergence(ours, real_dist, valid)),
+        "delta": delta,
+        "kl_to_target": float(spectral.kl_divergence(ours_train, target, valid)),
+        "psd_exponent": float(spectral.psd_slope(e.mean(0), valid)[0]),
+        "real_psd_exponent": summary["psd_exponent"]["of_mean_energy"],
+    }

@@ -1,0 +1,151 @@
+"""The `fid ref` and `fid calc` stages (in the spirit of edm2's `calc_metrics ref|calc`).
+
+`fid ref` embeds a prepared split once and stores its reference statistics (`stats.npz`:
+mu, sigma, and the features for precision/recall) with the sha256 of the images they came
+from. `fid calc` embeds a set of samples (npz shards with a manifest: the output of
+`prepare-data` or of the sampling stage) and writes `metrics.json`: the Fréchet distance under
+its metric name ("FID" only for the standard Inception), the Inception Score, precision and
+recall, and the full protocol, which the provenance record repeats.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .. import config
+from ..data.shards import iter_image_batches, read_manifest
+from ..errors import SpecmatchError
+from ..runtime import atomic
+from ..runtime.atomic import atomic_dir
+from ..runtime.hashing import ImageStreamHash, sha256_file
+from ..runtime.provenance import Provenance
+from . import features as feature_nets
+from . import fid
+
+log = logging.getLogger(__name__)
+
+STATS_NAME = "stats.npz"
+STATS_JSON = "stats.json"
+METRICS_JSON = "metrics.json"
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SpecmatchError("metrics.device is 'cuda' but no CUDA device is available")
+    return torch.device(device)
+
+
+def _embed(folder: Path, split: str, p: dict[str, Any], net) -> tuple[fid.Features, str]:
+    """Features of a split (or its seeded subset) and the sha256 of exactly the images used."""
+    hasher: list[ImageStreamHash] = []
+
+    def batches():
+        for batch in iter_image_batches(folder, split, p["batch_size"], p["max_images"], p["seed"]):
+            fid.check_images(batch, f"{folder} ({split})")
+            if not hasher:
+                hasher.append(ImageStreamHash(batch.shape[1:]))
+            hasher[0].update(batch)
+            yield batch
+
+    feats = fid.extract(batches(), net, p["batch_size"], resolve_device(p["device"]))
+    return feats, hasher[0].hexdigest()
+
+
+def _protocol(net, p: dict[str, Any], n: int) -> dict[str, Any]:
+    return {"metric": net.spec.metric, "feature_net": net.spec.name, "feature_dim": net.spec.dim,
+            "weights_file": net.weights_path.name, "weights_sha256": net.weights_sha256,
+            "resize": "bilinear to the net's input size inside the net (pytorch-fid)", "n_samples": n,
+            "batch_size": p["batch_size"], "precision_recall_k": p["pr_k"], "is_splits": p["is_splits"]}
+
+
+def _params(params: dict[str, Any]) -> dict[str, Any]:
+    return config.validate(params, ref="metrics", where="metrics", source="metrics parameters")
+
+
+def ref(dataset: str | Path, params: dict[str, Any], name: str, out: str | Path) -> dict[str, Any]:
+    """Reference statistics of a prepared dataset split."""
+    p = _params(params)
+    folder = Path(dataset)
+    man = read_manifest(folder)
+    net = feature_nets.load(p["net"], resolve_device(p["device"]), p["resources_dir"])
+    prov = Provenance("fid-ref", name, p, seeds={"seed": p["seed"]})
+    prov.add_input(folder, "dataset")
+    prov.add_input(net.weights_path, f"weights:{net.spec.name}", sha256=net.weights_sha256)
+    feats, images_sha = _embed(folder, p["split"], p, net)
+    stats = fid.statistics(feats.pool)
+    info = {"dataset": man["name"], "split": p["split"], "resolution": man["resolution"],
+            "images_sha256": images_sha, "protocol": _protocol(net, p, stats.n), "warnings": stats.warnings}
+    prov.protocol = info["protocol"]
+    with atomic_dir(out) as tmp:
+        with atomic.atomic_file(tmp / STATS_NAME) as f:
+            np.savez(f, mu=stats.mu, sigma=stats.sigma, features=feats.pool)
+        atomic.write_text(tmp / STATS_JSON, json.dumps(info, indent=1) + "\n")
+        prov.write(out, tmp)
+    log.info("fid ref %s: %d images of %s/%s with %s", name, stats.n, man["name"], p["split"], net.spec.name)
+    return info
+
+
+def load_ref(folder: str | Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    folder = Path(folder)
+    for f in (STATS_NAME, STATS_JSON):
+        if not (folder / f).is_file():
+            raise SpecmatchError(f"{folder}: not reference statistics (no {f}); make them with `specmatch fid ref`")
+    info = json.loads((folder / STATS_JSON).read_text())
+    with np.load(folder / STATS_NAME, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in ("mu", "sigma", "features")}
+    return info, arrays
+
+
+def calc(samples: str | Path, split: str, ref_dir: str | Path, params: dict[str, Any], name: str,
+         out: str | Path) -> dict[str, Any]:
+    """Fréchet distance (and IS, precision/recall) of a sample set against reference statistics."""
+    p = _params(params)
+    ref_info, ref_arrays = load_ref(ref_dir)
+    if ref_info["protocol"]["feature_net"] != p["net"]:
+        raise SpecmatchError(f"{ref_dir}: reference statistics were made with {ref_info['protocol']['feature_net']!r}, "
+                             f"but metrics.net is {p['net']!r}; distances across feature nets are meaningless")
+    folder = Path(samples)
+    net = feature_nets.load(p["net"], resolve_device(p["device"]), p["resources_dir"])
+    if net.weights_sha256 != ref_info["protocol"]["weights_sha256"]:
+        raise SpecmatchError(f"{ref_dir}: reference statistics were made with weights {ref_info['protocol']['weights_sha256']}, "
+                             f"not {net.weights_sha256}")
+    prov = Provenance("fid-calc", name, {**p, "samples_split": split}, seeds={"seed": p["seed"]})
+    prov.add_input(folder, "samples")
+    prov.add_input(Path(ref_dir), "reference")
+    prov.add_input(net.weights_path, f"weights:{net.spec.name}", sha256=net.weights_sha256)
+    p_samples = {**p, "max_images": None}
+    feats, images_sha = _embed(folder, split, p_samples, net)
+    stats = fid.statistics(feats.pool)
+    distance = fid.frechet_distance(stats.mu, stats.sigma, ref_arrays["mu"], ref_arrays["sigma"])
+    precision, recall = fid.precision_recall(ref_arrays["features"], feats.pool, k=p["pr_k"])
+    result: dict[str, Any] = {
+        "name": name,
+        "metric": net.spec.metric,
+        net.spec.metric: distance,
+        "precision": precision,
+        "recall": recall,
+        "samples": {"path": str(folder), "split": split, "n": stats.n, "images_sha256": images_sha},
+        "reference": {"path": str(ref_dir), "stats_sha256": sha256_file(Path(ref_dir) / STATS_NAME),
+                      "dataset": ref_info["dataset"], "split": ref_info["split"],
+                      "n": ref_info["protocol"]["n_samples"], "images_sha256": ref_info["images_sha256"]},
+        "protocol": _protocol(net, p, stats.n),
+        "warnings": stats.warnings + ref_info.get("warnings", []),
+    }
+    if feats.logits is not None and stats.n >= p["is_splits"]:
+        is_mean, is_std = fid.inception_score(feats.logits, p["is_splits"])
+        key = "IS" if net.spec.name == "inception-fid" else f"IS-{net.spec.metric.removeprefix('FD-')}"
+        result.update({key: is_mean, f"{key}_std": is_std})
+    prov.protocol = {**result["protocol"], "reference_stats_sha256": result["reference"]["stats_sha256"]}
+    with atomic_dir(out) as tmp:
+        atomic.write_text(tmp / METRICS_JSON, json.dumps(result, indent=1) + "\n")
+        prov.write(out, tmp)
+    log.info("fid calc %s: %s = %.4f over %d samples", name, net.spec.metric, distance, stats.n)
+    return result
