@@ -147,7 +147,9 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
         raise SpecmatchError(f"frechet_distance: covariances {sigma1.shape}, {sigma2.shape} do not match "
                              f"means of dimension {mu1.size}")
     diff = mu1 - mu2
-    covmean, _ = linalg.sqrtm(sigma1.dot(sigma2), disp=False)
+    with warnings.catch_warnings():  # singular products are handled below, as pytorch-fid does
+        warnings.simplefilter("ignore")
+        covmean = linalg.sqrtm(sigma1.dot(sigma2))
     if not np.isfinite(covmean).all():
         warnings.warn(f"frechet_distance: singular product; adding {eps} to the covariance diagonals")
         offset = np.eye(sigma1.shape[0]) * eps
