@@ -2,9 +2,11 @@
 
 The real `pt_inception-2015-12-05-6726825d.pth` cannot be downloaded here. We build the same
 architecture as pytorch-fid's `fid_inception_v3` (its own blocks) with a seeded random init and
-recalibrate BatchNorm on random images (ENVIRONMENT.md): with untouched running statistics the
-pool features vanish (~1e-8, every FID 0); after recalibration they have a spread of about 0.45,
-so distances are informative and two implementations can be compared on them. The file has the
+recalibrate BatchNorm (ENVIRONMENT.md): with untouched running statistics the pool features
+vanish (~1e-8, every FID 0). Calibrated on the kind of images that will be compared (pass them),
+the features have a spread like the real network's and distances land in the usual range (tens
+to hundreds), where an absolute tolerance of 1e-3 is meaningful for float32 features; calibrated
+on noise and then fed natural images they blow up (FIDs ~1e5). The file has the
 real one's name and keys (fc included), so pytorch-fid's own loader accepts it.
 """
 
@@ -17,7 +19,9 @@ import torch
 FILE_NAME = "pt_inception-2015-12-05-6726825d.pth"
 
 
-def build_fid_inception_weights(path: str | Path, seed: int = 0, calib_images: int = 8) -> Path:
+def build_fid_inception_weights(path: str | Path, seed: int = 0, calib_images=8) -> Path:
+    """`calib_images`: uint8 images (N, H, W, 3) to recalibrate BatchNorm on, resized and scaled
+    as pytorch-fid feeds them, or a number of uniform-noise images."""
     from specmatch.compat import import_torchvision
 
     import_torchvision()
@@ -39,8 +43,13 @@ def build_fid_inception_weights(path: str | Path, seed: int = 0, calib_images: i
             m.reset_running_stats()
             m.momentum = None  # cumulative average over the calibration batch
     net.train()
+    if isinstance(calib_images, int):
+        calib = torch.rand(calib_images, 3, 299, 299) * 2 - 1
+    else:
+        x = torch.as_tensor(calib_images).permute(0, 3, 1, 2).float() / 255
+        calib = torch.nn.functional.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False) * 2 - 1
     with torch.no_grad():
-        net(torch.rand(calib_images, 3, 299, 299) * 2 - 1)
+        net(calib)
     net.eval()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

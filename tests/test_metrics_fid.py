@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from specmatch import resources
 from specmatch.cli import main as cli_main
 from specmatch.data.prepare import prepare
@@ -183,12 +184,6 @@ def test_manifest_symlink_and_entries():
 
 
 @pytest.fixture(scope="module")
-def inception_weights(tmp_path_factory) -> Path:
-    return build_fid_inception_weights(tmp_path_factory.mktemp("hub") / "checkpoints" / FILE_NAME,
-                                       calib_images=4)
-
-
-@pytest.fixture(scope="module")
 def image_sets():
     from PIL import Image
 
@@ -199,6 +194,12 @@ def image_sets():
     a = np.stack(srcs).astype(np.uint8)
     b = np.clip(a.astype(int) + rng.integers(-40, 40, a.shape), 0, 255).astype(np.uint8)[::-1].copy()
     return a, b
+
+
+@pytest.fixture(scope="module")
+def inception_weights(tmp_path_factory, image_sets) -> Path:
+    return build_fid_inception_weights(tmp_path_factory.mktemp("hub") / "checkpoints" / FILE_NAME,
+                                       calib_images=image_sets[0])
 
 
 def test_inception_features_batch_invariant(inception_weights, image_sets):
@@ -235,9 +236,10 @@ def test_fid_equals_pytorch_fid_cli(tmp_path, inception_weights, image_sets):
     assert out.returncode == 0, out.stderr[-3000:]
     ref = float(out.stdout.strip().split("FID:")[-1])
     net = features.build("inception-fid", inception_weights)
+    # A batch size other than the CLI's: the protocol, not the batching, must match.
     sa, sb = (fid.feature_statistics(x, net, batch_size=7, progress=False) for x in (a, b))
     ours = fid.frechet_distance(sa.mu, sa.sigma, sb.mu, sb.sigma)
-    assert ref > 1e-3, "degenerate comparison: the two sets should differ"
+    assert 1.0 < ref < 1e4, "degenerate comparison: the two sets should differ, on a realistic scale"
     assert ours == pytest.approx(ref, abs=1e-3)
 
 
@@ -351,7 +353,7 @@ def test_lpips_backbone_mapping_and_behaviour(vgg_weights):
     for k, r in recon._LPIPS_SLICES:
         for i in r:
             if f"features.{i}.weight" in state:
-                assert torch.equal(getattr(lp.model.net, f"slice{k}")[i].weight, state[f"features.{i}.weight"])
+                assert torch.equal(getattr(getattr(lp.model.net, f"slice{k}"), str(i)).weight, state[f"features.{i}.weight"])
     assert lp.heads_sha256 == resources.get("lpips-vgg-v0.1").sha256
     rng = np.random.default_rng(7)
     a, b = _distorted(rng, noise=10)

@@ -88,6 +88,25 @@ def validate(instance: Any, ref: str | None = None, where: str = "", source: str
     return inst
 
 
+def typed_command_line(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Snakemake reads a nested `--config key={a: 5}` with YAML's BaseLoader, which keeps every
+    scalar inside it a string ('5'); read those strings again as YAML scalars (5, true, 1e-4),
+    as the same text in params.yaml would be read. Non-string values pass through."""
+    def fix(v):
+        if isinstance(v, Mapping):
+            return {k: fix(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [fix(x) for x in v]
+        if isinstance(v, str):
+            try:
+                return yaml.safe_load(v) if v.strip() else v
+            except yaml.YAMLError:
+                return v
+        return v
+
+    return {k: fix(v) for k, v in values.items()}
+
+
 def resolve(params: Mapping[str, Any], presets_dir: str | os.PathLike = "presets",
             overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """params.yaml content -> resolved parameters: apply presets/<preset>.yaml (`paper.yaml` is

@@ -6,9 +6,15 @@ import specmatch.config
 
 
 def _command_line_config():
-    # Precedence: params.yaml < presets/<preset>.yaml < --configfile / --config. Snakemake has
-    # already merged the command line into `config`; re-apply it over the preset.
-    return dict(workflow.config_settings.overwrite_config or {})
+    # Precedence: params.yaml < presets/<preset>.yaml < --configfile < --config. Snakemake has
+    # already merged the command line into `config`; re-apply it over the preset, with the
+    # scalars of nested --config values typed as YAML (Snakemake leaves them strings).
+    settings = workflow.config_settings
+    merged = {}
+    for f in settings.configfiles:
+        if Path(f).resolve() != (Path(workflow.basedir) / "params.yaml").resolve():
+            merged = specmatch.config.deep_merge(merged, specmatch.config.load_yaml(f) or {})
+    return specmatch.config.deep_merge(merged, specmatch.config.typed_command_line(dict(settings.config or {})))
 
 
 _resolved = specmatch.config.resolve(

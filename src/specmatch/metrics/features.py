@@ -53,7 +53,9 @@ class _InceptionFID(nn.Module):
         self.fc.load_state_dict({"weight": state["fc.weight"], "bias": state["fc.bias"]})
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        x = images.permute(0, 3, 1, 2).float() / 255.0   # as pytorch-fid's ToTensor()
+        # As pytorch-fid's ToTensor(): contiguous NCHW, not a channels-last view (oneDNN takes
+        # another convolution path for that layout and the features differ in the last bits).
+        x = images.permute(0, 3, 1, 2).contiguous().float() / 255.0
         pool = self.net(x)[0].flatten(1)
         return {"pool": pool, "logits": self.fc(pool)}
 
@@ -69,7 +71,7 @@ class _EfficientNetLite0(nn.Module):
         self.net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        x = images.permute(0, 3, 1, 2).float() / 255.0
+        x = images.permute(0, 3, 1, 2).contiguous().float() / 255.0
         if x.shape[-2:] != (self.SIZE, self.SIZE):
             x = F.interpolate(x, size=(self.SIZE, self.SIZE), mode="bilinear", align_corners=False)
         fmap = self.net.extract_features((x - 0.5) / 0.5)
