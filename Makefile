@@ -67,6 +67,7 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/spectral.py
 	$(BIN)/python bench/fid.py
+	$(BIN)/python bench/autoencoder.py
 
 lint: $(STAMP)
 	snakemake --lint

@@ -19,6 +19,7 @@ container: config["container"]["image"]
 
 include: "workflow/rules/data.smk"
 include: "workflow/rules/evaluation.smk"
+include: "workflow/rules/autoencoders.smk"
 
 
 rule all:
@@ -26,3 +27,4 @@ rule all:
     input:
         rules.data_phase.input,
         rules.evaluation_phase.input,
+        rules.autoencoder_phase.input,

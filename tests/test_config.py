@@ -269,9 +269,9 @@ def test_cli_params_show_errors(capsys):
 def test_typed_command_line_reads_nested_scalars_as_yaml():
     # What Snakemake hands over for `--config preset=tiny 'metrics={pr_k: 5, device: cpu}' ...`
     # (its BaseLoader keeps nested scalars strings).
-    raw = {"preset": "tiny", "metrics": {"pr_k": "5", "device": "cpu", "lr": "2.0e-4", "flip": "true"},
+    raw = {"preset": "tiny", "metrics": {"pr_k": "5", "device": "cpu", "lr": "1e-4", "flip": "true"},
            "grid": {"datasets": ["embedded"]}, "n": 3, "empty": ""}
     out = config.typed_command_line(raw)
-    assert out == {"preset": "tiny", "metrics": {"pr_k": 5, "device": "cpu", "lr": 2.0e-4, "flip": True},
+    assert out == {"preset": "tiny", "metrics": {"pr_k": 5, "device": "cpu", "lr": 1e-4, "flip": True},
                    "grid": {"datasets": ["embedded"]}, "n": 3, "empty": ""}
     assert config.typed_command_line({"x": "{unbalanced"}) == {"x": "{unbalanced"}

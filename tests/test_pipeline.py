@@ -28,7 +28,7 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _run(cmd: list[str], cwd: Path, timeout: int = 900) -> subprocess.CompletedProcess:
+def _run(cmd: list[str], cwd: Path, timeout: int = 1800) -> subprocess.CompletedProcess:
     proc = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
@@ -78,6 +78,21 @@ def test_tiny_dag_outputs(tiny_run):
     assert 0 < floor["FD-EffNetLite0"] and 0 < floor["precision"] <= 1 and 0 < floor["recall"] <= 1
     ref = json.loads((out / "fid_ref" / "embedded" / "stats.json").read_text())
     assert ref["protocol"]["feature_net"] == "efficientnet-lite0" and ref["split"] == "train"
+    # Autoencoders: three variants trained, evaluated and cached; training shows learning
+    # (an untrained tiny autoencoder reconstructs at ~11 dB PSNR).
+    for variant in ("sdvae", "esm", "dsm"):
+        name = f"embedded-tiny-{variant}"
+        summary = json.loads((out / "autoencoders" / name / "autoencoder.json").read_text())
+        assert summary["variant"] == variant and summary["generator_steps"] == 150
+        ev = json.loads((out / "ae_eval" / name / "metrics.json").read_text())
+        assert ev["n"] == 128 and ev["psnr"] > 15.0, ev
+        assert set(ev["lowpass"]) == {"8", "12"} and "rFD-EffNetLite0" in ev
+        lat = json.loads((out / "latents" / name / "manifest.json").read_text())
+        assert lat["count"] == 8192 and lat["shape"] == [4, 16, 16] and 0 < lat["scale_factor"] < 100
+        rec = json.loads((out / "latents" / name / "provenance.json").read_text())
+        assert {i["role"] for i in rec["inputs"]} == {"autoencoder", "dataset"}
+    log = [json.loads(x) for x in (out / "autoencoders" / "embedded-tiny-dsm" / "metrics.jsonl").read_text().splitlines()]
+    assert {r["k"] for r in log} <= {0, 8, 10, 12} and log[-1]["l1"] < log[0]["l1"]
 
 
 def test_tiny_dag_is_up_to_date_after_run(tiny_run):
@@ -85,9 +100,10 @@ def test_tiny_dag_is_up_to_date_after_run(tiny_run):
     assert "Nothing to be done" in proc.stdout + proc.stderr
 
 
-def _planned_jobs(output: str) -> dict[str, int]:
-    """Rule -> job count from the "Job stats" table of a dry run."""
-    lines = output.split("Job stats:", 1)[-1].splitlines()
+def _planned_jobs(repo: Path, override: str) -> dict[str, int]:
+    """Rule -> job count from the "Job stats" table of a dry run with one --config override."""
+    proc = _run([str(BIN / "snakemake"), "--cores", "1", "-n", "--config", "preset=tiny", override], repo)
+    lines = (proc.stdout + proc.stderr).split("Job stats:", 1)[-1].splitlines()
     jobs = {}
     for line in lines[3:]:
         parts = line.split()
@@ -98,22 +114,26 @@ def _planned_jobs(output: str) -> dict[str, int]:
 
 
 def test_spectra_parameter_change_reruns_only_spectra(tiny_run):
-    proc = _run([str(BIN / "snakemake"), "--cores", "1", "-n", "--config", "preset=tiny",
-                 "spectra={n_bins: 8}"], tiny_run)
-    assert _planned_jobs(proc.stdout + proc.stderr) == {"data_spectra": 1, "all": 1}
+    assert _planned_jobs(tiny_run, "spectra={n_bins: 8}") == {"data_spectra": 1, "all": 1}
 
 
 def test_dataset_parameter_change_reruns_data_and_spectra(tiny_run):
-    proc = _run([str(BIN / "snakemake"), "--cores", "1", "-n", "--config", "preset=tiny",
-                 "datasets={embedded: {seed: 1}}"], tiny_run)
-    assert _planned_jobs(proc.stdout + proc.stderr) == {"prepare_data": 1, "data_spectra": 1, "fid_ref": 1,
-                                                        "fid_real_floor": 1, "all": 1}
+    assert _planned_jobs(tiny_run, "datasets={embedded: {seed: 1}}") == {
+        "prepare_data": 1, "data_spectra": 1, "fid_ref": 1, "fid_real_floor": 1, "train_ae": 3, "eval_ae": 3,
+        "extract_latents": 3, "all": 1}
+
+
+def test_autoencoder_eval_change_reruns_only_evaluation(tiny_run):
+    assert _planned_jobs(tiny_run, "autoencoder={eval: {max_images: 64}}") == {"eval_ae": 3, "all": 1}
+
+
+def test_autoencoder_train_change_reruns_training_and_downstream(tiny_run):
+    assert _planned_jobs(tiny_run, "autoencoder={train: {lr: 1e-4}}") == {
+        "train_ae": 3, "eval_ae": 3, "extract_latents": 3, "all": 1}
 
 
 def test_metrics_parameter_change_reruns_only_evaluation(tiny_run):
-    proc = _run([str(BIN / "snakemake"), "--cores", "1", "-n", "--config", "preset=tiny",
-                 "metrics={pr_k: 5}"], tiny_run)
-    assert _planned_jobs(proc.stdout + proc.stderr) == {"fid_ref": 1, "fid_real_floor": 1, "all": 1}
+    assert _planned_jobs(tiny_run, "metrics={pr_k: 5}") == {"fid_ref": 1, "fid_real_floor": 1, "all": 1}
 
 
 def test_snakemake_lint_is_clean(tmp_path):
@@ -136,6 +156,7 @@ def test_dvc_repro_stages(tmp_path):
     assert "results/tiny/data" in lock and "results/tiny/spectra" in lock and "results/tiny/fid_ref" in lock
     assert (repo / "results/tiny/spectra/embedded/spectra.json").is_file()
     assert (repo / "results/tiny/fid_floor/embedded/metrics.json").is_file()
+    assert (repo / "results/tiny/latents/embedded-tiny-dsm/manifest.json").is_file()
     again = _run([str(BIN / "dvc"), "repro"], repo)
     assert "didn't change" in again.stdout + again.stderr
     # A parameter of the phase changes -> DVC sees the stage as changed.
@@ -143,3 +164,4 @@ def test_dvc_repro_stages(tmp_path):
     status = _run([str(BIN / "dvc"), "status"], repo)
     assert "data" in status.stdout and "spectra" in status.stdout
     assert "evaluation" not in status.stdout  # its params and dependencies did not change
+    assert "autoencoders" not in status.stdout

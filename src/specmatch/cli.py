@@ -51,6 +51,29 @@ def _cmd_fid_calc(args) -> None:
     print(json.dumps({k: result[k] for k in result if k not in ("protocol", "samples", "reference")}))
 
 
+def _cmd_train_ae(args) -> None:
+    from . import config
+    from .autoencoder import train
+
+    train.train(config.parse_params_arg(args.params), args.dataset, args.run_dir, args.out, args.name, args.resume)
+
+
+def _cmd_eval_ae(args) -> None:
+    from . import config
+    from .autoencoder import evaluate
+
+    result = evaluate.evaluate(config.parse_params_arg(args.params), args.autoencoder, args.dataset, args.name,
+                               args.out)
+    print(json.dumps({k: v for k, v in result.items() if k not in ("latent_spectrum", "protocol")}))
+
+
+def _cmd_extract_latents(args) -> None:
+    from . import config
+    from .autoencoder import latents
+
+    latents.extract(config.parse_params_arg(args.params), args.autoencoder, args.dataset, args.name, args.out)
+
+
 def _cmd_resources_check(args) -> None:
     from . import resources
 
@@ -97,6 +120,13 @@ def _stage_io(p: argparse.ArgumentParser, func, name_help: str = "run name, reco
     p.set_defaults(func=func)
 
 
+def _autoencoder_stage_io(p: argparse.ArgumentParser, func) -> None:
+    """Stages that read a trained autoencoder and its dataset."""
+    p.add_argument("--autoencoder", required=True, help="train-ae output folder")
+    p.add_argument("--dataset", required=True, help="prepared dataset folder (from prepare-data)")
+    _stage_io(p, func, params_required=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="specmatch", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -120,6 +150,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", required=True, help="prepared dataset folder (from prepare-data)")
     p.add_argument("--grids", type=int, nargs="+", required=True, help="latent grid sizes (h = w)")
     _stage_io(p, _cmd_data_spectra, "dataset name, recorded in the outputs")
+
+    p = sub.add_parser("train-ae", help="train an autoencoder (SD-VAE, ESM-AE, DSM-AE, ...)",
+                       description="Train one autoencoder run (SPEC 5) on a prepared dataset's train split, "
+                                   "in one process or under torchrun (one process per GPU; gloo on CPU). "
+                                   "Checkpoints go to RUN_DIR/checkpoints every train.checkpoint_every "
+                                   "steps, on SIGTERM/SIGUSR1 (then exit status 3) and at the end; the "
+                                   "metrics log to RUN_DIR/metrics.jsonl. The finished model "
+                                   "(model.safetensors, autoencoder.json, metrics.jsonl, provenance.json) is "
+                                   "written atomically to OUT. Parameters: one resolved autoencoder run "
+                                   "(`specmatch params show --key ...`; schema $defs/ae_run).")
+    p.add_argument("--dataset", required=True, help="prepared dataset folder (from prepare-data)")
+    p.add_argument("--run-dir", required=True, help="working folder of the run (checkpoints, live log)")
+    p.add_argument("--resume", default="auto",
+                   help="auto (newest valid checkpoint of RUN_DIR, default), none (fresh; refuses a run "
+                        "folder that has checkpoints) or a checkpoint folder")
+    _stage_io(p, _cmd_train_ae, params_required=True)
+
+    p = sub.add_parser("eval-ae", help="reconstruction and spectral metrics of a trained autoencoder",
+                       description="Evaluate a train-ae output on a held-out split with deterministic "
+                                   "reconstructions (posterior mean): rFID (or rFD-EffNetLite0), PSNR, SSIM, "
+                                   "LPIPS, low-pass rFID for each k of eval.lowpass_ks, and the latent spectrum "
+                                   "distribution against the image's delta target (KL, ESM loss, PSD exponent). "
+                                   "Writes metrics.json, latent_spectrum.png and provenance.json in OUT. "
+                                   "Parameters: one resolved autoencoder run (its `eval` section).")
+    _autoencoder_stage_io(p, _cmd_eval_ae)
+
+    p = sub.add_parser("extract-latents", help="latent cache (mu, logvar) and scale factor for diffusion",
+                       description="Encode the train split (and its mirror images, latents.hflip) into npz "
+                                   "shards of mu and logvar with manifest.json (the scale factor 1/std of "
+                                   "posterior samples included) and provenance.json in OUT. Runs in one "
+                                   "process or under torchrun. Parameters: one resolved autoencoder run "
+                                   "(its `latents` section).")
+    _autoencoder_stage_io(p, _cmd_extract_latents)
 
     p = sub.add_parser("fid", help="Fréchet distance: reference statistics and sample metrics")
     fsub = p.add_subparsers(dest="fid_command", required=True)
@@ -171,6 +234,12 @@ def main(argv: list[str] | None = None) -> int:
     except SpecmatchError as e:
         print(f"specmatch {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        code = getattr(e, "exit_code", None)
+        if code is None:
+            raise
+        print(f"specmatch {args.command}: {e}", file=sys.stderr)  # an interrupted trainer
+        return int(code)
     return 0
 
 

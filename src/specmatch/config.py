@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping
@@ -21,13 +22,32 @@ from .errors import SpecmatchError
 PAPER = "paper"
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML follows YAML 1.1, where `1e-4` (no dot) is a string; read it as the float that
+    YAML 1.2, JSON and every researcher mean (learning rates are written that way)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+    |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
 def load_yaml(path: str | os.PathLike) -> Any:
     p = Path(path)
     if not p.is_file():
         raise SpecmatchError(f"parameter file not found: {p}")
     try:
         with open(p, encoding="utf-8") as f:
-            return yaml.safe_load(f)
+            return parse_yaml(f.read())
     except yaml.YAMLError as e:
         raise SpecmatchError(f"{p}: not valid YAML: {e}") from None
 
@@ -99,7 +119,7 @@ def typed_command_line(values: Mapping[str, Any]) -> dict[str, Any]:
             return [fix(x) for x in v]
         if isinstance(v, str):
             try:
-                return yaml.safe_load(v) if v.strip() else v
+                return parse_yaml(v) if v.strip() else v
             except yaml.YAMLError:
                 return v
         return v
@@ -152,3 +172,35 @@ def parse_params_arg(value: str) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise SpecmatchError(f"--params must be a JSON/YAML mapping, got {type(obj).__name__}")
     return obj
+
+
+AE_SECTIONS = ("train", "disc", "loss", "eval", "latents")
+
+
+def autoencoder_run(resolved: Mapping[str, Any], name: str) -> dict[str, Any]:
+    """The parameters of autoencoder run `name`: its `autoencoders` entry over the shared
+    `autoencoder` settings, validated with defaults (`$defs/ae_run`)."""
+    runs = resolved.get("autoencoders") or {}
+    if name not in runs:
+        raise SpecmatchError(f"no autoencoder run {name!r} under `autoencoders` (defined: {sorted(runs)})")
+    shared, entry = resolved.get("autoencoder") or {}, runs[name]
+    run = {k: copy.deepcopy(entry[k]) for k in ("dataset", "config", "variant")}
+    for key in AE_SECTIONS:
+        run[key] = deep_merge(shared.get(key) or {}, entry.get(key) or {})
+    run["resources_dir"] = shared.get("resources_dir")
+    return validate(run, "ae_run", where=f"autoencoders.{name}", source=f"parameters of autoencoder run {name}")
+
+
+_AE_BOOKKEEPING = ("steps", "checkpoint_every", "keep_checkpoints", "log_every", "device")
+
+
+def ae_fingerprint(run: Mapping[str, Any]) -> str:
+    """What makes a checkpoint belong to an autoencoder run: everything that shapes the
+    trajectory, not the run's length, its device or its bookkeeping intervals (so a longer
+    `steps` continues the same run). The DAG keys run folders by it, so a parameter change
+    starts a fresh run instead of resuming a foreign one."""
+    from .runtime.hashing import sha256_json
+
+    train = {k: v for k, v in run["train"].items() if k not in _AE_BOOKKEEPING}
+    return sha256_json({"dataset": run.get("dataset"), "config": run["config"], "variant": run["variant"],
+                        "loss": run.get("loss", {}), "disc": run.get("disc", {}), "train": train})

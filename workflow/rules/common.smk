@@ -30,8 +30,32 @@ DATASETS = config["grid"]["datasets"]
 
 wildcard_constraints:
     dataset="[a-z0-9][a-z0-9_]*",
+    ae="[a-z0-9][a-z0-9_-]*",
 
 
 def as_json(obj):
     """Parameters go to a stage as one JSON argument (quote it with {params.x:q})."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":"))
+
+
+# Autoencoder runs of the grid (workflow/rules/autoencoders.smk).
+_unknown = [n for n in config["grid"]["autoencoders"] if n not in config["autoencoders"]]
+if _unknown:
+    raise ValueError(f"grid.autoencoders names undefined runs {_unknown}; defined: {sorted(config['autoencoders'])}")
+AE_RUNS = [n for n in config["grid"]["autoencoders"] if config["autoencoders"][n]["dataset"] in DATASETS]
+AE_PARAMS = {n: specmatch.config.autoencoder_run(config, n) for n in AE_RUNS}
+
+
+def ae_dataset(wildcards):
+    return f"{RESULTS}/data/{AE_PARAMS[wildcards.ae]['dataset']}"
+
+
+def ae_json(*sections):
+    """A rule's parameters: the run's identity plus only the sections its stage reads, so that
+    (Snakemake's params trigger) changing `eval` re-runs evaluation, not training."""
+    keys = ("dataset", "config", "variant", "resources_dir") + sections
+    return lambda wildcards: as_json({k: v for k, v in AE_PARAMS[wildcards.ae].items() if k in keys})
+
+
+def ae_run_dir(wildcards):
+    return f"{RESULTS}/runs/autoencoders/{wildcards.ae}/{specmatch.config.ae_fingerprint(AE_PARAMS[wildcards.ae])[:12]}"

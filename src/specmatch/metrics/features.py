@@ -69,12 +69,17 @@ class _EfficientNetLite0(nn.Module):
 
         self.net = EfficientNet.from_name("efficientnet-lite0")
         self.net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        # Channels-last: oneDNN's depthwise convolutions run ~1.5x faster on the CPU in that
+        # layout (measured on our 2-core machines). Features move by ~1e-5, the same for every
+        # call, so reference and sample statistics stay comparable; this net has no external
+        # implementation whose numbers we must reproduce bit for bit (unlike inception-fid).
+        self.net = self.net.to(memory_format=torch.channels_last)
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         x = images.permute(0, 3, 1, 2).contiguous().float() / 255.0
         if x.shape[-2:] != (self.SIZE, self.SIZE):
             x = F.interpolate(x, size=(self.SIZE, self.SIZE), mode="bilinear", align_corners=False)
-        fmap = self.net.extract_features((x - 0.5) / 0.5)
+        fmap = self.net.extract_features(((x - 0.5) / 0.5).contiguous(memory_format=torch.channels_last))
         pool = fmap.mean(dim=(2, 3))
         return {"pool": pool, "logits": self.net._fc(pool)}
 

@@ -62,3 +62,23 @@ def spectrum_distribution_figure(result: dict[str, Any], path: str | Path) -> No
                  f" PSD exponent {slope:.2f})")
     fig.tight_layout()
     _save(fig, Path(path))
+
+
+def latent_spectrum_figure(result: dict[str, Any], path: str | Path) -> None:
+    """An autoencoder's latent spectrum distribution against the image's delta-tilted target on
+    the latent grid (the paper's figure for ESM/DSM), from `eval-ae`'s metrics."""
+    s = result["latent_spectrum"]
+    ks = [k for k, v in enumerate(s["valid_bins"]) if v]
+    fig, ax = plt.subplots(figsize=(4.6, 3.6))
+    ax.plot(ks, [s["target_distribution"][k] for k in ks], color="black", lw=2, marker="o", ms=3,
+            label=f"image target (delta {s['delta']})")
+    ax.plot(ks, [s["latent_distribution"][k] for k in ks], color="tab:red", lw=1.5, marker="s", ms=3,
+            label=f"latent {s['grid'][0]}x{s['grid'][1]}")
+    ax.set_xlabel("frequency band k")
+    ax.set_ylabel("spectrum distribution p_k")
+    ax.set_title(f"{result['name']} ({result['variant']}): KL {s['kl_target_to_latent']:.3f}, "
+                 f"PSD exponent {s['psd_exponent']:.2f}", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, Path(path))

@@ -1,0 +1,1 @@
+"""SD-VAE-style KL autoencoder and its PatchGAN discriminator (SPEC.md section 5)."""

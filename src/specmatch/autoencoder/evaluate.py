@@ -1,0 +1,140 @@
+"""`specmatch eval-ae`: reconstruction and spectral metrics of a trained autoencoder (SPEC 4, 5, 8).
+
+One pass over the held-out split with deterministic reconstructions (the posterior mean):
+- rFID (FD with the configured feature net: "rFD-EffNetLite0" on the embedded default), PSNR on
+  uint8, SSIM, LPIPS-VGG (metrics.recon.ReconAccumulator);
+- low-pass rFID for every k of `lowpass_ks` > 0: FD between LP_k(x) and Dec(LP_k(mu)), the
+  DSM diagnostic (images clamped to [-1, 1] and rounded to uint8 before the feature net, as any
+  image is);
+- the latent's spectrum distribution (training setting) against the image's delta-tilted target
+  at the latent grid: the mean distributions, KL(target || latent) of the means, the mean
+  per-image ESM loss, and the PSD exponent of the latent.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .. import config as config_mod
+from .. import spectral
+from ..data.shards import iter_image_batches, read_manifest
+from ..errors import SpecmatchError
+from ..metrics import features
+from ..metrics.fid import extract, frechet_distance, statistics
+from ..metrics.fid_stage import resolve_device
+from ..metrics.recon import ReconAccumulator, load_lpips
+from ..runtime import atomic
+from ..runtime.hashing import ImageStreamHash
+from ..runtime.provenance import Provenance
+from .train import load_trained
+
+log = logging.getLogger(__name__)
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """[-1, 1] NCHW -> uint8 NHWC, as a saved image would be."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def to_float(images: np.ndarray, device) -> torch.Tensor:
+    return torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def evaluate(run: dict[str, Any], ae_dir: str | Path, dataset: str | Path, name: str, out: str | Path) -> dict[str, Any]:
+    run = config_mod.validate(run, "ae_run", where="autoencoder run", source=f"parameters of {name}")
+    e = run["eval"]
+    dev = resolve_device(e["device"])
+    dataset, out = Path(dataset), Path(out)
+    man = read_manifest(dataset)
+    if e["split"] not in man["splits"] or man["splits"][e["split"]]["count"] < 2:
+        raise SpecmatchError(f"{dataset}: eval.split {e['split']!r} needs at least 2 images")
+    ae, summary = load_trained(ae_dir, e["use_ema"], dev)
+    net = features.load(e["net"], dev, run["resources_dir"])
+    lpips = load_lpips(dev, run["resources_dir"]) if e["lpips"] else None
+    acc = ReconAccumulator(lpips, net, dev)
+    ks = sorted({int(k) for k in e["lowpass_ks"] if k > 0})
+    blk = 8
+    lp_feats: dict[int, dict[str, list[np.ndarray]]] = {k: {"real": [], "recon": []} for k in ks}
+    p_lat, p_tgt, esm, energies = [], [], [], []
+    hasher = None
+    n_bins, delta = e["n_bins"], e["delta"]
+    with torch.no_grad():
+        batches = iter_image_batches(dataset, e["split"], e["batch_size"], e["max_images"], e["seed"])
+        for images in tqdm(batches, desc=f"eval-ae {name}", unit="batch"):
+            if hasher is None:
+                hasher = ImageStreamHash(images.shape[1:])
+            hasher.update(images)
+            x = to_float(images, dev)
+            mu = ae.encode(x).mean
+            acc.add(images, to_uint8(ae.decode(mu)))
+            for k in ks:
+                if mu.shape[-1] % blk or x.shape[-1] % blk:
+                    raise SpecmatchError(f"low-pass rFID: image {x.shape[-1]} px and latent {mu.shape[-1]} "
+                                         f"do not tile into {blk}x{blk} blocks; drop eval.lowpass_ks")
+                lp_x = to_uint8(spectral.block_lowpass(x, k, blk))
+                lp_r = to_uint8(ae.decode(spectral.block_lowpass(mu, k, blk)))
+                for key, imgs in (("real", lp_x), ("recon", lp_r)):
+                    lp_feats[k][key].append(extract(imgs, net, len(imgs), dev, progress=False).pool)
+            h, w = mu.shape[-2:]
+            e_z = spectral.band_energies(mu.float(), n_bins, **spectral.TRAINING)
+            e_x = spectral.image_band_energies(x, (h, w), n_bins)
+            p_lat.append(spectral.distribution_from_energies(e_z).double().cpu())
+            p_tgt.append(spectral.distribution_from_energies(spectral.delta_tilt(e_x, delta)).double().cpu())
+            energies.append(e_z.double().cpu())
+            esm.append(torch.stack([spectral.esm_loss(x[i:i + 1], mu[i:i + 1].float(), delta, n_bins)
+                                    for i in range(len(x))]).double().cpu())
+    if hasher is None:
+        raise SpecmatchError(f"{dataset}: split {e['split']!r} has no images")
+    rec = acc.summary()
+    valid = spectral.bin_counts(h, w, n_bins) > 0
+    pz, px = torch.cat(p_lat).mean(0), torch.cat(p_tgt).mean(0)
+    metric = net.spec.metric
+    result = {
+        "name": name, "autoencoder": summary["name"], "variant": summary["variant"], "config": summary["config"]["name"],
+        **rec,
+        "lowpass": {str(k): frechet_distance(*_stats(lp_feats[k]["real"]), *_stats(lp_feats[k]["recon"]))
+                    for k in ks},
+        "lowpass_metric": f"r{metric} between LP_k(x) and Dec(LP_k(mu))",
+        "latent_spectrum": {
+            "grid": [int(h), int(w)], "n_bins": n_bins, "delta": delta, "valid_bins": valid.tolist(),
+            "latent_distribution": pz.tolist(), "target_distribution": px.tolist(),
+            "kl_target_to_latent": float(spectral.kl_divergence(px, pz, valid)),
+            "esm_loss_mean": float(torch.cat(esm).mean()),
+            "psd_exponent": float(spectral.psd_slope(torch.cat(energies).mean(0), valid)[0]),
+        },
+        "protocol": {"split": e["split"], "n_images": rec["n"], "images_sha256": hasher.hexdigest(),
+                     "reconstruction": "posterior mean (deterministic)", "weights": "ema" if (
+                         e["use_ema"] and summary.get("ema")) else "raw",
+                     "feature_net": net.spec.name, "metric": metric, "weights_sha256": net.weights_sha256,
+                     "lpips": None if lpips is None else {"vgg_sha256": lpips.vgg_sha256,
+                                                          "heads_sha256": lpips.heads_sha256}},
+    }
+    prov = Provenance("eval-ae", name, run, seeds={"eval": e["seed"]})
+    prov.add_input(ae_dir, "autoencoder")
+    prov.add_input(dataset, "dataset")
+    prov.add_input(net.weights_path, f"weights:{net.spec.name}", net.weights_sha256)
+    prov.protocol = result["protocol"]
+    with atomic.atomic_dir(out) as tmp:
+        (tmp / "metrics.json").write_text(json.dumps(result, indent=1) + "\n")
+        _figure(result, tmp / "latent_spectrum.png")
+        prov.write(out, tmp)
+    log.info("eval-ae %s: %s", name, {k: result[k] for k in result if k not in ("latent_spectrum", "protocol")})
+    return result
+
+
+def _stats(chunks: list[np.ndarray]):
+    s = statistics(np.concatenate(chunks))
+    return s.mu, s.sigma
+
+
+def _figure(result: dict[str, Any], path: Path) -> None:
+    from ..report.figures import latent_spectrum_figure
+
+    latent_spectrum_figure(result, path)

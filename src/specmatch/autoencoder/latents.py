@@ -1,0 +1,146 @@
+"""`specmatch extract-latents`: the latent cache that diffusion trains on (SPEC 5).
+
+Entries are the train images, then (with `hflip`) their mirror images as separate entries, so a
+diffusion trainer samples flips as data, not as an augmentation of its own. Each entry stores
+the posterior's `mu` and `logvar` (float32): a trainer draws z = mu + exp(logvar / 2) * eps
+itself, so every epoch sees fresh posterior samples, as training on images would.
+
+The scale factor is s = 1 / std(z) over all elements of one posterior sample per entry (or of
+the first `scale_samples` entries), accumulated in float64 and summed over ranks; no shift.
+Diffusion runs on s * z. The noise of entry i comes from a generator seeded by (seed, i), so
+the cache, the scale included, does not depend on the number of processes.
+
+Shards are distributed round-robin over torchrun ranks; every rank writes into the same
+temporary folder, which the main rank renames into place after a barrier.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .. import config as config_mod
+from ..data.reader import SplitReader
+from ..data.shards import write_npz
+from ..errors import SpecmatchError
+from ..runtime import atomic, distributed, seeding
+from ..runtime.hashing import sha256_file
+from ..runtime.provenance import Provenance
+from .train import load_trained
+
+log = logging.getLogger(__name__)
+
+SCHEMA = "specmatch.latents/1"
+MANIFEST = "manifest.json"
+
+
+def extract(run: dict[str, Any], ae_dir: str | Path, dataset: str | Path, name: str, out: str | Path) -> dict[str, Any]:
+    run = config_mod.validate(run, "ae_run", where="autoencoder run", source=f"parameters of {name}")
+    p = run["latents"]
+    info = distributed.setup(p["device"])
+    try:
+        return _extract(run, p, info, Path(ae_dir), Path(dataset), name, Path(out))
+    finally:
+        distributed.teardown()
+
+
+def _extract(run, p, info, ae_dir, dataset, name, out):
+    dev = info.device
+    reader = SplitReader(dataset, "train")
+    ae, summary = load_trained(ae_dir, p["use_ema"], dev)
+    n = len(reader)
+    if n == 0:
+        raise SpecmatchError(f"{dataset}: the train split is empty")
+    entries = n * (2 if p["hflip"] else 1)
+    size = int(p["shard_size"])
+    n_shards = -(-entries // size)
+    scale_n = entries if p["scale_samples"] is None else min(entries, int(p["scale_samples"]))
+    stats = torch.zeros(3, dtype=torch.float64)  # count, sum, sum of squares of the sampled z
+
+    ctx = atomic.atomic_dir(out) if info.is_main else None
+    tmp = ctx.__enter__() if ctx is not None else None
+    try:
+        tmp = Path(distributed.broadcast_object(str(tmp) if tmp is not None else None))
+        mine = list(range(info.rank, n_shards, info.world_size))
+        shards: dict[int, dict[str, Any]] = {}
+        for j in tqdm(mine, desc=f"extract-latents {name}", unit="shard", disable=not info.is_main):
+            lo, hi = j * size, min(entries, (j + 1) * size)
+            ids = np.arange(lo, hi)
+            mus, logvars = [], []
+            for b in range(0, len(ids), p["batch_size"]):
+                part = ids[b:b + p["batch_size"]]
+                src, flip = part % n, part >= n
+                images, _ = reader.get(src)
+                x = torch.from_numpy(images).to(dev).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+                sel = torch.from_numpy(flip).to(dev)[:, None, None, None]
+                x = torch.where(sel, x.flip(-1), x)
+                with torch.no_grad():
+                    post = ae.encode(x)
+                mu, logvar = post.mean.float().cpu(), post.logvar.float().cpu()
+                mus.append(mu)
+                logvars.append(logvar)
+                for r, gid in enumerate(part):
+                    if gid < scale_n:
+                        g = torch.Generator().manual_seed(seeding.step_seed(p["seed"], int(gid), "latent-scale"))
+                        z = (mu[r] + torch.exp(0.5 * logvar[r]) * torch.randn(mu[r].shape, generator=g)).double()
+                        stats += torch.stack([torch.tensor(float(z.numel()), dtype=torch.float64), z.sum(),
+                                              (z * z).sum()])
+            _, labels = reader.get(ids % n)
+            fname = f"latents-{j:05d}.npz"
+            write_npz(tmp / fname, {"mu": torch.cat(mus).numpy(), "logvar": torch.cat(logvars).numpy(),
+                                    "labels": labels, "index": (ids % n).astype(np.int64),
+                                    "flip": (ids >= n)})
+            shards[j] = {"file": fname, "count": int(len(ids)), "sha256": sha256_file(tmp / fname)}
+        if info.world_size > 1:
+            torch.distributed.all_reduce(stats)
+        gathered = distributed.all_gather_object(shards) if info.world_size > 1 else [shards]
+        distributed.barrier()
+        result = None
+        if info.is_main:
+            all_shards = {k: v for part in gathered for k, v in part.items()}
+            count, s1, s2 = stats.tolist()
+            mean = s1 / count
+            std = float(np.sqrt(max(s2 / count - mean * mean, 0.0)))
+            if not std > 0:
+                raise SpecmatchError(f"latents of {ae_dir} have zero spread: no scale factor")
+            h = reader.resolution // (2 ** (len(summary["config"]["channels"]) - 1))
+            result = {
+                "schema": SCHEMA, "name": name, "autoencoder": summary["name"], "variant": summary["variant"],
+                "config": summary["config"]["name"], "shape": [summary["config"]["z_channels"], h, h],
+                "storage": "mu and logvar, float32 (z = mu + exp(logvar/2) * eps)",
+                "count": entries, "images": n, "hflip": bool(p["hflip"]),
+                "scale_factor": 1.0 / std, "latent_mean": mean, "latent_std": std, "scale_elements": int(count),
+                "scale_entries": scale_n, "weights": "ema" if (p["use_ema"] and summary.get("ema")) else "raw",
+                "dataset_images_sha256": reader.images_sha256, "world_size": info.world_size,
+                "shards": [all_shards[j] for j in range(n_shards)],
+            }
+            (tmp / MANIFEST).write_text(json.dumps(result, indent=1) + "\n")
+            prov = Provenance("extract-latents", name, run, seeds={"latents": p["seed"]})
+            prov.add_input(ae_dir, "autoencoder")
+            prov.add_input(dataset, "dataset")
+            prov.write(out, tmp)
+            ctx.__exit__(None, None, None)
+            ctx = None
+            log.info("latents %s: %d entries, scale factor %.5f", name, entries, result["scale_factor"])
+        distributed.barrier()
+        return result if result is not None else {}
+    except BaseException as e:
+        if ctx is not None:
+            ctx.__exit__(type(e), e, e.__traceback__)
+        raise
+
+
+def read_manifest(folder: str | Path) -> dict[str, Any]:
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise SpecmatchError(f"{folder}: not a latent cache (no {MANIFEST}); run `specmatch extract-latents`")
+    man = json.loads(path.read_text())
+    if man.get("schema") != SCHEMA:
+        raise SpecmatchError(f"{path}: schema {man.get('schema')!r}, expected {SCHEMA!r}")
+    return man

@@ -1,0 +1,367 @@
+"""`specmatch train-ae`: the autoencoder trainer (SPEC section 5), for one process or torchrun.
+
+Runtime guarantees:
+- Data order, flips, the DSM/scale mask and the posterior noise of step s are functions of
+  (seed, s, rank) only (`seeding.step_rng`), so a run resumed from a checkpoint at step s
+  follows the uninterrupted trajectory bit for bit on the CPU, and every rank draws the same k.
+- The global batch is split over ranks: rank r takes rows [r*B/W, (r+1)*B/W) of the step's
+  global batch. The generator is wrapped in DistributedDataParallel. The discriminator is not:
+  its hinge loss needs two forwards (real, fake) before one backward, which DDP's reducer does
+  not allow with BatchNorm kept per pass, so its gradients are averaged with one all-reduce of
+  the flattened gradient vector.
+- `steps` counts generator updates; after `gan_start` every step also makes one discriminator
+  update on the same batch (the two-optimiser scheme of the LDM code base), counted apart.
+- Checkpoints (runtime.checkpoint) every `checkpoint_every` steps, on SIGTERM/SIGUSR1 (then
+  exit code 3) and at the end; `--resume auto` continues from the newest valid one.
+- A non-finite loss on any rank stops every rank with an error naming the step and the terms;
+  nothing is saved after it, so the last checkpoint stays the last good one.
+- The final artefact (weights, config, metrics log, provenance) is written atomically to the
+  output folder; the run folder (checkpoints, live log) lives outside it, so Snakemake never
+  deletes checkpoints of a failed or interrupted job.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from .. import config as config_mod
+from .. import spectral
+from ..data.reader import SplitReader
+from ..errors import SpecmatchError
+from ..runtime import atomic, checkpoint, distributed, seeding
+from ..runtime.provenance import Provenance
+from ..runtime.signals import EXIT_INTERRUPTED, StopRequest
+from . import model as ae_model
+from .discriminator import PatchDiscriminator, generator_adv_loss, hinge_d_loss
+from .objectives import Mask, Objective, adaptive_weight, draw_mask, objective
+
+log = logging.getLogger(__name__)
+
+KIND = "autoencoder"
+STAGE = "train-ae"
+
+
+class Interrupted(Exception):
+    """Raised after a signal-triggered checkpoint; the CLI exits with EXIT_INTERRUPTED."""
+
+    exit_code = EXIT_INTERRUPTED
+
+
+class NonFiniteLoss(SpecmatchError):
+    pass
+
+
+def fingerprint(run: dict[str, Any]) -> str:
+    return config_mod.ae_fingerprint(run)
+
+
+@functools.lru_cache(maxsize=2)
+def _epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
+    return seeding.step_rng(seed, epoch, "epoch-order").permutation(n)
+
+
+def batch_indices(n: int, global_batch: int, seed: int, step: int) -> np.ndarray:
+    """Global batch of step `step`: consecutive slices of a seeded permutation per epoch."""
+    start = step * global_batch
+    out = []
+    while len(out) < global_batch:
+        epoch, pos = divmod(start + len(out), n)
+        perm = _epoch_permutation(n, seed, epoch)
+        out.extend(perm[pos:pos + global_batch - len(out)].tolist())
+    return np.asarray(out, dtype=np.int64)
+
+
+def load_batch(reader: SplitReader, idx: np.ndarray, hflip: float, seed: int, step: int,
+               device: torch.device, rows: slice = slice(None)) -> torch.Tensor:
+    """Images `idx[rows]` of the step's global batch `idx`, in [-1, 1], NCHW, flipped."""
+    images, _ = reader.get(idx[rows])
+    x = torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    if hflip > 0:
+        # Flip decisions for the whole global batch, indexed by position: rank-independent.
+        flips = (seeding.step_rng(seed, step, "hflip").random(len(idx)) < hflip)[rows]
+        sel = torch.from_numpy(flips).to(device)
+        x = torch.where(sel[:, None, None, None], x.flip(-1), x)
+    return x.contiguous()
+
+
+class _Generator(torch.nn.Module):
+    """One generator forward as a module, so DDP sees a single forward per backward."""
+
+    def __init__(self, ae: ae_model.AutoencoderKL):
+        super().__init__()
+        self.ae = ae
+
+    def forward(self, x: torch.Tensor, noise: torch.Tensor, mask: Mask, obj: Objective):
+        post = self.ae.encode(x)
+        z = post.mean + post.std * noise
+        x_hat = self.ae.decode(mask.apply(z, obj))
+        return x_hat, z, post.kl()
+
+
+def _flat_all_reduce_grads(params: list[torch.nn.Parameter], world: int) -> None:
+    grads = [p.grad for p in params if p.grad is not None]
+    if world <= 1 or not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def _lpips_model(obj: Objective, params: dict[str, Any], device):
+    if obj.lpips_weight <= 0:
+        return None
+    from ..metrics.recon import load_lpips
+
+    return load_lpips(device=device, resources_dir=params.get("resources_dir")).model
+
+
+def _warmup(warmup: int):
+    return lambda step: min(1.0, (step + 1) / max(1, warmup))
+
+
+def train(run: dict[str, Any], dataset: str | Path, run_dir: str | Path, out: str | Path, name: str,
+          resume: str = "auto") -> dict[str, Any]:
+    """Train one autoencoder. `run`: the resolved run parameters (schema `$defs/ae_run`)."""
+    run = config_mod.validate(run, "ae_run", where="autoencoder run", source=f"parameters of {name}")
+    t = run["train"]
+    cfg = ae_model.config(run["config"])
+    obj = objective(run["variant"], run.get("loss"))
+    fp = fingerprint(run)
+    run_dir, out = Path(run_dir), Path(out)
+    info = distributed.setup(t["device"])
+    try:
+        return _train(run, t, cfg, obj, fp, info, Path(dataset), run_dir, out, name, resume)
+    finally:
+        distributed.teardown()
+
+
+def _train(run, t, cfg, obj, fp, info, dataset, run_dir, out, name, resume):
+    dev = info.device
+    seed = int(t["seed"])
+    seeding.seed_everything(seed, info.rank)
+    seeding.deterministic(bool(t["deterministic"]))
+    global_batch = int(t["batch_size"])
+    if global_batch % info.world_size:
+        raise SpecmatchError(f"train.batch_size {global_batch} is not divisible by the {info.world_size} processes")
+    local_batch = global_batch // info.world_size
+    reader = SplitReader(dataset, "train")
+    if reader.resolution % (cfg.down_factor * (obj.dsm_block if obj.dsm_ks else 1)):
+        raise SpecmatchError(f"{dataset}: {reader.resolution} px images do not tile into the {cfg.down_factor}x "
+                             f"down-sampling of config {cfg.name} and DSM blocks of {obj.dsm_block}")
+    use_bf16 = dev.type == "cuda" and t["precision"] in ("auto", "bf16")
+
+    ae = ae_model.build(cfg).to(dev)
+    disc = PatchDiscriminator(3, run["disc"]["channels"], run["disc"]["n_layers"], run["disc"]["init_std"]).to(dev)
+    ema = None
+    if t["ema_decay"] > 0:
+        ema = torch.optim.swa_utils.AveragedModel(
+            ae, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(t["ema_decay"]), use_buffers=True)
+    opt_g = torch.optim.AdamW(ae.parameters(), lr=t["lr"], betas=tuple(t["betas"]), weight_decay=t["weight_decay"])
+    opt_d = torch.optim.AdamW(disc.parameters(), lr=t["disc_lr"] or t["lr"], betas=tuple(t["betas"]),
+                              weight_decay=t["weight_decay"])
+    sched_g = torch.optim.lr_scheduler.LambdaLR(opt_g, _warmup(t["warmup_steps"]))
+    sched_d = torch.optim.lr_scheduler.LambdaLR(opt_d, _warmup(t["warmup_steps"]))
+    lpips = _lpips_model(obj, run, dev)
+
+    g_step = d_step = 0
+    start = distributed.broadcast_object(
+        str(checkpoint.resolve_resume(run_dir, resume, KIND, fp) or "") if info.is_main else None)
+    if start:
+        tensors, state, meta = checkpoint.load(start, KIND, fp, map_location=dev)
+        ae.load_state_dict({k[3:]: v for k, v in tensors.items() if k.startswith("ae.")})
+        disc.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("disc.")})
+        if ema is not None:
+            ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+        opt_g.load_state_dict(state["opt_g"])
+        opt_d.load_state_dict(state["opt_d"])
+        sched_g.load_state_dict(state["sched_g"])
+        sched_d.load_state_dict(state["sched_d"])
+        g_step, d_step = int(state["g_step"]), int(state["d_step"])
+        log.info("resumed from %s (generator step %d, discriminator step %d)", start, g_step, d_step)
+
+    gen = DDP(_Generator(ae)) if info.world_size > 1 else _Generator(ae)
+    disc_params = list(disc.parameters())
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log_path = run_dir / "metrics.jsonl"
+
+    def save_ckpt() -> Path | None:
+        path = None
+        if info.is_main:
+            tensors = {**{f"ae.{k}": v for k, v in ae.state_dict().items()},
+                       **{f"disc.{k}": v for k, v in disc.state_dict().items()}}
+            if ema is not None:
+                tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
+            state = {"opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(), "sched_g": sched_g.state_dict(),
+                     "sched_d": sched_d.state_dict(), "g_step": g_step, "d_step": d_step,
+                     "rng": seeding.capture_rng_state()}
+            path = checkpoint.save(run_dir, g_step, tensors, state, KIND, fp, keep=t["keep_checkpoints"])
+        distributed.barrier()
+        return path
+
+    steps = int(t["steps"])
+    bar = tqdm(total=steps, initial=g_step, desc=f"train-ae {name}", unit="step", disable=not info.is_main)
+    t_last, n_last = time.perf_counter(), g_step
+    with StopRequest() as stop:
+        while g_step < steps:
+            rows = slice(info.rank * local_batch, (info.rank + 1) * local_batch)
+            idx = batch_indices(len(reader), global_batch, seed, g_step)
+            x = load_batch(reader, idx, t["hflip"], seed, g_step, dev, rows)
+            mask = draw_mask(obj, seed, g_step)
+            # Posterior noise drawn for the global batch and sliced, like the images: the run
+            # does not depend on how many processes share the batch.
+            gcpu = torch.Generator().manual_seed(seeding.step_seed(seed, g_step, "posterior"))
+            h = reader.resolution // cfg.down_factor
+            noise = torch.randn((global_batch, cfg.z_channels, h, h), generator=gcpu)[rows].to(dev)
+            gan_on = g_step >= obj.gan_start
+            x_target = mask.apply(x, obj)
+
+            for p in disc_params:
+                p.requires_grad_(False)
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
+                x_hat, z, kl = gen(x, noise, mask, obj)
+                x_hat = x_hat.float()
+                l1 = (x_target - x_hat).abs().mean()
+                terms = {"l1": l1, "kl": kl.mean()}
+                rec = obj.l1_weight * l1
+                if lpips is not None:
+                    terms["lpips"] = lpips(x_hat, x_target).mean()
+                    rec = rec + obj.lpips_weight * terms["lpips"]
+                loss = rec + obj.kl_weight * terms["kl"]
+                if obj.esm_weight > 0:
+                    terms["esm"] = spectral.esm_loss(x, z, obj.esm_delta, obj.esm_n_bins, obj.esm_blur)
+                    loss = loss + obj.esm_weight * terms["esm"]
+                if gan_on:
+                    g_adv = generator_adv_loss(disc(x_hat))
+                    lam = adaptive_weight(rec, g_adv, ae.last_layer, obj.adaptive_weight_max)
+                    terms["g_adv"], terms["lambda"] = g_adv, lam
+                    loss = loss + obj.gan_weight * lam * g_adv
+            terms["loss"] = loss
+            _check_finite(terms, g_step, info, run_dir)
+            opt_g.zero_grad(set_to_none=True)
+            loss.backward()
+            terms["grad_norm"] = torch.nn.utils.clip_grad_norm_(ae.parameters(), t["grad_clip"])
+            opt_g.step()
+            sched_g.step()
+            if ema is not None:
+                ema.update_parameters(ae)
+
+            if gan_on:
+                for p in disc_params:
+                    p.requires_grad_(True)
+                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
+                    d_loss = hinge_d_loss(disc(x_target.detach()), disc(x_hat.detach()))
+                _check_finite({"d_loss": d_loss}, g_step, info, run_dir)
+                opt_d.zero_grad(set_to_none=True)
+                d_loss.backward()
+                _flat_all_reduce_grads(disc_params, info.world_size)
+                torch.nn.utils.clip_grad_norm_(disc_params, t["grad_clip"])
+                opt_d.step()
+                sched_d.step()
+                d_step += 1
+                terms["d_loss"] = d_loss
+            g_step += 1
+            bar.update(1)
+
+            if info.is_main and (g_step % t["log_every"] == 0 or g_step == steps):
+                now = time.perf_counter()
+                rec_ = {"step": g_step, "d_step": d_step, "k": mask.k, "factor": mask.factor,
+                        "lr": sched_g.get_last_lr()[0],
+                        "images_per_s": (g_step - n_last) * global_batch / max(now - t_last, 1e-9),
+                        **{k: float(v.detach()) for k, v in terms.items()}}
+                t_last, n_last = now, g_step
+                with open(log_path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(rec_) + "\n")
+                bar.set_postfix(loss=f"{rec_['loss']:.4f}", l1=f"{rec_['l1']:.4f}")
+            if g_step % t["checkpoint_every"] == 0 and g_step < steps:
+                save_ckpt()
+            if stop.should_stop(info):
+                path = save_ckpt()
+                bar.close()
+                log.warning("%s received: checkpoint %s written at step %d; resume with --resume auto",
+                            stop.signal_name, path, g_step)
+                raise Interrupted(f"interrupted by {stop.signal_name} at step {g_step}; checkpoint saved")
+    bar.close()
+    save_ckpt()
+    distributed.barrier()
+    result = {"steps": g_step, "d_steps": d_step}
+    if info.is_main:
+        result = _write_final(run, cfg, obj, fp, ae, ema, dataset, reader, run_dir, out, name, g_step, d_step,
+                              info.world_size)
+    distributed.barrier()
+    return result
+
+
+def _check_finite(terms: dict[str, torch.Tensor], step: int, info, run_dir: Path) -> None:
+    bad = torch.tensor(0.0 if all(torch.isfinite(v).all() for v in terms.values()) else 1.0, device=info.device)
+    if info.world_size > 1:
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    if bad.item() > 0:
+        values = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms.items())
+        last = checkpoint.list_checkpoints(run_dir)
+        raise NonFiniteLoss(f"non-finite loss at generator step {step} ({values} on rank {info.rank}); "
+                            f"stopped without saving: the last good checkpoint is "
+                            f"{last[-1][1] if last else 'none (no checkpoint yet)'}")
+
+
+def _write_final(run, cfg, obj, fp, ae, ema, dataset, reader, run_dir, out, name, g_step, d_step, world):
+    prov = Provenance(STAGE, name, run, seeds={"train": int(run["train"]["seed"])})
+    prov.add_input(dataset, "dataset")
+    weights = {f"ae.{k}": v.detach().cpu().contiguous() for k, v in ae.state_dict().items()}
+    if ema is not None:
+        weights.update({f"ema.{k}": v.detach().cpu().contiguous() for k, v in ema.module.state_dict().items()})
+    summary = {"name": name, "kind": KIND, "fingerprint": fp, "config": cfg.__dict__ | {"channels": list(cfg.channels)},
+               "variant": obj.variant, "objective": {**obj.__dict__, "dsm_ks": list(obj.dsm_ks),
+                                                     "scale_factors": list(obj.scale_factors)},
+               "generator_steps": g_step, "discriminator_steps": d_step, "world_size": world,
+               "ema": ema is not None, "dataset_images_sha256": reader.images_sha256,
+               "parameters": ae_model.count_parameters(ae)}
+    with atomic.atomic_dir(out) as tmp:
+        save_file(weights, tmp / "model.safetensors", metadata={"kind": KIND, "fingerprint": fp})
+        (tmp / "autoencoder.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
+        if (run_dir / "metrics.jsonl").exists():
+            (tmp / "metrics.jsonl").write_bytes((run_dir / "metrics.jsonl").read_bytes())
+        prov.write(out, tmp)
+    log.info("autoencoder %s: %d steps, weights in %s", name, g_step, out)
+    return summary
+
+
+def load_trained(folder: str | Path, use_ema: bool = True, device="cpu") -> tuple[ae_model.AutoencoderKL, dict]:
+    """The autoencoder of a finished `train-ae` output folder (EMA weights when present and
+    asked for), in eval mode, with its summary."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    meta_path, w_path = folder / "autoencoder.json", folder / "model.safetensors"
+    for p in (meta_path, w_path):
+        if not p.is_file():
+            raise SpecmatchError(f"{folder}: not a trained autoencoder (no {p.name}); run `specmatch train-ae`")
+    summary = json.loads(meta_path.read_text())
+    cfg = ae_model.config({k: (tuple(v) if k == "channels" else v) for k, v in summary["config"].items()})
+    tensors = load_file(w_path, device=str(device))
+    prefix = "ema." if use_ema and summary.get("ema") else "ae."
+    state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    ae = ae_model.build(cfg).to(device)
+    missing, unexpected = ae.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise SpecmatchError(f"{w_path}: weights do not fit config {cfg.name} (missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]})")
+    ae.eval()
+    for p in ae.parameters():
+        p.requires_grad_(False)
+    return ae, summary

@@ -1,0 +1,110 @@
+"""Random access to a prepared split, for trainers that draw seeded batches from anywhere in it.
+
+A paper-scale split does not fit in memory (ImageNet 256 is ~250 GB of uint8), so the shards'
+arrays are memory-mapped: shards are written uncompressed (`ZIP_STORED`) by default, and a
+stored `.npy` member of a zip is a contiguous byte range, so numpy can map it in place and the
+page cache does the rest. numpy's own `np.load(..., mmap_mode=...)` ignores the mode for .npz
+files, hence the few lines that find the member's offset. Deflate-compressed shards cannot be
+mapped; they are decompressed on first use and kept in a small LRU cache.
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+import os
+import struct
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import SpecmatchError
+from .shards import MANIFEST, _split_entry, read_manifest
+
+_LOCAL_HEADER = struct.Struct("<4s2B4HL2L2H")  # zip local file header (30 bytes)
+
+
+def _member_memmap(path: Path, member: str) -> np.ndarray | None:
+    """A read-only memmap of `member` (an .npy) inside the zip at `path`, or None when the
+    member is compressed."""
+    with zipfile.ZipFile(path) as zf:
+        info = zf.getinfo(member)
+        if info.compress_type != zipfile.ZIP_STORED:
+            return None
+        with open(path, "rb") as f:
+            f.seek(info.header_offset)
+            header = _LOCAL_HEADER.unpack(f.read(_LOCAL_HEADER.size))
+            if header[0] != b"PK\x03\x04":
+                raise SpecmatchError(f"{path}: corrupt zip header for {member}")
+            name_len, extra_len = header[-2], header[-1]
+            data_start = info.header_offset + _LOCAL_HEADER.size + name_len + extra_len
+            f.seek(data_start)
+            version = np.lib.format.read_magic(f)
+            read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                           (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+            if read_header is None:
+                raise SpecmatchError(f"{path}: {member} has npy format version {version}, expected 1.0 or 2.0")
+            shape, fortran, dtype = read_header(f)
+            offset = f.tell()
+    if fortran:
+        raise SpecmatchError(f"{path}: {member} is Fortran-ordered; shards are written C-ordered")
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
+
+
+class SplitReader:
+    """Images and labels of one split by global index (the manifest's shard order)."""
+
+    def __init__(self, folder: str | os.PathLike, split: str, cache_shards: int = 4):
+        self.folder = Path(folder)
+        man = read_manifest(self.folder)
+        entry = _split_entry(man, split, self.folder)
+        self.split, self.resolution = split, int(man["resolution"])
+        self.files = [self.folder / s["file"] for s in entry["shards"]]
+        for p in self.files:
+            if not p.is_file():
+                raise SpecmatchError(f"{p}: shard listed in {self.folder / MANIFEST} is missing")
+        counts = [int(s["count"]) for s in entry["shards"]]
+        self.starts = list(np.cumsum([0] + counts[:-1]))
+        self.count = int(sum(counts))
+        self.images_sha256 = entry["images_sha256"]
+        self._mapped: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._lru: collections.OrderedDict[int, tuple[np.ndarray, np.ndarray]] = collections.OrderedDict()
+        self._cache = max(1, cache_shards)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def _shard(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        if i in self._mapped:
+            return self._mapped[i]
+        if i in self._lru:
+            self._lru.move_to_end(i)
+            return self._lru[i]
+        path = self.files[i]
+        imgs = _member_memmap(path, "images.npy")
+        if imgs is not None:
+            labels = _member_memmap(path, "labels.npy")
+            self._mapped[i] = (imgs, np.asarray(labels))
+            return self._mapped[i]
+        with np.load(path, allow_pickle=False) as z:
+            arrays = (z["images"], z["labels"])
+        self._lru[i] = arrays
+        if len(self._lru) > self._cache:
+            self._lru.popitem(last=False)
+        return arrays
+
+    def get(self, indices) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 images (B, H, W, 3) and int64 labels (B,) at the given global indices."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if idx.size and (idx.min() < 0 or idx.max() >= self.count):
+            raise IndexError(f"{self.folder} split {self.split!r}: index out of range [0, {self.count})")
+        r = self.resolution
+        images = np.empty((idx.size, r, r, 3), np.uint8)
+        labels = np.empty((idx.size,), np.int64)
+        for j, g in enumerate(idx):
+            s = bisect.bisect_right(self.starts, int(g)) - 1
+            im, lb = self._shard(s)
+            images[j] = im[g - self.starts[s]]
+            labels[j] = lb[g - self.starts[s]]
+        return images, labels

@@ -1,0 +1,116 @@
+"""`eval-ae` and `extract-latents` on a micro autoencoder trained for two steps."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from specmatch import spectral
+from specmatch.autoencoder import evaluate, latents, train
+from specmatch.autoencoder.model import DiagonalGaussian
+from specmatch.data.prepare import prepare
+from specmatch.data.shards import load_split
+from specmatch.errors import SpecmatchError
+from specmatch.metrics import recon
+
+MICRO = {"name": "micro", "channels": [8, 16], "z_channels": 4, "num_res_blocks": 1, "norm_groups": 4}
+RUN = {"dataset": "embedded", "config": MICRO, "variant": "sdvae",
+       "train": {"steps": 2, "batch_size": 4, "device": "cpu", "ema_decay": 0.0, "log_every": 1},
+       "loss": {"lpips_weight": 0.0},
+       "eval": {"net": "efficientnet-lite0", "lpips": False, "batch_size": 5, "device": "cpu",
+                "lowpass_ks": [0, 8]},
+       "latents": {"batch_size": 7, "shard_size": 10, "device": "cpu"}}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("aeeval")
+    data = root / "embedded"
+    prepare({"source": "embedded", "resolution": 32, "seed": 0, "n_train": 12, "n_test": 9, "shard_size": 8},
+            "embedded", data)
+    train.train(RUN, data, root / "run", root / "ae", "micro")
+    return data, root / "ae"
+
+
+def test_eval_metrics_against_independent_recomputation(tmp_path, trained):
+    data, ae_dir = trained
+    res = evaluate.evaluate(RUN, ae_dir, data, "micro", tmp_path / "ev")
+    assert sorted(p.name for p in (tmp_path / "ev").iterdir()) == ["latent_spectrum.png", "metrics.json",
+                                                                   "provenance.json"]
+    ae, _ = train.load_trained(ae_dir, use_ema=False)
+    images, _ = load_split(data, "test")
+    with torch.no_grad():
+        x = evaluate.to_float(images, "cpu")
+        mu = ae.encode(x).mean
+        rec = evaluate.to_uint8(ae.decode(mu))
+    assert res["n"] == 9
+    # Batches of 5 there, 9 here: convolution rounding may flip a pixel's uint8 rounding.
+    assert res["psnr"] == pytest.approx(float(recon.psnr(images, rec).mean()), rel=1e-4)
+    assert res["ssim"] == pytest.approx(float(recon.ssim(images, rec).mean()), rel=1e-4)
+    assert "rFD-EffNetLite0" in res and "rFID" not in res and set(res["lowpass"]) == {"8"}
+    s = res["latent_spectrum"]
+    valid = torch.tensor(s["valid_bins"])
+    p_z = spectral.distribution_from_energies(spectral.band_energies(mu, 16, **spectral.TRAINING)).double().mean(0)
+    np.testing.assert_allclose(s["latent_distribution"], p_z.numpy(), rtol=1e-5, atol=1e-7)
+    kl = spectral.kl_divergence(torch.tensor(s["target_distribution"]), torch.tensor(s["latent_distribution"]), valid)
+    assert s["kl_target_to_latent"] == pytest.approx(float(kl), rel=1e-5)
+    assert res["protocol"]["reconstruction"].startswith("posterior mean")
+
+
+def test_eval_bad_inputs(tmp_path, trained):
+    data, ae_dir = trained
+    with pytest.raises(SpecmatchError, match="autoencoder.json"):
+        evaluate.evaluate(RUN, tmp_path, data, "x", tmp_path / "ev")
+    with pytest.raises(SpecmatchError, match="not a prepared dataset"):
+        evaluate.evaluate(RUN, ae_dir, tmp_path, "x", tmp_path / "ev")
+    with pytest.raises(SpecmatchError, match="eval.batch_size"):
+        evaluate.evaluate({**RUN, "eval": {**RUN["eval"], "batch_size": 0}}, ae_dir, data, "x", tmp_path / "ev")
+    assert not (tmp_path / "ev").exists()
+
+
+def test_latent_cache_entries_and_flips(tmp_path, trained):
+    data, ae_dir = trained
+    man = latents.extract(RUN, ae_dir, data, "micro", tmp_path / "lat")
+    assert man["count"] == 24 and man["images"] == 12 and [s["count"] for s in man["shards"]] == [10, 10, 4]
+    parts = [np.load(tmp_path / "lat" / s["file"]) for s in man["shards"]]
+    mu = np.concatenate([p["mu"] for p in parts])
+    flip = np.concatenate([p["flip"] for p in parts])
+    index = np.concatenate([p["index"] for p in parts])
+    assert flip.tolist() == [False] * 12 + [True] * 12 and index.tolist() == list(range(12)) * 2
+    ae, _ = train.load_trained(ae_dir, use_ema=False)
+    images, labels = load_split(data, "train")
+    with torch.no_grad():
+        x = evaluate.to_float(images, "cpu")
+        np.testing.assert_allclose(mu[:12], ae.encode(x).mean.numpy(), atol=1e-5)
+        np.testing.assert_allclose(mu[12:], ae.encode(x.flip(-1)).mean.numpy(), atol=1e-5)
+    assert np.concatenate([p["labels"] for p in parts]).tolist() == labels.tolist() * 2
+    assert json.loads((tmp_path / "lat" / "manifest.json").read_text())["scale_factor"] == man["scale_factor"]
+
+
+class _KnownPosterior(torch.nn.Module):
+    """Encodes every image to mu = 0.3, sigma = 2: posterior samples are N(0.3, 4)."""
+
+    def encode(self, x):
+        b = x.shape[0]
+        moments = torch.cat([torch.full((b, 4, 16, 16), 0.3), torch.full((b, 4, 16, 16), float(np.log(4.0)))], 1)
+        return DiagonalGaussian(moments)
+
+
+def test_scale_factor_on_a_known_distribution(tmp_path, trained, monkeypatch):
+    data, ae_dir = trained
+    summary = json.loads((ae_dir / "autoencoder.json").read_text())
+    summary["config"]["channels"] = [8, 16]
+    monkeypatch.setattr(latents, "load_trained", lambda *a, **k: (_KnownPosterior(), summary))
+    man = latents.extract(RUN, ae_dir, data, "known", tmp_path / "lat")
+    n = 24 * 4 * 16 * 16   # elements: std error of the std ~ 2 / sqrt(2n) ~ 0.006
+    assert man["scale_elements"] == n
+    assert man["latent_mean"] == pytest.approx(0.3, abs=0.05)
+    assert man["latent_std"] == pytest.approx(2.0, abs=0.03)
+    assert man["scale_factor"] == pytest.approx(1 / man["latent_std"], rel=1e-12)
+    capped = latents.extract({**RUN, "latents": {**RUN["latents"], "scale_samples": 5}}, ae_dir, data, "known",
+                             tmp_path / "lat5")
+    assert capped["scale_elements"] == 5 * 4 * 16 * 16

@@ -1,0 +1,457 @@
+"""Runtime services of the trainers: checkpoints, RNG state and per-step streams, stop signals,
+process-group setup.
+
+File hashes are recomputed with hashlib, and "resumes to the same trajectory" is checked by
+running the same optimiser step twice (uninterrupted, and after a save/load trip) and
+comparing the results bitwise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from specmatch.errors import SpecmatchError
+from specmatch.runtime import checkpoint, distributed, seeding, signals
+from specmatch.runtime.checkpoint import CheckpointError, ForeignCheckpointError
+
+REPO = Path(__file__).resolve().parents[1]
+KIND = "autoencoder"
+FP = "a" * 64
+OTHER_FP = "b" * 64
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _tiny(tag: float = 0.0) -> dict[str, torch.Tensor]:
+    return {"ae.w": torch.full((3, 2), tag), "ae.b": torch.arange(3, dtype=torch.float32)}
+
+
+def _save(run: Path, step: int, keep: int = 10, fp: str = FP, kind: str = KIND) -> Path:
+    return checkpoint.save(run, step, _tiny(float(step)), {"step": step}, kind, fp, keep=keep)
+
+
+def _steps(run: Path) -> list[int]:
+    return [s for s, _ in checkpoint.list_checkpoints(run)]
+
+
+def _flip_byte(path: Path, offset: int = -1) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.GELU(), torch.nn.Linear(8, 2))
+
+
+def _step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor) -> None:
+    opt.zero_grad()
+    model(x).pow(2).mean().backward()
+    opt.step()
+
+
+def test_save_load_round_trip_is_bitwise_and_resumes_adamw_identically(tmp_path):
+    model, g = _model(), torch.Generator().manual_seed(1)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    batches = [torch.randn(5, 4, generator=g) for _ in range(4)]
+    for x in batches[:3]:
+        _step(model, opt, x)
+        sched.step()
+    extra = {
+        "ema.t": torch.randn(4, 4).t(),  # non-contiguous: must be stored as its values
+        "disc.bf16": torch.randn(7).to(torch.bfloat16),
+        "disc.count": torch.tensor([3, -1], dtype=torch.int64),
+    }
+    tensors = {**{f"ae.{k}": v for k, v in model.state_dict().items()}, **extra}
+    state = {"opt": opt.state_dict(), "sched": sched.state_dict(), "step": 3, "name": "x",
+             "rng": seeding.capture_rng_state()}
+    path = checkpoint.save(tmp_path, 3, tensors, state, KIND, FP)
+    assert path == tmp_path / "checkpoints" / "step-00000003"
+    assert sorted(p.name for p in path.iterdir()) == ["meta.json", "model.safetensors", "state.pt"]
+
+    meta = json.loads((path / "meta.json").read_text())
+    assert meta["schema"] == "specmatch.checkpoint/1" and meta["kind"] == KIND
+    assert meta["step"] == 3 and meta["fingerprint"] == FP and meta["time"]
+    assert meta["files"] == {n: _sha(path / n) for n in ("model.safetensors", "state.pt")}
+    torch.load(path / "state.pt", weights_only=True)  # must not need pickled code
+
+    loaded, lstate, lmeta = checkpoint.load(path, KIND, FP)
+    assert lmeta == meta and lstate["step"] == 3 and lstate["name"] == "x"
+    assert set(loaded) == set(tensors)
+    for k, v in tensors.items():
+        assert loaded[k].dtype == v.dtype and loaded[k].shape == v.shape
+        assert torch.equal(loaded[k], v), k
+
+    # The uninterrupted run takes its 4th step ...
+    _step(model, opt, batches[3])
+    sched.step()
+    # ... and a fresh process rebuilt from the checkpoint must take exactly the same one.
+    fresh = _model()
+    fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-2, weight_decay=0.1)
+    fresh_sched = torch.optim.lr_scheduler.StepLR(fresh_opt, step_size=2, gamma=0.5)
+    fresh.load_state_dict({k[3:]: v for k, v in loaded.items() if k.startswith("ae.")})
+    fresh_opt.load_state_dict(lstate["opt"])
+    fresh_sched.load_state_dict(lstate["sched"])
+    _step(fresh, fresh_opt, batches[3])
+    fresh_sched.step()
+    for (name, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert fresh_opt.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
+
+
+def test_save_accepts_tied_weights(tmp_path):
+    w = torch.randn(3, 3)
+    path = checkpoint.save(tmp_path, 0, {"ae.w": w, "ema.w": w, "ae.view": w[1]}, {}, KIND, FP)
+    loaded, _, _ = checkpoint.load(path, KIND, FP)
+    assert torch.equal(loaded["ema.w"], w) and torch.equal(loaded["ae.view"], w[1])
+
+
+def test_save_rejects_state_that_weights_only_load_would_refuse(tmp_path):
+    with pytest.raises(TypeError, match=r"state\['sched'\]\['gamma'\].*numpy"):
+        checkpoint.save(tmp_path, 1, _tiny(), {"sched": {"gamma": np.float64(0.5)}}, KIND, FP)
+    assert _steps(tmp_path) == []
+
+
+def test_pruning_keeps_the_newest_keep(tmp_path):
+    for step in (10, 20, 30, 40, 50):
+        _save(tmp_path, step, keep=2)
+    assert _steps(tmp_path) == [40, 50]
+    _save(tmp_path, 60, keep=3)
+    assert _steps(tmp_path) == [40, 50, 60]
+    _save(tmp_path, 70, keep=1)
+    assert _steps(tmp_path) == [70]
+
+
+def test_saving_an_earlier_step_removes_the_abandoned_newer_checkpoints(tmp_path):
+    for step in (10, 20, 30):
+        _save(tmp_path, step)
+    # Resumed from step 10 (say 20 and 30 diverged); the next save is step 15.
+    _save(tmp_path, 15, keep=2)
+    assert _steps(tmp_path) == [10, 15]
+    assert checkpoint.latest_valid(tmp_path, KIND, FP).name == "step-00000015"
+
+
+def test_kill_during_save_keeps_old_checkpoints_and_leaves_no_step_folder(tmp_path, monkeypatch):
+    _save(tmp_path, 1)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # what SIGINT does in the middle of torch.save
+
+    monkeypatch.setattr(checkpoint.torch, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        _save(tmp_path, 2)
+    assert _steps(tmp_path) == [1]
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-00000001"]
+    checkpoint.verify(tmp_path / "checkpoints" / "step-00000001", KIND, FP)
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "state.pt"])
+def test_corrupted_file_is_detected_and_latest_valid_falls_back(tmp_path, caplog, name):
+    _save(tmp_path, 1)
+    newest = _save(tmp_path, 2)
+    _flip_byte(newest / name, offset=len((newest / name).read_bytes()) // 2)
+    with pytest.raises(CheckpointError, match=rf"step-00000002.*{name} is corrupted"):
+        checkpoint.verify(newest, KIND, FP)
+    with pytest.raises(CheckpointError):
+        checkpoint.load(newest, KIND, FP)
+    with caplog.at_level(logging.WARNING, logger="specmatch.runtime.checkpoint"):
+        found = checkpoint.latest_valid(tmp_path, KIND, FP)
+    assert found == tmp_path / "checkpoints" / "step-00000001"
+    assert any("step-00000002" in r.getMessage() and "corrupted" in r.getMessage()
+               for r in caplog.records)
+    assert checkpoint.resolve_resume(tmp_path, "auto", KIND, FP) == found
+
+
+def test_missing_meta_or_file_is_reported_and_skipped(tmp_path):
+    first = _save(tmp_path, 1)
+    second = _save(tmp_path, 2)
+    (second / "state.pt").unlink()
+    with pytest.raises(CheckpointError, match=r"step-00000002.*state.pt is missing"):
+        checkpoint.verify(second)
+    (first / "meta.json").unlink()
+    with pytest.raises(CheckpointError, match=r"step-00000001.*meta.json is missing"):
+        checkpoint.verify(first)
+    assert checkpoint.latest_valid(tmp_path, KIND, FP) is None
+    # Checkpoints exist but none is usable: starting over on top of them would lose the run.
+    with pytest.raises(CheckpointError, match="none verifies"):
+        checkpoint.resolve_resume(tmp_path, "auto", KIND, FP)
+
+
+def test_leftover_temporary_folder_is_ignored_and_cleaned(tmp_path):
+    good = _save(tmp_path, 5)
+    # A save killed before its rename leaves a hidden temporary, here even a complete-looking one.
+    leftover = tmp_path / "checkpoints" / ".step-00000009.k2j4_x.tmp"
+    leftover.mkdir()
+    for f in good.iterdir():
+        (leftover / f.name).write_bytes(f.read_bytes())
+    assert _steps(tmp_path) == [5]
+    assert checkpoint.latest_valid(tmp_path, KIND, FP) == good
+    _save(tmp_path, 6)
+    assert not leftover.exists()
+
+
+def test_foreign_checkpoint_raises_naming_both_fingerprints(tmp_path):
+    path = _save(tmp_path, 1, fp=OTHER_FP)
+    with pytest.raises(ForeignCheckpointError) as e:
+        checkpoint.verify(path, KIND, FP)
+    assert FP in str(e.value) and OTHER_FP in str(e.value) and "step-00000001" in str(e.value)
+    # Never skipped silently, even when a valid checkpoint of this run lies further back;
+    # and saving into the folder never prunes someone else's checkpoint.
+    _save(tmp_path, 0, keep=1)
+    assert _steps(tmp_path) == [0, 1]
+    with pytest.raises(ForeignCheckpointError, match=OTHER_FP):
+        checkpoint.latest_valid(tmp_path, KIND, FP)
+    with pytest.raises(ForeignCheckpointError, match=OTHER_FP):
+        checkpoint.resolve_resume(tmp_path, "auto", KIND, FP)
+    with pytest.raises(ForeignCheckpointError, match="'autoencoder'.*expected 'diffusion'"):
+        checkpoint.load(path, "diffusion", OTHER_FP)
+
+
+def test_resolve_resume(tmp_path):
+    run = tmp_path / "run"
+    assert checkpoint.resolve_resume(run, "none", KIND, FP) is None
+    assert checkpoint.resolve_resume(run, "auto", KIND, FP) is None
+    _save(run, 1)
+    second = _save(run, 2)
+    with pytest.raises(CheckpointError, match=r"--resume auto.*fresh run folder"):
+        checkpoint.resolve_resume(run, "none", KIND, FP)
+    assert checkpoint.resolve_resume(run, "auto", KIND, FP) == second
+    first = run / "checkpoints" / "step-00000001"
+    assert checkpoint.resolve_resume(run, str(first), KIND, FP) == first
+    with pytest.raises(CheckpointError, match="run folder, not a checkpoint"):
+        checkpoint.resolve_resume(run, str(run), KIND, FP)
+    with pytest.raises(CheckpointError, match="no such folder"):
+        checkpoint.resolve_resume(run, str(tmp_path / "nope"), KIND, FP)
+    _flip_byte(first / "model.safetensors")
+    with pytest.raises(CheckpointError, match="corrupted"):
+        checkpoint.resolve_resume(run, str(first), KIND, FP)
+
+
+# --------------------------------------------------------------------------- seeding
+
+
+def _draws() -> tuple:
+    return (random.random(), random.gauss(0, 1), np.random.rand(3).tolist(),
+            np.random.randn(3).tolist(), torch.rand(4).tolist(), torch.randn(3).tolist())
+
+
+def test_rng_state_survives_torch_save_weights_only_and_reproduces_draws(tmp_path):
+    seeding.seed_everything(123)
+    _draws()
+    # An odd number of Gaussians drawn leaves one cached in python's and numpy's states.
+    assert random.getstate()[2] is not None and np.random.get_state(legacy=False)["has_gauss"]
+    torch.save(seeding.capture_rng_state(), tmp_path / "rng.pt")
+    expected = _draws()
+    seeding.seed_everything(999)
+    seeding.restore_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    assert _draws() == expected
+
+
+def test_seed_everything_is_per_rank():
+    assert seeding.seed_everything(7, rank=3) == 10
+    a = _draws()
+    seeding.seed_everything(10)
+    assert _draws() == a
+    seeding.seed_everything(7, rank=0)
+    assert _draws() != a
+
+
+_STEP_RNG_CHILD = """
+import json, sys
+from specmatch.runtime import seeding
+out = {f"{s}/{st}": seeding.step_rng(11, s, st).random(4).tolist()
+       for s in (0, 5) for st in ("dsm-k", "noise")}
+out["seed"] = seeding.step_seed(11, 5, "noise")
+out["hash"] = hash("noise")
+print(json.dumps(out))
+"""
+
+
+def test_step_rng_is_the_same_in_other_processes_and_distinct_per_step_and_stream():
+    # Another interpreter with another str-hash salt (the loop makes sure of it, so that a
+    # step_rng built on python's hash() could not pass by luck).
+    for hashseed in ("0", "1"):
+        env = {**os.environ, "PYTHONHASHSEED": hashseed,
+               "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
+        res = subprocess.run([sys.executable, "-c", _STEP_RNG_CHILD], env=env, check=True,
+                             capture_output=True, text=True, timeout=120)
+        there = json.loads(res.stdout)
+        if there.pop("hash") != hash("noise"):
+            break
+    else:
+        pytest.fail("could not start an interpreter with a different str hash")
+    here = {f"{s}/{st}": seeding.step_rng(11, s, st).random(4).tolist()
+            for s in (0, 5) for st in ("dsm-k", "noise")}
+    here["seed"] = seeding.step_seed(11, 5, "noise")
+    assert there == here
+    values = [tuple(v) for k, v in here.items() if k != "seed"]
+    assert len(set(values)) == 4  # every (step, stream) pair gives its own stream
+    assert seeding.step_rng(12, 5, "noise").random(4).tolist() != here["5/noise"]
+    assert 0 <= here["seed"] < 2**63
+    torch.Generator().manual_seed(here["seed"])
+
+
+def test_step_rng_does_not_depend_on_global_seeding():
+    seeding.seed_everything(1)
+    a = seeding.step_rng(3, 4, "x").integers(0, 2**31, size=5)
+    seeding.seed_everything(2)
+    np.random.rand(10)
+    assert np.array_equal(seeding.step_rng(3, 4, "x").integers(0, 2**31, size=5), a)
+
+
+def test_deterministic_switch():
+    prev = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark,
+            torch.backends.cudnn.deterministic)
+    try:
+        seeding.deterministic(True)
+        assert torch.are_deterministic_algorithms_enabled()
+        assert torch.is_deterministic_algorithms_warn_only_enabled()
+        assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+        seeding.deterministic(False)
+        assert not torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(prev[0])
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = prev[1:]
+
+
+# --------------------------------------------------------------------------- signals
+
+
+def test_stop_request_sets_flag_on_signal_and_restores_handlers():
+    def mine(signum, frame):  # a handler installed before, e.g. by a launcher
+        raise AssertionError("the StopRequest handler should have run instead")
+
+    before_usr1 = signal.signal(signal.SIGUSR1, mine)
+    before_term = signal.getsignal(signal.SIGTERM)
+    try:
+        with signals.StopRequest() as stop:
+            assert not stop.requested and stop.signal_name is None and not stop.should_stop()
+            os.kill(os.getpid(), signal.SIGUSR1)
+            assert stop.requested and stop.signal_name == "SIGUSR1"
+            os.kill(os.getpid(), signal.SIGTERM)  # a later SIGTERM keeps the first reason
+            assert stop.signal_name == "SIGUSR1"
+            single = distributed.DistInfo(0, 1, 0, torch.device("cpu"), None, True)
+            assert stop.should_stop(single)
+        assert signal.getsignal(signal.SIGUSR1) is mine
+        assert signal.getsignal(signal.SIGTERM) == before_term
+    finally:
+        signal.signal(signal.SIGUSR1, before_usr1)
+
+
+def test_stop_request_sigterm_and_manual_request():
+    with signals.StopRequest() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested and stop.signal_name == "SIGTERM"
+    other = signals.StopRequest()
+    other.request("time budget")
+    assert other.requested and other.signal_name == "time budget"
+    assert signals.EXIT_INTERRUPTED == 3
+
+
+# --------------------------------------------------------------------------- distributed
+
+
+_TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def test_setup_single_process(monkeypatch):
+    for var in _TORCHRUN_ENV:
+        monkeypatch.delenv(var, raising=False)
+    info = distributed.setup("cpu")
+    assert (info.rank, info.world_size, info.local_rank) == (0, 1, 0)
+    assert info.backend is None and info.is_main
+    assert info.device == torch.device("cpu")
+    assert distributed.is_main()
+    t = torch.tensor([1.0, 3.0])
+    assert distributed.all_reduce_mean(t) is t and t.tolist() == [1.0, 3.0]
+    assert distributed.broadcast_object({"a": 1}) == {"a": 1}
+    assert distributed.all_gather_object(5) == [5]
+    assert distributed.any_rank(False) is False
+    distributed.barrier()
+    distributed.teardown()
+    auto = distributed.setup("auto")
+    assert auto.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_setup_rejects_bad_requests(monkeypatch):
+    for var in _TORCHRUN_ENV:
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(SpecmatchError, match="device must be one of"):
+        distributed.setup("gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(SpecmatchError, match="no CUDA GPU"):
+            distributed.setup("cuda")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SpecmatchError, match="torchrun"):
+        distributed.setup("cpu")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _gloo_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    info = distributed.setup("cpu")
+    try:
+        again = distributed.setup("cpu")  # idempotent: describes the existing group
+        mean = distributed.all_reduce_mean(torch.tensor([float(rank + 1), 10.0 * rank]))
+        with signals.StopRequest() as stop:
+            before = stop.should_stop(info)
+            if rank == 1:
+                os.kill(os.getpid(), signal.SIGUSR1)
+            after = stop.should_stop(info)
+            name = stop.signal_name
+        result = {
+            "info": [info.rank, info.world_size, info.backend, info.is_main, str(info.device)],
+            "again": [again.rank, again.world_size, again.backend],
+            "mean": mean.tolist(), "before": before, "after": after, "signal": name,
+            "bcast": distributed.broadcast_object(f"from-{rank}"),
+            "gather": distributed.all_gather_object(rank * 2),
+            "is_main": distributed.is_main(),
+        }
+        distributed.barrier()
+    finally:
+        distributed.teardown()
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
+
+
+@pytest.mark.slow
+def test_two_process_gloo_mean_and_stop_agreement(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_gloo_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["info"] == [0, 2, "gloo", True, "cpu"] and r1["info"] == [1, 2, "gloo", False, "cpu"]
+    assert r0["again"] == [0, 2, "gloo"] and r1["again"] == [1, 2, "gloo"]
+    assert r0["mean"] == r1["mean"] == [1.5, 5.0]
+    # Only rank 1 was signalled, yet both ranks agree to stop after the same step.
+    assert r0["before"] is r1["before"] is False
+    assert r0["after"] is r1["after"] is True
+    assert r0["signal"] is None and r1["signal"] == "SIGUSR1"
+    assert r0["bcast"] == r1["bcast"] == "from-0"
+    assert r0["gather"] == r1["gather"] == [0, 2]
+    assert r0["is_main"] and not r1["is_main"]

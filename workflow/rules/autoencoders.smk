@@ -1,0 +1,55 @@
+# Autoencoder phase (SPEC 5): train each autoencoder run of grid.autoencoders whose dataset is
+# in grid.datasets, evaluate it on the held-out split, and cache its latents for diffusion.
+# A run's working folder (checkpoints, live log) is keyed by the fingerprint of its parameters
+# and lives outside the rule's outputs: Snakemake deletes the outputs of a failed or
+# interrupted job, never its checkpoints, and a re-run with the same parameters resumes.
+
+rule train_ae:
+    input:
+        data=ae_dataset,
+    output:
+        directory(f"{RESULTS}/autoencoders/{{ae}}"),
+    params:
+        p=ae_json("train", "loss", "disc"),
+        run_dir=ae_run_dir,
+    log:
+        f"{RESULTS}/logs/train_ae/{{ae}}.log",
+    shell:
+        "specmatch train-ae --dataset {input.data} --run-dir {params.run_dir} --resume auto"
+        " --name {wildcards.ae} --params {params.p:q} --out {output} > {log} 2>&1"
+
+
+rule eval_ae:
+    input:
+        ae=f"{RESULTS}/autoencoders/{{ae}}",
+        data=ae_dataset,
+    output:
+        directory(f"{RESULTS}/ae_eval/{{ae}}"),
+    params:
+        p=ae_json("eval"),
+    log:
+        f"{RESULTS}/logs/eval_ae/{{ae}}.log",
+    shell:
+        "specmatch eval-ae --autoencoder {input.ae} --dataset {input.data} --name {wildcards.ae}"
+        " --params {params.p:q} --out {output} > {log} 2>&1"
+
+
+rule extract_latents:
+    input:
+        ae=f"{RESULTS}/autoencoders/{{ae}}",
+        data=ae_dataset,
+    output:
+        directory(f"{RESULTS}/latents/{{ae}}"),
+    params:
+        p=ae_json("latents"),
+    log:
+        f"{RESULTS}/logs/extract_latents/{{ae}}.log",
+    shell:
+        "specmatch extract-latents --autoencoder {input.ae} --dataset {input.data} --name {wildcards.ae}"
+        " --params {params.p:q} --out {output} > {log} 2>&1"
+
+
+rule autoencoder_phase:
+    input:
+        expand(f"{RESULTS}/ae_eval/{{ae}}", ae=AE_RUNS),
+        expand(f"{RESULTS}/latents/{{ae}}", ae=AE_RUNS),
