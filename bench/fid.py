@@ -73,7 +73,7 @@ def main() -> None:
     imgs = images(args.n, args.size)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        weights = build_fid_inception_weights(tmp / "hub" / "checkpoints" / FILE_NAME)
+        weights = build_fid_inception_weights(tmp / "hub" / "checkpoints" / FILE_NAME, calib_images=imgs[:16])
         folder = tmp / "png"
         folder.mkdir()
         from PIL import Image
