@@ -58,6 +58,8 @@ def test_eval_metrics_against_independent_recomputation(tmp_path, trained):
     np.testing.assert_allclose(s["latent_distribution"], p_z.numpy(), rtol=1e-5, atol=1e-7)
     kl = spectral.kl_divergence(torch.tensor(s["target_distribution"]), torch.tensor(s["latent_distribution"]), valid)
     assert s["kl_target_to_latent"] == pytest.approx(float(kl), rel=1e-5)
+    per_image = [float(spectral.esm_loss(x[i:i + 1], mu[i:i + 1])) for i in range(len(x))]
+    assert s["esm_loss_mean"] == pytest.approx(float(np.mean(per_image)), rel=1e-4)
     assert res["protocol"]["reconstruction"].startswith("posterior mean")
 
 

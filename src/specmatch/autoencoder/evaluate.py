@@ -33,7 +33,7 @@ from ..metrics.recon import ReconAccumulator, load_lpips
 from ..runtime import atomic
 from ..runtime.hashing import ImageStreamHash
 from ..runtime.provenance import Provenance
-from .train import load_trained
+from .train import load_trained, to_float
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +41,6 @@ log = logging.getLogger(__name__)
 def to_uint8(x: torch.Tensor) -> np.ndarray:
     """[-1, 1] NCHW -> uint8 NHWC, as a saved image would be."""
     return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
-
-def to_float(images: np.ndarray, device) -> torch.Tensor:
-    return torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
 def evaluate(run: dict[str, Any], ae_dir: str | Path, dataset: str | Path, name: str, out: str | Path) -> dict[str, Any]:
@@ -88,8 +84,8 @@ def evaluate(run: dict[str, Any], ae_dir: str | Path, dataset: str | Path, name:
             p_lat.append(spectral.distribution_from_energies(e_z).double().cpu())
             p_tgt.append(spectral.distribution_from_energies(spectral.delta_tilt(e_x, delta)).double().cpu())
             energies.append(e_z.double().cpu())
-            esm.append(torch.stack([spectral.esm_loss(x[i:i + 1], mu[i:i + 1].float(), delta, n_bins)
-                                    for i in range(len(x))]).double().cpu())
+            # esm_loss is the batch mean of the per-image KLs: weight it by the batch size.
+            esm.append(float(spectral.esm_loss(x, mu.float(), delta, n_bins)) * len(x))
     if hasher is None:
         raise SpecmatchError(f"{dataset}: split {e['split']!r} has no images")
     rec = acc.summary()
@@ -106,7 +102,7 @@ def evaluate(run: dict[str, Any], ae_dir: str | Path, dataset: str | Path, name:
             "grid": [int(h), int(w)], "n_bins": n_bins, "delta": delta, "valid_bins": valid.tolist(),
             "latent_distribution": pz.tolist(), "target_distribution": px.tolist(),
             "kl_target_to_latent": float(spectral.kl_divergence(px, pz, valid)),
-            "esm_loss_mean": float(torch.cat(esm).mean()),
+            "esm_loss_mean": sum(esm) / rec["n"],
             "psd_exponent": float(spectral.psd_slope(torch.cat(energies).mean(0), valid)[0]),
         },
         "protocol": {"split": e["split"], "n_images": rec["n"], "images_sha256": hasher.hexdigest(),

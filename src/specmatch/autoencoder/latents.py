@@ -32,7 +32,7 @@ from ..errors import SpecmatchError
 from ..runtime import atomic, distributed, seeding
 from ..runtime.hashing import sha256_file
 from ..runtime.provenance import Provenance
-from .train import load_trained
+from .train import load_trained, to_float
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ def _extract(run, p, info, ae_dir, dataset, name, out):
                 part = ids[b:b + p["batch_size"]]
                 src, flip = part % n, part >= n
                 images, _ = reader.get(src)
-                x = torch.from_numpy(images).to(dev).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+                x = to_float(images, dev)
                 sel = torch.from_numpy(flip).to(dev)[:, None, None, None]
                 x = torch.where(sel, x.flip(-1), x)
                 with torch.no_grad():

@@ -83,11 +83,16 @@ def batch_indices(n: int, global_batch: int, seed: int, step: int) -> np.ndarray
     return np.asarray(out, dtype=np.int64)
 
 
+def to_float(images: np.ndarray, device) -> torch.Tensor:
+    """uint8 images (B, H, W, 3) -> float NCHW in [-1, 1], the autoencoder's input."""
+    return torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
 def load_batch(reader: SplitReader, idx: np.ndarray, hflip: float, seed: int, step: int,
                device: torch.device, rows: slice = slice(None)) -> torch.Tensor:
     """Images `idx[rows]` of the step's global batch `idx`, in [-1, 1], NCHW, flipped."""
     images, _ = reader.get(idx[rows])
-    x = torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    x = to_float(images, device)
     if hflip > 0:
         # Flip decisions for the whole global batch, indexed by position: rank-independent.
         flips = (seeding.step_rng(seed, step, "hflip").random(len(idx)) < hflip)[rows]
