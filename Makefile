@@ -68,6 +68,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/spectral.py
 	$(BIN)/python bench/fid.py
 	$(BIN)/python bench/autoencoder.py
+	$(BIN)/python bench/diffusion.py
 
 lint: $(STAMP)
 	snakemake --lint

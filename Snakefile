@@ -20,6 +20,7 @@ container: config["container"]["image"]
 include: "workflow/rules/data.smk"
 include: "workflow/rules/evaluation.smk"
 include: "workflow/rules/autoencoders.smk"
+include: "workflow/rules/diffusion.smk"
 
 
 rule all:
@@ -28,3 +29,4 @@ rule all:
         rules.data_phase.input,
         rules.evaluation_phase.input,
         rules.autoencoder_phase.input,
+        rules.diffusion_phase.input,

@@ -106,7 +106,7 @@ def test_sigterm_writes_checkpoint_and_exits_3(tmp_path, data):
     ckpts = checkpoint.list_checkpoints(tmp_path / "run")
     assert len(ckpts) == 1 and ckpts[0][0] >= 2
     checkpoint.verify(ckpts[0][1], kind="autoencoder", fingerprint=train.fingerprint(
-        train.config_mod.validate(params, "ae_run")))
+        train.config_mod.validate(params, "ae_run"), train.SplitReader(data, "train").images_sha256))
     assert not (tmp_path / "out").exists()
 
 

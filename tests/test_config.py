@@ -275,3 +275,45 @@ def test_typed_command_line_reads_nested_scalars_as_yaml():
     assert out == {"preset": "tiny", "metrics": {"pr_k": 5, "device": "cpu", "lr": 1e-4, "flip": True},
                    "grid": {"datasets": ["embedded"]}, "n": 3, "empty": ""}
     assert config.typed_command_line({"x": "{unbalanced"}) == {"x": "{unbalanced"}
+
+
+def test_named_sampler_takes_unset_keys_from_diffusion_sample():
+    """A named sampler overrides only what it sets: the tiny preset's diffusion.sample
+    (n_samples 256, device cpu) must reach it, not the schema defaults (50000, auto)."""
+    resolved = config.load(PARAMS_YAML, "tiny")
+    s = config.sampler(resolved, "tiny-sde30-cfg")
+    assert s["n_samples"] == 256 and s["device"] == "cpu" and s["batch_size"] == 128
+    assert s["steps"] == 30 and s["cfg_scale"] == 2.0 and s["cfg_interval"] == [0.0, 0.7]
+    paper = config.sampler(config.load(PARAMS_YAML), "sde250-50k")
+    assert paper["n_samples"] == 50000 and paper["method"] == "euler-maruyama" and paper["cfg_scale"] == 1.0
+
+
+def test_diffusion_run_merges_shared_train_and_checks_samplers():
+    resolved = config.load(PARAMS_YAML, "tiny")
+    run = config.diffusion_run(resolved, "embedded-tiny-dsm-sit")
+    assert run["train"]["steps"] == 200 and run["train"]["device"] == "cpu"  # from diffusion.train
+    assert run["conditional"] is True and run["process"]["kind"] == "linear"
+    paper = config.diffusion_run(config.load(PARAMS_YAML), "celebahq-f8d4-sdvae-uvit")
+    assert paper["train"]["steps"] == 500000 and paper["train"]["betas"] == [0.99, 0.99]
+    assert paper["train"]["batch_size"] == 256 and paper["model"] == "UViT-S/2"
+    bad = copy.deepcopy(resolved)
+    bad["diffusions"]["embedded-tiny-dsm-sit"]["samplers"] = ["nope"]
+    with pytest.raises(SpecmatchError, match="undefined samplers"):
+        config.diffusion_run(bad, "embedded-tiny-dsm-sit")
+    with pytest.raises(SpecmatchError, match="no diffusion run"):
+        config.diffusion_run(resolved, "missing")
+
+
+def test_named_sampler_with_unknown_key_is_refused(tmp_path):
+    params = config.load_yaml(PARAMS_YAML)
+    params["samplers"]["dpm50-10k"]["stepz"] = 3
+    with pytest.raises(SpecmatchError, match="samplers.dpm50-10k"):
+        config.resolve(params, REPO / "presets")
+
+
+def test_params_show_run_prints_what_the_stage_receives(capsys):
+    assert cli.main(["params", "show", "--preset", "tiny", "--run", "diffusion:embedded-tiny-sdvae-uvit",
+                     "--compact"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown == config.diffusion_run(config.load(PARAMS_YAML, "tiny"), "embedded-tiny-sdvae-uvit")
+    assert cli.main(["params", "show", "--run", "bogus"]) == 2

@@ -74,7 +74,7 @@ def test_tiny_dag_outputs(tiny_run):
     # named FD-EffNetLite0 (never "FID"), its record pointing at the reference it used.
     floor = json.loads((out / "fid_floor" / "embedded" / "metrics.json").read_text())
     assert floor["metric"] == "FD-EffNetLite0" and "FID" not in floor
-    assert floor["samples"]["n"] == 512 and floor["reference"]["n"] == 2048
+    assert floor["samples"]["n"] == 512 and floor["reference"]["n"] == 1024
     assert 0 < floor["FD-EffNetLite0"] and 0 < floor["precision"] <= 1 and 0 < floor["recall"] <= 1
     ref = json.loads((out / "fid_ref" / "embedded" / "stats.json").read_text())
     assert ref["protocol"]["feature_net"] == "efficientnet-lite0" and ref["split"] == "train"
@@ -93,6 +93,62 @@ def test_tiny_dag_outputs(tiny_run):
         assert {i["role"] for i in rec["inputs"]} == {"autoencoder", "dataset"}
     log = [json.loads(x) for x in (out / "autoencoders" / "embedded-tiny-dsm" / "metrics.jsonl").read_text().splitlines()]
     assert {r["k"] for r in log} <= {0, 8, 10, 12} and log[-1]["l1"] < log[0]["l1"]
+
+
+DIFFUSION_JOBS = {"train_diffusion": 4, "sample": 5, "generation_metrics": 5, "generation_table": 1}
+SAMPLE_SETS = {("embedded-tiny-sdvae-uvit", "tiny-dpm20"), ("embedded-tiny-esm-uvit", "tiny-dpm20"),
+               ("embedded-tiny-dsm-uvit", "tiny-dpm20"), ("embedded-tiny-dsm-sit", "tiny-sde30"),
+               ("embedded-tiny-dsm-sit", "tiny-sde30-cfg")}
+
+
+def test_tiny_dag_diffusion_outputs(tiny_run):
+    out = tiny_run / "results" / "tiny"
+    for diff in {d for d, _ in SAMPLE_SETS}:
+        summary = json.loads((out / "diffusion" / diff / "diffusion.json").read_text())
+        assert summary["latents"]["autoencoder"] == diff.rsplit("-", 1)[0]
+        log = [json.loads(x) for x in (out / "diffusion" / diff / "metrics.jsonl").read_text().splitlines()]
+        first, last = np.mean([r["loss"] for r in log[:3]]), np.mean([r["loss"] for r in log[-3:]])
+        assert last < first, (diff, first, last)
+    for diff, sampler in SAMPLE_SETS:
+        samples = out / "samples" / diff / sampler
+        proto = json.loads((samples / "sampling.json").read_text())
+        assert proto["n_samples"] == 256 and proto["diffusion"] == diff
+        man = json.loads((samples / "manifest.json").read_text())
+        assert man["splits"]["samples"]["count"] == 256
+        m = json.loads((out / "gen_metrics" / diff / sampler / "metrics.json").read_text())
+        assert m["metric"] == "FD-EffNetLite0" and "FID" not in m and m["samples"]["n"] == 256
+        assert m["sampling"]["sampler"] == proto["sampler"] and np.isfinite(m["FD-EffNetLite0"])
+    sit = json.loads((out / "samples" / "embedded-tiny-dsm-sit" / "tiny-sde30-cfg" / "sampling.json").read_text())
+    assert sit["cfg_scale"] == 2.0 and sit["cfg_interval"] == [0.0, 0.7] and sit["class_balanced"] is True
+    table = (out / "tables" / "generation" / "generation.csv").read_text().splitlines()
+    assert len(table) == 1 + len(SAMPLE_SETS) and "FD-EffNetLite0" in table[1]
+    assert (out / "tables" / "generation" / "generation.md").is_file()
+
+
+def test_trained_tiny_diffusion_beats_its_untrained_self(tiny_run, tmp_path):
+    """The tiny U-ViT after training against the same network with 0 steps (its initial weights),
+    sampled and scored identically."""
+    out = tiny_run / "results" / "tiny"
+    resolved = json.loads(_run([str(BIN / "specmatch"), "params", "show", "--preset", "tiny", "--compact",
+                                "--params-file", str(tiny_run / "params.yaml")], tiny_run).stdout)
+    from specmatch import config
+
+    run = config.diffusion_run(resolved, "embedded-tiny-sdvae-uvit")
+    run["train"]["steps"] = 0
+    sampler = config.sampler(resolved, "tiny-dpm20")
+    untrained, samples, metrics = tmp_path / "untrained", tmp_path / "samples", tmp_path / "metrics"
+    _run([str(BIN / "specmatch"), "train-diffusion", "--latents", str(out / "latents" / "embedded-tiny-sdvae"),
+          "--run-dir", str(tmp_path / "run"), "--name", "untrained", "--params", json.dumps(run),
+          "--out", str(untrained)], tiny_run)
+    _run([str(BIN / "specmatch"), "sample", "--model", str(untrained), "--autoencoder",
+          str(out / "autoencoders" / "embedded-tiny-sdvae"), "--work-dir", str(tmp_path / "work"), "--name", "u",
+          "--params", json.dumps(sampler), "--out", str(samples)], tiny_run)
+    _run([str(BIN / "specmatch"), "fid", "calc", "--samples", str(samples), "--split", "samples", "--ref",
+          str(out / "fid_ref" / "embedded"), "--name", "u", "--params", json.dumps(resolved["metrics"]),
+          "--out", str(metrics)], tiny_run)
+    before = json.loads((metrics / "metrics.json").read_text())["FD-EffNetLite0"]
+    after = json.loads((out / "gen_metrics" / "embedded-tiny-sdvae-uvit" / "tiny-dpm20" / "metrics.json").read_text())
+    assert after["FD-EffNetLite0"] < before, (after["FD-EffNetLite0"], before)
 
 
 def test_tiny_dag_is_up_to_date_after_run(tiny_run):
@@ -120,7 +176,7 @@ def test_spectra_parameter_change_reruns_only_spectra(tiny_run):
 def test_dataset_parameter_change_reruns_data_and_spectra(tiny_run):
     assert _planned_jobs(tiny_run, "datasets={embedded: {seed: 1}}") == {
         "prepare_data": 1, "data_spectra": 1, "fid_ref": 1, "fid_real_floor": 1, "train_ae": 3, "eval_ae": 3,
-        "extract_latents": 3, "all": 1}
+        "extract_latents": 3, **DIFFUSION_JOBS, "all": 1}
 
 
 def test_autoencoder_eval_change_reruns_only_evaluation(tiny_run):
@@ -129,11 +185,21 @@ def test_autoencoder_eval_change_reruns_only_evaluation(tiny_run):
 
 def test_autoencoder_train_change_reruns_training_and_downstream(tiny_run):
     assert _planned_jobs(tiny_run, "autoencoder={train: {lr: 1e-4}}") == {
-        "train_ae": 3, "eval_ae": 3, "extract_latents": 3, "all": 1}
+        "train_ae": 3, "eval_ae": 3, "extract_latents": 3, **DIFFUSION_JOBS, "all": 1}
 
 
-def test_metrics_parameter_change_reruns_only_evaluation(tiny_run):
-    assert _planned_jobs(tiny_run, "metrics={pr_k: 5}") == {"fid_ref": 1, "fid_real_floor": 1, "all": 1}
+def test_metrics_parameter_change_reruns_evaluation_and_scores(tiny_run):
+    assert _planned_jobs(tiny_run, "metrics={pr_k: 5}") == {
+        "fid_ref": 1, "fid_real_floor": 1, "generation_metrics": 5, "generation_table": 1, "all": 1}
+
+
+def test_diffusion_train_change_reruns_diffusion_sampling_and_scores(tiny_run):
+    assert _planned_jobs(tiny_run, "diffusion={train: {lr: 5e-4}}") == {**DIFFUSION_JOBS, "all": 1}
+
+
+def test_sampler_change_reruns_only_its_samples_and_scores(tiny_run):
+    assert _planned_jobs(tiny_run, "samplers={tiny-dpm20: {steps: 20}}") == {
+        "sample": 3, "generation_metrics": 3, "generation_table": 1, "all": 1}
 
 
 def test_snakemake_lint_is_clean(tmp_path):
@@ -153,7 +219,8 @@ def test_dvc_repro_stages(tmp_path):
     preset = repo / "presets" / "tiny.yaml"
     text = preset.read_text()
     for old, new in (("steps: 150", "steps: 10"), ("max_images: 2048", "max_images: 256"),
-                     ("max_images: 128 ", "max_images: 32 ")):
+                     ("max_images: 128 ", "max_images: 32 "), ("steps: 200", "steps: 10"),
+                     ("n_samples: 256", "n_samples: 16")):
         assert old in text, old
         text = text.replace(old, new)
     preset.write_text(text)
@@ -166,6 +233,7 @@ def test_dvc_repro_stages(tmp_path):
     assert (repo / "results/tiny/spectra/embedded/spectra.json").is_file()
     assert (repo / "results/tiny/fid_floor/embedded/metrics.json").is_file()
     assert (repo / "results/tiny/latents/embedded-tiny-dsm/manifest.json").is_file()
+    assert (repo / "results/tiny/tables/generation/generation.csv").is_file() and "results/tiny/samples" in lock
     again = _run([str(BIN / "dvc"), "repro"], repo)
     assert "didn't change" in again.stdout + again.stderr
     # A parameter of the phase changes -> DVC sees the stage as changed.
@@ -173,4 +241,4 @@ def test_dvc_repro_stages(tmp_path):
     status = _run([str(BIN / "dvc"), "status"], repo)
     assert "data" in status.stdout and "spectra" in status.stdout
     assert "evaluation" not in status.stdout  # its params and dependencies did not change
-    assert "autoencoders" not in status.stdout
+    assert "autoencoders" not in status.stdout and "diffusion" not in status.stdout

@@ -55,7 +55,8 @@ def _cmd_train_ae(args) -> None:
     from . import config
     from .autoencoder import train
 
-    train.train(config.parse_params_arg(args.params), args.dataset, args.run_dir, args.out, args.name, args.resume)
+    train.train(config.parse_params_arg(args.params), args.dataset, args.run_dir, args.out, args.name, args.resume,
+                runs_root=args.runs_root)
 
 
 def _cmd_eval_ae(args) -> None:
@@ -72,6 +73,34 @@ def _cmd_extract_latents(args) -> None:
     from .autoencoder import latents
 
     latents.extract(config.parse_params_arg(args.params), args.autoencoder, args.dataset, args.name, args.out)
+
+
+def _cmd_train_diffusion(args) -> None:
+    from . import config
+    from .diffusion import train
+
+    sampler = config.parse_params_arg(args.sampler) if args.sampler else None
+    train.train(config.parse_params_arg(args.params), args.latents, args.out, args.name, run_dir=args.run_dir,
+                resume=args.resume, runs_root=args.runs_root, autoencoder=args.autoencoder, ref=args.ref,
+                sampler=sampler)
+
+
+def _cmd_sample(args) -> None:
+    from . import config
+    from .diffusion import sample
+
+    result = sample.sample(args.model, args.autoencoder, config.parse_params_arg(args.params), args.name, args.out,
+                           work_dir=args.work_dir, work_root=args.work_root)
+    if result:
+        print(json.dumps({k: result[k] for k in ("name", "n_samples", "sampler", "steps", "nfe_per_sample",
+                                                 "images_per_s")}))
+
+
+def _cmd_report_generation(args) -> None:
+    from .report import tables
+
+    df = tables.write_generation(args.metrics, args.name, args.out)
+    print(df[["diffusion", "sampler", "metric", "value"]].to_string(index=False))
 
 
 def _cmd_resources_check(args) -> None:
@@ -101,6 +130,14 @@ def _cmd_params_show(args) -> None:
 
     resolved = config.load(args.params_file, args.preset)
     section = resolved
+    if args.run:
+        # What the DAG passes to a stage: a run's entry merged over the shared settings.
+        kind, _, name = args.run.partition(":")
+        resolve = {"autoencoder": config.autoencoder_run, "diffusion": config.diffusion_run,
+                   "sampler": config.sampler}.get(kind)
+        if resolve is None or not name:
+            raise SpecmatchError(f"--run {args.run!r}: expected autoencoder:NAME, diffusion:NAME or sampler:NAME")
+        section = resolve(resolved, name)
     for key in filter(None, (args.key or "").split(".")):
         if not isinstance(section, dict) or key not in section:
             raise SpecmatchError(f"{args.params_file}: no key {args.key!r} in the resolved parameters")
@@ -118,6 +155,18 @@ def _stage_io(p: argparse.ArgumentParser, func, name_help: str = "run name, reco
         p.add_argument("--params", default="{}", help=PARAMS_HELP + " (default: all defaults)")
     p.add_argument("--out", required=True, help="output folder (replaced atomically)")
     p.set_defaults(func=func)
+
+
+def _run_dir_args(p: argparse.ArgumentParser) -> None:
+    """A trainer's working folder (checkpoints, live log) and how to resume in it."""
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--run-dir", help="working folder of the run (checkpoints, live log)")
+    g.add_argument("--runs-root", help="use RUNS_ROOT/<fingerprint[:12]> as the run folder; the fingerprint covers "
+                                       "the parameters that shape training and the identity of the input data, so "
+                                       "changed inputs start a fresh run (what the DAG passes)")
+    p.add_argument("--resume", default="auto",
+                   help="auto (newest valid checkpoint of the run folder, default), none (fresh; refuses a run "
+                        "folder that has checkpoints) or a checkpoint folder")
 
 
 def _autoencoder_stage_io(p: argparse.ArgumentParser, func) -> None:
@@ -161,10 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "written atomically to OUT. Parameters: one resolved autoencoder run "
                                    "(`specmatch params show --key ...`; schema $defs/ae_run).")
     p.add_argument("--dataset", required=True, help="prepared dataset folder (from prepare-data)")
-    p.add_argument("--run-dir", required=True, help="working folder of the run (checkpoints, live log)")
-    p.add_argument("--resume", default="auto",
-                   help="auto (newest valid checkpoint of RUN_DIR, default), none (fresh; refuses a run "
-                        "folder that has checkpoints) or a checkpoint folder")
+    _run_dir_args(p)
     _stage_io(p, _cmd_train_ae, params_required=True)
 
     p = sub.add_parser("eval-ae", help="reconstruction and spectral metrics of a trained autoencoder",
@@ -183,6 +229,35 @@ def build_parser() -> argparse.ArgumentParser:
                                    "process or under torchrun. Parameters: one resolved autoencoder run "
                                    "(its `latents` section).")
     _autoencoder_stage_io(p, _cmd_extract_latents)
+
+    p = sub.add_parser("train-diffusion", help="train a latent diffusion model (U-ViT, SiT) on a latent cache",
+                       description="Train one diffusion run (SPEC 6) on an `extract-latents` cache (scaled by its "
+                                   "scale factor), in one process or under torchrun. Checkpoints, signals and "
+                                   "--resume as in train-ae. The finished model (model.safetensors with the raw "
+                                   "and EMA weights, diffusion.json, metrics.jsonl, provenance.json) is written "
+                                   "atomically to OUT. Parameters: one resolved diffusion run (`specmatch params "
+                                   "show --key ...`; schema $defs/diff_run).")
+    p.add_argument("--latents", required=True, help="latent cache folder (from extract-latents)")
+    _run_dir_args(p)
+    p.add_argument("--autoencoder", default=None, help="train-ae folder (only for the periodic small-N distance)")
+    p.add_argument("--ref", default=None, help="`fid ref` folder (only for the periodic small-N distance)")
+    p.add_argument("--sampler", default=None, help="sampling settings of the periodic small-N distance (JSON or file)")
+    _stage_io(p, _cmd_train_diffusion, params_required=True)
+
+    p = sub.add_parser("sample", help="generate images with a trained diffusion model and its autoencoder",
+                       description="Draw n_samples images (noise and label of each from its global index and the "
+                                   "seed), decode them with the autoencoder, and write OUT as a dataset folder with "
+                                   "one split `samples` (uint8 npz + manifest.json), sampling.json (the protocol), "
+                                   "grid.png and provenance.json. Runs under torchrun (shards round-robin over "
+                                   "ranks); finished shards stay in the work folder, so a killed job resumes. "
+                                   "Parameters: one resolved sampler (schema $defs/diff_sampler).")
+    p.add_argument("--model", required=True, help="train-diffusion output folder")
+    p.add_argument("--autoencoder", required=True, help="train-ae output folder whose latents the model learnt")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--work-dir", help="folder of the finished shards (kept for resumption)")
+    g.add_argument("--work-root", help="use WORK_ROOT/<fingerprint[:12]> as the work folder (fingerprint of the "
+                                       "weights and settings)")
+    _stage_io(p, _cmd_sample, params_required=True)
 
     p = sub.add_parser("fid", help="Fréchet distance: reference statistics and sample metrics")
     fsub = p.add_subparsers(dest="fid_command", required=True)
@@ -204,6 +279,18 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--ref", required=True, help="reference statistics folder (from `fid ref`)")
     _stage_io(q, _cmd_fid_calc)
 
+    p = sub.add_parser("report", help="result tables")
+    rsub = p.add_subparsers(dest="report_command", required=True)
+    q = rsub.add_parser("generation", help="table of generation metrics with their protocol",
+                        description="Collect `fid calc` outputs of `sample` folders into generation.csv and "
+                                    "generation.md (one row per sample set: the run, sampler, steps, NFE, "
+                                    "guidance, number of samples, the metric by name, precision/recall, IS, the "
+                                    "reference and feature weights) plus provenance.json in OUT.")
+    q.add_argument("--metrics", nargs="+", required=True, help="`fid calc` output folders")
+    q.add_argument("--name", required=True, help="table name, recorded in the outputs")
+    q.add_argument("--out", required=True, help="output folder (replaced atomically)")
+    q.set_defaults(func=_cmd_report_generation)
+
     p = sub.add_parser("resources", help="pretrained files")
     rsub = p.add_subparsers(dest="resources_command", required=True)
     q = rsub.add_parser("check", help="verify the pretrained files against resources/manifest.yaml",
@@ -220,6 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--params-file", default="params.yaml")
     q.add_argument("--preset", default=None, help="override the `preset` key")
     q.add_argument("--key", default=None, help="dotted key of a section, e.g. datasets.embedded")
+    q.add_argument("--run", default=None,
+                   help="the resolved parameters of one run as its stage receives them: autoencoder:NAME, "
+                        "diffusion:NAME or sampler:NAME (then --key selects inside it)")
     q.add_argument("--compact", action="store_true", help="one line")
     q.set_defaults(func=_cmd_params_show)
     return parser

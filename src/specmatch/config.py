@@ -147,6 +147,8 @@ def resolve(params: Mapping[str, Any], presets_dir: str | os.PathLike = "presets
     merged = deep_merge(merged, overrides)
     merged["preset"] = preset
     out = validate(merged, source=f"parameters (params.yaml + preset {preset})")
+    for name in out.get("samplers") or {}:
+        sampler(out, name)  # each named sampler, resolved over diffusion.sample, must validate
     missing = [d for d in out["grid"]["datasets"] if d not in out["datasets"]]
     if missing:
         raise SpecmatchError(f"grid.datasets names unknown datasets {missing}; defined: {sorted(out['datasets'])}")
@@ -194,13 +196,57 @@ def autoencoder_run(resolved: Mapping[str, Any], name: str) -> dict[str, Any]:
 _AE_BOOKKEEPING = ("steps", "checkpoint_every", "keep_checkpoints", "log_every", "device")
 
 
-def ae_fingerprint(run: Mapping[str, Any]) -> str:
+def ae_fingerprint(run: Mapping[str, Any], data_identity: str | None = None) -> str:
     """What makes a checkpoint belong to an autoencoder run: everything that shapes the
     trajectory, not the run's length, its device or its bookkeeping intervals (so a longer
     `steps` continues the same run). The DAG keys run folders by it, so a parameter change
-    starts a fresh run instead of resuming a foreign one."""
+    starts a fresh run instead of resuming a foreign one. `data_identity` (the sha256 of the
+    train images) ties the checkpoints to the data they were trained on."""
     from .runtime.hashing import sha256_json
 
     train = {k: v for k, v in run["train"].items() if k not in _AE_BOOKKEEPING}
     return sha256_json({"dataset": run.get("dataset"), "config": run["config"], "variant": run["variant"],
-                        "loss": run.get("loss", {}), "disc": run.get("disc", {}), "train": train})
+                        "loss": run.get("loss", {}), "disc": run.get("disc", {}), "train": train,
+                        **({"data": data_identity} if data_identity else {})})
+
+
+def diffusion_run(resolved: Mapping[str, Any], name: str) -> dict[str, Any]:
+    """The parameters of diffusion run `name`: its `diffusions` entry with `train` over the shared
+    `diffusion.train`, validated with defaults (`$defs/diff_run`)."""
+    runs = resolved.get("diffusions") or {}
+    if name not in runs:
+        raise SpecmatchError(f"no diffusion run {name!r} under `diffusions` (defined: {sorted(runs)})")
+    entry = runs[name]
+    shared = (resolved.get("diffusion") or {}).get("train") or {}
+    run = {k: copy.deepcopy(v) for k, v in entry.items() if k != "train"}
+    run["train"] = deep_merge(shared, entry.get("train") or {})
+    unknown = [s for s in run.get("samplers", []) if s not in (resolved.get("samplers") or {})]
+    if unknown:
+        raise SpecmatchError(f"diffusions.{name}.samplers names undefined samplers {unknown}; "
+                             f"defined under `samplers`: {sorted(resolved.get('samplers') or {})}")
+    return validate(run, "diff_run", where=f"diffusions.{name}", source=f"parameters of diffusion run {name}")
+
+
+def sampler(resolved: Mapping[str, Any], name: str) -> dict[str, Any]:
+    """Named sampling settings: `samplers.<name>` over the shared `diffusion.sample`."""
+    named = resolved.get("samplers") or {}
+    if name not in named:
+        raise SpecmatchError(f"no sampler {name!r} under `samplers` (defined: {sorted(named)})")
+    shared = (resolved.get("diffusion") or {}).get("sample") or {}
+    return validate(deep_merge(shared, named[name]), "diff_sampler", where=f"samplers.{name}",
+                    source=f"settings of sampler {name}")
+
+
+_DIFF_BOOKKEEPING = ("steps", "checkpoint_every", "keep_checkpoints", "log_every", "device",
+                     "fid_every", "fid_samples", "fid_sampler")
+
+
+def diffusion_fingerprint(run: Mapping[str, Any], latents_identity: str) -> str:
+    """What makes a checkpoint belong to a diffusion run: the network, the process, the
+    trajectory-shaping training settings and the identity of the latent cache it reads (so
+    re-extracted latents start a fresh run rather than resume on other data)."""
+    from .runtime.hashing import sha256_json
+
+    train = {k: v for k, v in run["train"].items() if k not in _DIFF_BOOKKEEPING}
+    return sha256_json({"model": run["model"], "process": run["process"], "conditional": run.get("conditional"),
+                        "train": train, "latents": latents_identity})

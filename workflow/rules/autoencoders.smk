@@ -1,7 +1,7 @@
 # Autoencoder phase (SPEC 5): train each autoencoder run of grid.autoencoders whose dataset is
 # in grid.datasets, evaluate it on the held-out split, and cache its latents for diffusion.
 # A run's working folder (checkpoints, live log) is keyed by the fingerprint of its parameters
-# and lives outside the rule's outputs: Snakemake deletes the outputs of a failed or
+# and its data and lives outside the rule's outputs: Snakemake deletes the outputs of a failed or
 # interrupted job, never its checkpoints, and a re-run with the same parameters resumes.
 
 rule train_ae:
@@ -11,11 +11,11 @@ rule train_ae:
         directory(f"{RESULTS}/autoencoders/{{ae}}"),
     params:
         p=ae_json("train", "loss", "disc"),
-        run_dir=ae_run_dir,
+        runs_root=ae_runs_root,
     log:
         f"{RESULTS}/logs/train_ae/{{ae}}.log",
     shell:
-        "specmatch train-ae --dataset {input.data} --run-dir {params.run_dir} --resume auto"
+        "specmatch train-ae --dataset {input.data} --runs-root {params.runs_root} --resume auto"
         " --name {wildcards.ae} --params {params.p:q} --out {output} > {log} 2>&1"
 
 

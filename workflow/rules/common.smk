@@ -31,6 +31,8 @@ DATASETS = config["grid"]["datasets"]
 wildcard_constraints:
     dataset="[a-z0-9][a-z0-9_]*",
     ae="[a-z0-9][a-z0-9_-]*",
+    diff="[a-z0-9][a-z0-9_-]*",
+    sampler="[a-z0-9][a-z0-9_-]*",
 
 
 def as_json(obj):
@@ -57,5 +59,37 @@ def ae_json(*sections):
     return lambda wildcards: as_json({k: v for k, v in AE_PARAMS[wildcards.ae].items() if k in keys})
 
 
-def ae_run_dir(wildcards):
-    return f"{RESULTS}/runs/autoencoders/{wildcards.ae}/{specmatch.config.ae_fingerprint(AE_PARAMS[wildcards.ae])[:12]}"
+def ae_runs_root(wildcards):
+    # The trainer keys its run folder by the fingerprint of the parameters and the data.
+    return f"{RESULTS}/runs/autoencoders/{wildcards.ae}"
+
+
+# Diffusion runs of the grid (workflow/rules/diffusion.smk): those whose autoencoder runs.
+_unknown = [n for n in config["grid"]["diffusions"] if n not in config["diffusions"]]
+if _unknown:
+    raise ValueError(f"grid.diffusions names undefined runs {_unknown}; defined: {sorted(config['diffusions'])}")
+DIFF_RUNS = [n for n in config["grid"]["diffusions"] if config["diffusions"][n]["autoencoder"] in AE_RUNS]
+DIFF_PARAMS = {n: specmatch.config.diffusion_run(config, n) for n in DIFF_RUNS}
+SAMPLER_PARAMS = {s: specmatch.config.sampler(config, s) for n in DIFF_RUNS for s in DIFF_PARAMS[n]["samplers"]}
+# (run, sampler) pairs: every run is sampled and scored with each sampler it lists.
+DIFF_SAMPLES = [(n, s) for n in DIFF_RUNS for s in DIFF_PARAMS[n]["samplers"]]
+
+
+def diff_ae(wildcards):
+    return f"{RESULTS}/autoencoders/{DIFF_PARAMS[wildcards.diff]['autoencoder']}"
+
+
+def diff_latents(wildcards):
+    return f"{RESULTS}/latents/{DIFF_PARAMS[wildcards.diff]['autoencoder']}"
+
+
+def diff_ref(wildcards):
+    return f"{RESULTS}/fid_ref/{AE_PARAMS[DIFF_PARAMS[wildcards.diff]['autoencoder']]['dataset']}"
+
+
+def diff_json(wildcards):
+    return as_json(DIFF_PARAMS[wildcards.diff])
+
+
+def sampler_json(wildcards):
+    return as_json(SAMPLER_PARAMS[wildcards.sampler])

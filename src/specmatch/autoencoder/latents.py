@@ -26,7 +26,8 @@ import torch
 from tqdm import tqdm
 
 from .. import config as config_mod
-from ..data.reader import SplitReader
+from ..data.reader import ShardedArrays, SplitReader
+from ..data.shards import read_manifest as dataset_manifest
 from ..data.shards import write_npz
 from ..errors import SpecmatchError
 from ..runtime import atomic, distributed, seeding
@@ -115,6 +116,7 @@ def _extract(run, p, info, ae_dir, dataset, name, out):
                 "config": summary["config"]["name"], "shape": [summary["config"]["z_channels"], h, h],
                 "storage": "mu and logvar, float32 (z = mu + exp(logvar/2) * eps)",
                 "count": entries, "images": n, "hflip": bool(p["hflip"]),
+                "num_classes": int(dataset_manifest(dataset).get("num_classes") or 0),
                 "scale_factor": 1.0 / std, "latent_mean": mean, "latent_std": std, "scale_elements": int(count),
                 "scale_entries": scale_n, "weights": "ema" if (p["use_ema"] and summary.get("ema")) else "raw",
                 "dataset_images_sha256": reader.images_sha256, "world_size": info.world_size,
@@ -144,3 +146,28 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
     if man.get("schema") != SCHEMA:
         raise SpecmatchError(f"{path}: schema {man.get('schema')!r}, expected {SCHEMA!r}")
     return man
+
+
+class LatentReader(ShardedArrays):
+    """The cache's entries by index: (mu, logvar, labels), memory-mapped from the shards, with
+    the manifest (`scale_factor`, `shape`, ...) at hand."""
+
+    def __init__(self, folder: str | Path, cache_shards: int = 4):
+        self.folder = Path(folder)
+        self.manifest = read_manifest(self.folder)
+        man = self.manifest
+        super().__init__([self.folder / s["file"] for s in man["shards"]], [int(s["count"]) for s in man["shards"]],
+                         ("mu", "logvar", "labels"), str(self.folder / MANIFEST), cache_shards)
+        if self.count != int(man["count"]):
+            raise SpecmatchError(f"{self.folder / MANIFEST}: shards hold {self.count} entries, count says {man['count']}")
+        self.scale_factor = float(man["scale_factor"])
+        self.shape = tuple(int(v) for v in man["shape"])
+
+    def sample(self, indices, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scaled posterior samples s * (mu + exp(logvar / 2) * eps) (float32, NCHW) and labels of
+        the entries at `indices`, with eps from `generator` (CPU)."""
+        mu, logvar, labels = self.get(indices)
+        mu, logvar = torch.from_numpy(np.asarray(mu, np.float32)), torch.from_numpy(np.asarray(logvar, np.float32))
+        eps = torch.randn(mu.shape, generator=generator)
+        z = (mu + torch.exp(0.5 * logvar) * eps) * self.scale_factor
+        return z, torch.from_numpy(np.asarray(labels, np.int64))

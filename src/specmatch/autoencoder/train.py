@@ -22,7 +22,6 @@ Runtime guarantees:
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import time
@@ -42,7 +41,9 @@ from ..data.reader import SplitReader
 from ..errors import SpecmatchError
 from ..runtime import atomic, checkpoint, distributed, seeding
 from ..runtime.provenance import Provenance
-from ..runtime.signals import EXIT_INTERRUPTED, StopRequest
+from ..runtime.signals import StopRequest
+from ..runtime.training import (Interrupted, NonFiniteLoss, batch_indices, check_finite, end_of_step,  # noqa: F401
+                                run_folder, warmup)
 from . import model as ae_model
 from .discriminator import PatchDiscriminator, generator_adv_loss, hinge_d_loss
 from .objectives import Mask, Objective, adaptive_weight, draw_mask, objective
@@ -53,34 +54,8 @@ KIND = "autoencoder"
 STAGE = "train-ae"
 
 
-class Interrupted(Exception):
-    """Raised after a signal-triggered checkpoint; the CLI exits with EXIT_INTERRUPTED."""
-
-    exit_code = EXIT_INTERRUPTED
-
-
-class NonFiniteLoss(SpecmatchError):
-    pass
-
-
-def fingerprint(run: dict[str, Any]) -> str:
-    return config_mod.ae_fingerprint(run)
-
-
-@functools.lru_cache(maxsize=2)
-def _epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
-    return seeding.step_rng(seed, epoch, "epoch-order").permutation(n)
-
-
-def batch_indices(n: int, global_batch: int, seed: int, step: int) -> np.ndarray:
-    """Global batch of step `step`: consecutive slices of a seeded permutation per epoch."""
-    start = step * global_batch
-    out = []
-    while len(out) < global_batch:
-        epoch, pos = divmod(start + len(out), n)
-        perm = _epoch_permutation(n, seed, epoch)
-        out.extend(perm[pos:pos + global_batch - len(out)].tolist())
-    return np.asarray(out, dtype=np.int64)
+def fingerprint(run: dict[str, Any], images_sha256: str) -> str:
+    return config_mod.ae_fingerprint(run, images_sha256)
 
 
 def to_float(images: np.ndarray, device) -> torch.Tensor:
@@ -136,19 +111,16 @@ def _lpips_model(obj: Objective, params: dict[str, Any], device):
     return load_lpips(device=device, resources_dir=params.get("resources_dir")).model
 
 
-def _warmup(warmup: int):
-    return lambda step: min(1.0, (step + 1) / max(1, warmup))
-
-
-def train(run: dict[str, Any], dataset: str | Path, run_dir: str | Path, out: str | Path, name: str,
-          resume: str = "auto") -> dict[str, Any]:
-    """Train one autoencoder. `run`: the resolved run parameters (schema `$defs/ae_run`)."""
+def train(run: dict[str, Any], dataset: str | Path, run_dir: str | Path | None, out: str | Path, name: str,
+          resume: str = "auto", runs_root: str | Path | None = None) -> dict[str, Any]:
+    """Train one autoencoder. `run`: the resolved run parameters (schema `$defs/ae_run`).
+    Working folder: `run_dir`, or `runs_root/<fingerprint[:12]>` (`runtime.training.run_folder`)."""
     run = config_mod.validate(run, "ae_run", where="autoencoder run", source=f"parameters of {name}")
     t = run["train"]
     cfg = ae_model.config(run["config"])
     obj = objective(run["variant"], run.get("loss"))
-    fp = fingerprint(run)
-    run_dir, out = Path(run_dir), Path(out)
+    fp = fingerprint(run, SplitReader(dataset, "train").images_sha256)
+    run_dir, out = run_folder(run_dir, runs_root, fp), Path(out)
     info = distributed.setup(t["device"])
     try:
         return _train(run, t, cfg, obj, fp, info, Path(dataset), run_dir, out, name, resume)
@@ -180,8 +152,8 @@ def _train(run, t, cfg, obj, fp, info, dataset, run_dir, out, name, resume):
     opt_g = torch.optim.AdamW(ae.parameters(), lr=t["lr"], betas=tuple(t["betas"]), weight_decay=t["weight_decay"])
     opt_d = torch.optim.AdamW(disc.parameters(), lr=t["disc_lr"] or t["lr"], betas=tuple(t["betas"]),
                               weight_decay=t["weight_decay"])
-    sched_g = torch.optim.lr_scheduler.LambdaLR(opt_g, _warmup(t["warmup_steps"]))
-    sched_d = torch.optim.lr_scheduler.LambdaLR(opt_d, _warmup(t["warmup_steps"]))
+    sched_g = torch.optim.lr_scheduler.LambdaLR(opt_g, warmup(t["warmup_steps"]))
+    sched_d = torch.optim.lr_scheduler.LambdaLR(opt_d, warmup(t["warmup_steps"]))
     lpips = _lpips_model(obj, run, dev)
 
     g_step = d_step = 0
@@ -257,7 +229,7 @@ def _train(run, t, cfg, obj, fp, info, dataset, run_dir, out, name, resume):
                     terms["g_adv"], terms["lambda"] = g_adv, lam
                     loss = loss + obj.gan_weight * lam * g_adv
             terms["loss"] = loss
-            _check_finite(terms, g_step, info, run_dir)
+            check_finite(terms, g_step, info, run_dir, "generator step")
             opt_g.zero_grad(set_to_none=True)
             loss.backward()
             terms["grad_norm"] = torch.nn.utils.clip_grad_norm_(ae.parameters(), t["grad_clip"])
@@ -271,7 +243,7 @@ def _train(run, t, cfg, obj, fp, info, dataset, run_dir, out, name, resume):
                     p.requires_grad_(True)
                 with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
                     d_loss = hinge_d_loss(disc(x_target.detach()), disc(x_hat.detach()))
-                _check_finite({"d_loss": d_loss}, g_step, info, run_dir)
+                check_finite({"d_loss": d_loss}, g_step, info, run_dir, "generator step")
                 opt_d.zero_grad(set_to_none=True)
                 d_loss.backward()
                 _flat_all_reduce_grads(disc_params, info.world_size)
@@ -293,14 +265,7 @@ def _train(run, t, cfg, obj, fp, info, dataset, run_dir, out, name, resume):
                 with open(log_path, "a", encoding="utf-8") as f:
                     f.write(json.dumps(rec_) + "\n")
                 bar.set_postfix(loss=f"{rec_['loss']:.4f}", l1=f"{rec_['l1']:.4f}")
-            if g_step % t["checkpoint_every"] == 0 and g_step < steps:
-                save_ckpt()
-            if stop.should_stop(info):
-                path = save_ckpt()
-                bar.close()
-                log.warning("%s received: checkpoint %s written at step %d; resume with --resume auto",
-                            stop.signal_name, path, g_step)
-                raise Interrupted(f"interrupted by {stop.signal_name} at step {g_step}; checkpoint saved")
+            end_of_step(g_step, steps, t["checkpoint_every"], stop, info, save_ckpt, bar)
     bar.close()
     save_ckpt()
     distributed.barrier()
@@ -310,18 +275,6 @@ def _train(run, t, cfg, obj, fp, info, dataset, run_dir, out, name, resume):
                               info.world_size)
     distributed.barrier()
     return result
-
-
-def _check_finite(terms: dict[str, torch.Tensor], step: int, info, run_dir: Path) -> None:
-    bad = torch.tensor(0.0 if all(torch.isfinite(v).all() for v in terms.values()) else 1.0, device=info.device)
-    if info.world_size > 1:
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-    if bad.item() > 0:
-        values = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms.items())
-        last = checkpoint.list_checkpoints(run_dir)
-        raise NonFiniteLoss(f"non-finite loss at generator step {step} ({values} on rank {info.rank}); "
-                            f"stopped without saving: the last good checkpoint is "
-                            f"{last[-1][1] if last else 'none (no checkpoint yet)'}")
 
 
 def _write_final(run, cfg, obj, fp, ae, ema, dataset, reader, run_dir, out, name, g_step, d_step, world):

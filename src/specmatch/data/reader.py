@@ -10,7 +10,6 @@ mapped; they are decompressed on first use and kept in a small LRU cache.
 
 from __future__ import annotations
 
-import bisect
 import collections
 import os
 import struct
@@ -52,7 +51,68 @@ def _member_memmap(path: Path, member: str) -> np.ndarray | None:
     return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
 
 
-class SplitReader:
+class ShardedArrays:
+    """Rows of the same named arrays spread over npz shards, read by global index: stored
+    members are memory-mapped, deflated ones decompressed on first use into a small LRU cache.
+    Serves the dataset splits (images, labels) and the latent cache (mu, logvar, labels)."""
+
+    def __init__(self, files: list[Path], counts: list[int], members: tuple[str, ...], source: str,
+                 cache_shards: int = 4):
+        self.files, self.members, self.source = list(files), tuple(members), source
+        for p in self.files:
+            if not p.is_file():
+                raise SpecmatchError(f"{p}: shard listed in {source} is missing")
+        self.starts = list(np.cumsum([0] + list(counts[:-1]))) if counts else []
+        self.count = int(sum(counts))
+        self._mapped: dict[int, tuple[np.ndarray, ...]] = {}
+        self._lru: collections.OrderedDict[int, tuple[np.ndarray, ...]] = collections.OrderedDict()
+        self._cache = max(1, cache_shards)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def _shard(self, i: int) -> tuple[np.ndarray, ...]:
+        if i in self._mapped:
+            return self._mapped[i]
+        if i in self._lru:
+            self._lru.move_to_end(i)
+            return self._lru[i]
+        path = self.files[i]
+        maps = [_member_memmap(path, f"{m}.npy") for m in self.members]
+        if all(a is not None for a in maps):
+            self._mapped[i] = tuple(maps)
+            return self._mapped[i]
+        with np.load(path, allow_pickle=False) as z:
+            missing = [m for m in self.members if m not in z.files]
+            if missing:
+                raise SpecmatchError(f"{path}: shard has no {missing} (members: {z.files})")
+            arrays = tuple(z[m] for m in self.members)
+        self._lru[i] = arrays
+        if len(self._lru) > self._cache:
+            self._lru.popitem(last=False)
+        return arrays
+
+    def get(self, indices) -> tuple[np.ndarray, ...]:
+        """The member arrays' rows at the given global indices, one array per member."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if idx.size and (idx.min() < 0 or idx.max() >= self.count):
+            raise IndexError(f"{self.source}: index out of range [0, {self.count})")
+        shard = np.searchsorted(np.asarray(self.starts), idx, side="right") - 1
+        out: list[np.ndarray] | None = None
+        for s in np.unique(shard):
+            arrays = self._shard(int(s))
+            if out is None:
+                out = [np.empty((idx.size,) + a.shape[1:], a.dtype) for a in arrays]
+            sel = np.nonzero(shard == s)[0]
+            rows = idx[sel] - self.starts[s]
+            for o, a in zip(out, arrays):
+                o[sel] = a[rows]
+        if out is None:
+            raise IndexError(f"{self.source}: no indices requested")
+        return tuple(out)
+
+
+class SplitReader(ShardedArrays):
     """Images and labels of one split by global index (the manifest's shard order)."""
 
     def __init__(self, folder: str | os.PathLike, split: str, cache_shards: int = 4):
@@ -60,51 +120,16 @@ class SplitReader:
         man = read_manifest(self.folder)
         entry = _split_entry(man, split, self.folder)
         self.split, self.resolution = split, int(man["resolution"])
-        self.files = [self.folder / s["file"] for s in entry["shards"]]
-        for p in self.files:
-            if not p.is_file():
-                raise SpecmatchError(f"{p}: shard listed in {self.folder / MANIFEST} is missing")
-        counts = [int(s["count"]) for s in entry["shards"]]
-        self.starts = list(np.cumsum([0] + counts[:-1]))
-        self.count = int(sum(counts))
         self.images_sha256 = entry["images_sha256"]
-        self._mapped: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        self._lru: collections.OrderedDict[int, tuple[np.ndarray, np.ndarray]] = collections.OrderedDict()
-        self._cache = max(1, cache_shards)
-
-    def __len__(self) -> int:
-        return self.count
-
-    def _shard(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        if i in self._mapped:
-            return self._mapped[i]
-        if i in self._lru:
-            self._lru.move_to_end(i)
-            return self._lru[i]
-        path = self.files[i]
-        imgs = _member_memmap(path, "images.npy")
-        if imgs is not None:
-            labels = _member_memmap(path, "labels.npy")
-            self._mapped[i] = (imgs, np.asarray(labels))
-            return self._mapped[i]
-        with np.load(path, allow_pickle=False) as z:
-            arrays = (z["images"], z["labels"])
-        self._lru[i] = arrays
-        if len(self._lru) > self._cache:
-            self._lru.popitem(last=False)
-        return arrays
+        super().__init__([self.folder / s["file"] for s in entry["shards"]],
+                         [int(s["count"]) for s in entry["shards"]], ("images", "labels"),
+                         f"{self.folder / MANIFEST} (split {split!r})", cache_shards)
 
     def get(self, indices) -> tuple[np.ndarray, np.ndarray]:
         """uint8 images (B, H, W, 3) and int64 labels (B,) at the given global indices."""
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
-        if idx.size and (idx.min() < 0 or idx.max() >= self.count):
-            raise IndexError(f"{self.folder} split {self.split!r}: index out of range [0, {self.count})")
-        r = self.resolution
-        images = np.empty((idx.size, r, r, 3), np.uint8)
-        labels = np.empty((idx.size,), np.int64)
-        for j, g in enumerate(idx):
-            s = bisect.bisect_right(self.starts, int(g)) - 1
-            im, lb = self._shard(s)
-            images[j] = im[g - self.starts[s]]
-            labels[j] = lb[g - self.starts[s]]
-        return images, labels
+        if idx.size == 0:
+            r = self.resolution
+            return np.empty((0, r, r, 3), np.uint8), np.empty((0,), np.int64)
+        images, labels = super().get(idx)
+        return images, labels.astype(np.int64, copy=False)

@@ -139,6 +139,9 @@ def calc(samples: str | Path, split: str, ref_dir: str | Path, params: dict[str,
         "protocol": _protocol(net, p, stats.n),
         "warnings": stats.warnings + ref_info.get("warnings", []),
     }
+    sampling = folder / "sampling.json"
+    if sampling.is_file():  # samples from `specmatch sample`: their protocol goes with the metric
+        result["sampling"] = json.loads(sampling.read_text())
     if feats.logits is not None and stats.n >= p["is_splits"]:
         is_mean, is_std = fid.inception_score(feats.logits, p["is_splits"])
         key = "IS" if net.spec.name == "inception-fid" else f"IS-{net.spec.metric.removeprefix('FD-')}"

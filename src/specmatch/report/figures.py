@@ -82,3 +82,26 @@ def latent_spectrum_figure(result: dict[str, Any], path: str | Path) -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     _save(fig, Path(path))
+
+
+def image_grid(images, path: str | Path, title: str | None = None, columns: int = 8) -> None:
+    """A grid of uint8 images (N, H, W, 3): samples or reconstructions at a glance."""
+    import numpy as np
+
+    images = np.asarray(images)
+    n = len(images)
+    if n == 0:
+        raise ValueError("image_grid: no images")
+    cols = min(columns, n)
+    rows = -(-n // cols)
+    h, w = images.shape[1:3]
+    canvas = np.full((rows * (h + 2) + 2, cols * (w + 2) + 2, 3), 255, np.uint8)
+    for i, im in enumerate(images):
+        r, c = divmod(i, cols)
+        canvas[2 + r * (h + 2):2 + r * (h + 2) + h, 2 + c * (w + 2):2 + c * (w + 2) + w] = im
+    fig, ax = plt.subplots(figsize=(max(2.0, cols * w / 48), max(2.0, rows * h / 48)))
+    ax.imshow(canvas, interpolation="nearest")
+    ax.set_axis_off()
+    if title:
+        ax.set_title(title, fontsize=9)
+    _save(fig, Path(path))

@@ -1,0 +1,308 @@
+"""`specmatch train-diffusion`: latent diffusion on an autoencoder's latent cache (SPEC 6).
+
+The network (`models`, a registry keyed like `SiT-B/2`) and the process (`transport`: the VP
+path with epsilon prediction of the U-ViT recipe, or the linear interpolant with velocity
+prediction of the SiT recipe) are separate; this module only trains.
+
+Runtime guarantees, as in the autoencoder trainer (`runtime.training`):
+- Step s draws its global batch of cache entries, their posterior noise, t, the diffusion noise
+  and the label dropout from streams seeded by (seed, s) for the whole global batch, and each
+  rank takes its rows: the trajectory does not depend on the number of processes, and a run
+  resumed at step s follows the uninterrupted one bit for bit on the CPU.
+- torch.distributed via torchrun (DDP; NCCL on GPU, gloo on CPU), bf16 autocast on GPU.
+- Checkpoints every `checkpoint_every` steps, on SIGTERM/SIGUSR1 (exit status 3) and at the end;
+  `--resume auto`; a non-finite loss stops every rank and keeps the last good checkpoint.
+- Optional periodic small-N Fréchet distance (`fid_every`), logged under a name that says
+  "small-N" so it is never mistaken for the final FID.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from .. import config as config_mod
+from ..autoencoder.latents import LatentReader
+from ..errors import SpecmatchError
+from ..runtime import atomic, checkpoint, distributed, seeding
+from ..runtime.hashing import sha256_file
+from ..runtime.provenance import Provenance
+from ..runtime.signals import StopRequest
+from ..runtime.training import (Interrupted, NonFiniteLoss, batch_indices, check_finite, end_of_step, run_folder,
+                                warmup)
+from . import models, transport
+
+log = logging.getLogger(__name__)
+
+KIND = "diffusion"
+STAGE = "train-diffusion"
+SUMMARY = "diffusion.json"
+WEIGHTS = "model.safetensors"
+
+__all__ = ["train", "load_trained", "build_path", "Interrupted", "NonFiniteLoss"]
+
+
+def build_path(process: dict[str, Any]) -> transport.Path:
+    """The generative process of a run's `process` parameters."""
+    kind = process["kind"]
+    if kind == "vp-linear":
+        return transport.make_path(kind, beta_min=process["beta_min"], beta_max=process["beta_max"],
+                                   t_eps=process["t_eps"])
+    return transport.make_path(kind)
+
+
+def latents_identity(latents: str | Path) -> str:
+    """The cache's manifest lists the sha256 of every shard: its hash identifies the data."""
+    return sha256_file(Path(latents) / "manifest.json")
+
+
+def _num_classes(cache: LatentReader, conditional: bool) -> int:
+    if not conditional:
+        return 0
+    n = int(cache.manifest.get("num_classes") or 0)
+    if n < 1:
+        raise SpecmatchError(f"{cache.folder}: a conditional run needs class labels, but the latent cache "
+                             "records no num_classes (re-extract the latents)")
+    return n
+
+
+def _build_net(run: dict[str, Any], cache: LatentReader) -> torch.nn.Module:
+    c, h, w = cache.shape
+    if h != w:
+        raise SpecmatchError(f"{cache.folder}: latents of {h}x{w}; the networks take square inputs")
+    return models.build(run["model"], in_channels=c, input_size=h, num_classes=_num_classes(cache, run["conditional"]))
+
+
+def train(run: dict[str, Any], latents: str | Path, out: str | Path, name: str, run_dir: str | Path | None = None,
+          resume: str = "auto", runs_root: str | Path | None = None, autoencoder: str | Path | None = None,
+          ref: str | Path | None = None, sampler: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train one diffusion run. `run`: resolved parameters (schema `$defs/diff_run`); `latents`:
+    an `extract-latents` folder. `autoencoder`, `ref` and `sampler` serve the optional periodic
+    small-N distance only."""
+    run = config_mod.validate(run, "diff_run", where="diffusion run", source=f"parameters of {name}")
+    t = run["train"]
+    if t["fid_every"] and (autoencoder is None or ref is None or sampler is None):
+        raise SpecmatchError(f"train.fid_every={t['fid_every']} needs --autoencoder, --ref and --sampler "
+                             "(or set fid_every: 0)")
+    latents = Path(latents)
+    cache = LatentReader(latents)
+    fp = config_mod.diffusion_fingerprint(run, latents_identity(latents))
+    info = distributed.setup(t["device"])
+    try:
+        return _train(run, t, cache, fp, info, latents, run_folder(run_dir, runs_root, fp), Path(out), name, resume,
+                      autoencoder, ref, sampler)
+    finally:
+        distributed.teardown()
+
+
+def _train(run, t, cache, fp, info, latents, run_dir, out, name, resume, autoencoder, ref, sampler):
+    dev = info.device
+    seed = int(t["seed"])
+    seeding.seed_everything(seed, info.rank)
+    seeding.deterministic(bool(t["deterministic"]))
+    global_batch = int(t["batch_size"])
+    if global_batch % info.world_size:
+        raise SpecmatchError(f"train.batch_size {global_batch} is not divisible by the {info.world_size} processes")
+    local_batch = global_batch // info.world_size
+    rows = slice(info.rank * local_batch, (info.rank + 1) * local_batch)
+    use_bf16 = dev.type == "cuda" and t["precision"] in ("auto", "bf16")
+    path = build_path(run["process"])
+
+    net = _build_net(run, cache).to(dev)
+    ema = None
+    if t["ema_decay"] > 0:
+        ema = torch.optim.swa_utils.AveragedModel(
+            net, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(t["ema_decay"]), use_buffers=True)
+    opt = torch.optim.AdamW(net.parameters(), lr=t["lr"], betas=tuple(t["betas"]), weight_decay=t["weight_decay"])
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup(t["warmup_steps"]))
+
+    step = 0
+    start = distributed.broadcast_object(
+        str(checkpoint.resolve_resume(run_dir, resume, KIND, fp) or "") if info.is_main else None)
+    if start:
+        tensors, state, _ = checkpoint.load(start, KIND, fp, map_location=dev)
+        net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
+        if ema is not None:
+            ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        step = int(state["step"])
+        log.info("resumed from %s (step %d)", start, step)
+
+    model = DDP(net) if info.world_size > 1 else net
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log_path = run_dir / "metrics.jsonl"
+    probe = _SmallNDistance(run, t, sampler, autoencoder, ref, cache, info, name) if t["fid_every"] else None
+
+    def save_ckpt() -> Path | None:
+        saved = None
+        if info.is_main:
+            tensors = {f"net.{k}": v for k, v in net.state_dict().items()}
+            if ema is not None:
+                tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
+            state = {"opt": opt.state_dict(), "sched": sched.state_dict(), "step": step,
+                     "rng": seeding.capture_rng_state()}
+            saved = checkpoint.save(run_dir, step, tensors, state, KIND, fp, keep=t["keep_checkpoints"])
+        distributed.barrier()
+        return saved
+
+    def write_log(record: dict[str, Any]) -> None:
+        with open(log_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    steps = int(t["steps"])
+    null = getattr(net, "null_label", 0)
+    bar = tqdm(total=steps, initial=step, desc=f"train-diffusion {name}", unit="step", disable=not info.is_main)
+    t_last, n_last = time.perf_counter(), step
+    with StopRequest() as stop:
+        while step < steps:
+            idx = batch_indices(len(cache), global_batch, seed, step)
+            gen = torch.Generator().manual_seed(seeding.step_seed(seed, step, "posterior"))
+            x0, y = cache.sample(idx, gen)
+            gen = torch.Generator().manual_seed(seeding.step_seed(seed, step, "diffusion"))
+            tt = path.sample_t(global_batch, gen, torch.device("cpu"))
+            noise = torch.randn(x0.shape, generator=gen)
+            drop = torch.rand(global_batch, generator=gen) < t["label_dropout"]
+            x0, y, tt, noise, drop = (v[rows].to(dev) for v in (x0, y, tt, noise, drop))
+            labels = torch.where(drop, torch.full_like(y, null), y) if net.num_classes else None
+            x_t, target = path.interpolate(x0, noise, tt)
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
+                pred = model(x_t, tt, labels)
+            loss = path.loss(pred.float(), target).mean()
+            terms = {"loss": loss}
+            check_finite(terms, step, info, run_dir)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if t["grad_clip"]:
+                terms["grad_norm"] = torch.nn.utils.clip_grad_norm_(net.parameters(), t["grad_clip"])
+            opt.step()
+            sched.step()
+            if ema is not None:
+                ema.update_parameters(net)
+            step += 1
+            bar.update(1)
+
+            if step % t["log_every"] == 0 or step == steps:
+                loss_all = loss.detach().clone()
+                if info.world_size > 1:
+                    loss_all = distributed.all_reduce_mean(loss_all)
+            if info.is_main and (step % t["log_every"] == 0 or step == steps):
+                now = time.perf_counter()
+                rec = {"step": step, "lr": sched.get_last_lr()[0], "loss": float(loss_all),
+                       "latents_per_s": (step - n_last) * global_batch / max(now - t_last, 1e-9),
+                       **{k: float(v.detach()) for k, v in terms.items() if k != "loss"}}
+                t_last, n_last = now, step
+                write_log(rec)
+                bar.set_postfix(loss=f"{rec['loss']:.4f}")
+            if probe is not None and step % t["fid_every"] == 0:
+                rec = probe(ema.module if ema is not None else net, step)
+                if info.is_main:
+                    write_log(rec)
+            end_of_step(step, steps, t["checkpoint_every"], stop, info, save_ckpt, bar)
+    bar.close()
+    if steps > 0:
+        save_ckpt()
+    distributed.barrier()
+    result: dict[str, Any] = {"steps": step}
+    if info.is_main:
+        result = _write_final(run, fp, net, ema, cache, latents, run_dir, out, name, step, info.world_size)
+    distributed.barrier()
+    return result
+
+
+class _SmallNDistance:
+    """Periodic Fréchet distance of a few samples of the EMA model, for watching training: the
+    same sampler and feature net as the final evaluation, but few samples, hence biased upwards
+    and labelled `small-N` in the log."""
+
+    def __init__(self, run, t, sampler, autoencoder, ref, cache, info, name, resources_dir=None):
+        from ..autoencoder.train import load_trained as load_ae
+        from ..metrics.fid_stage import load_ref
+
+        self.sampler = config_mod.validate(sampler, "diff_sampler", where="sampler", source="--sampler settings")
+        self.n = int(t["fid_samples"])
+        self.ae, _ = load_ae(autoencoder, True, info.device)
+        self.ref_info, self.ref_stats = load_ref(ref)
+        self.cache, self.info, self.run, self.name = cache, info, run, name
+        self.resources_dir = resources_dir
+
+    def __call__(self, net: torch.nn.Module, step: int) -> dict[str, Any]:
+        import numpy as np
+
+        from ..metrics import features, fid
+        from .sample import generate
+
+        was_training = net.training
+        net.eval()
+        images, _, _ = generate(net, build_path(self.run["process"]), self.ae, self.cache.scale_factor, self.sampler,
+                          range(self.info.rank, self.n, self.info.world_size), self.n, self.info.device)
+        gathered = distributed.all_gather_object(images) if self.info.world_size > 1 else [images]
+        net.train(was_training)
+        if not self.info.is_main:
+            return {}
+        imgs = np.concatenate([g for g in gathered if len(g)])
+        feat_net = features.load(self.ref_info["protocol"]["feature_net"], self.info.device, self.resources_dir)
+        if feat_net.weights_sha256 != self.ref_info["protocol"]["weights_sha256"]:
+            raise SpecmatchError("--ref statistics were made with other feature-net weights "
+                                 f"({self.ref_info['protocol']['weights_sha256']}, found {feat_net.weights_sha256})")
+        stats = fid.feature_statistics(imgs, feat_net, batch_size=100, device=self.info.device, progress=False)
+        d = fid.frechet_distance(stats.mu, stats.sigma, self.ref_stats["mu"], self.ref_stats["sigma"])
+        metric = f"{feat_net.spec.metric} small-N ({len(imgs)} samples; not comparable to the final metric)"
+        return {"step": step, "small_n_distance": d, "metric": metric, "n_samples": int(len(imgs))}
+
+
+def _write_final(run, fp, net, ema, cache, latents, run_dir, out, name, steps, world):
+    prov = Provenance(STAGE, name, run, seeds={"train": int(run["train"]["seed"])})
+    prov.add_input(latents, "latents")
+    weights = {f"net.{k}": v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    if ema is not None:
+        weights.update({f"ema.{k}": v.detach().cpu().contiguous() for k, v in ema.module.state_dict().items()})
+    man = cache.manifest
+    summary = {"name": name, "kind": KIND, "fingerprint": fp, "model": run["model"], "process": run["process"],
+               "conditional": run["conditional"], "num_classes": net.num_classes, "in_channels": net.in_channels,
+               "input_size": net.input_size, "token_grid": list(net.token_grid), "steps": steps,
+               "world_size": world, "ema": ema is not None, "parameters": models.count_parameters(net),
+               "latents": {"autoencoder": man["autoencoder"], "scale_factor": cache.scale_factor,
+                           "shape": list(cache.shape), "count": man["count"],
+                           "manifest_sha256": latents_identity(latents)}}
+    with atomic.atomic_dir(out) as tmp:
+        save_file(weights, tmp / WEIGHTS, metadata={"kind": KIND, "fingerprint": fp})
+        (tmp / SUMMARY).write_text(json.dumps(summary, indent=1, default=str) + "\n")
+        if (run_dir / "metrics.jsonl").exists():
+            (tmp / "metrics.jsonl").write_bytes((run_dir / "metrics.jsonl").read_bytes())
+        prov.write(out, tmp)
+    log.info("diffusion %s: %s, %d steps, weights in %s", name, run["model"], steps, out)
+    return summary
+
+
+def load_trained(folder: str | Path, use_ema: bool = True, device="cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The network of a finished `train-diffusion` folder (EMA weights when present and asked
+    for), in eval mode, with its summary. Only the network's own weights are read: anything a
+    training run carried besides them (e.g. an alignment projector) is not needed to sample."""
+    folder = Path(folder)
+    meta_path, w_path = folder / SUMMARY, folder / WEIGHTS
+    for p in (meta_path, w_path):
+        if not p.is_file():
+            raise SpecmatchError(f"{folder}: not a trained diffusion model (no {p.name}); run `specmatch train-diffusion`")
+    summary = json.loads(meta_path.read_text())
+    net = models.build(summary["model"], in_channels=summary["in_channels"], input_size=summary["input_size"],
+                       num_classes=summary["num_classes"])
+    prefix = "ema." if use_ema and summary.get("ema") else "net."
+    tensors = load_file(w_path, device=str(device))
+    state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise SpecmatchError(f"{w_path}: weights do not fit {summary['model']} (missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]})")
+    net.to(device).eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return net, summary
