@@ -282,7 +282,7 @@ def test_named_sampler_takes_unset_keys_from_diffusion_sample():
     (n_samples 256, device cpu) must reach it, not the schema defaults (50000, auto)."""
     resolved = config.load(PARAMS_YAML, "tiny")
     s = config.sampler(resolved, "tiny-sde30-cfg")
-    assert s["n_samples"] == 256 and s["device"] == "cpu" and s["batch_size"] == 128
+    assert s["n_samples"] == 192 and s["device"] == "cpu" and s["batch_size"] == 96
     assert s["steps"] == 30 and s["cfg_scale"] == 2.0 and s["cfg_interval"] == [0.0, 0.7]
     paper = config.sampler(config.load(PARAMS_YAML), "sde250-50k")
     assert paper["n_samples"] == 50000 and paper["method"] == "euler-maruyama" and paper["cfg_scale"] == 1.0
@@ -291,7 +291,7 @@ def test_named_sampler_takes_unset_keys_from_diffusion_sample():
 def test_diffusion_run_merges_shared_train_and_checks_samplers():
     resolved = config.load(PARAMS_YAML, "tiny")
     run = config.diffusion_run(resolved, "embedded-tiny-dsm-sit")
-    assert run["train"]["steps"] == 200 and run["train"]["device"] == "cpu"  # from diffusion.train
+    assert run["train"]["steps"] == 160 and run["train"]["device"] == "cpu"  # from diffusion.train
     assert run["conditional"] is True and run["process"]["kind"] == "linear"
     paper = config.diffusion_run(config.load(PARAMS_YAML), "celebahq-f8d4-sdvae-uvit")
     assert paper["train"]["steps"] == 500000 and paper["train"]["betas"] == [0.99, 0.99]

@@ -112,11 +112,11 @@ def test_tiny_dag_diffusion_outputs(tiny_run):
     for diff, sampler in SAMPLE_SETS:
         samples = out / "samples" / diff / sampler
         proto = json.loads((samples / "sampling.json").read_text())
-        assert proto["n_samples"] == 256 and proto["diffusion"] == diff
+        assert proto["n_samples"] == 192 and proto["diffusion"] == diff
         man = json.loads((samples / "manifest.json").read_text())
-        assert man["splits"]["samples"]["count"] == 256
+        assert man["splits"]["samples"]["count"] == 192
         m = json.loads((out / "gen_metrics" / diff / sampler / "metrics.json").read_text())
-        assert m["metric"] == "FD-EffNetLite0" and "FID" not in m and m["samples"]["n"] == 256
+        assert m["metric"] == "FD-EffNetLite0" and "FID" not in m and m["samples"]["n"] == 192
         assert m["sampling"]["sampler"] == proto["sampler"] and np.isfinite(m["FD-EffNetLite0"])
     sit = json.loads((out / "samples" / "embedded-tiny-dsm-sit" / "tiny-sde30-cfg" / "sampling.json").read_text())
     assert sit["cfg_scale"] == 2.0 and sit["cfg_interval"] == [0.0, 0.7] and sit["class_balanced"] is True
@@ -198,7 +198,7 @@ def test_diffusion_train_change_reruns_diffusion_sampling_and_scores(tiny_run):
 
 
 def test_sampler_change_reruns_only_its_samples_and_scores(tiny_run):
-    assert _planned_jobs(tiny_run, "samplers={tiny-dpm20: {steps: 20}}") == {
+    assert _planned_jobs(tiny_run, "samplers={tiny-dpm20: {steps: 15}}") == {
         "sample": 3, "generation_metrics": 3, "generation_table": 1, "all": 1}
 
 
@@ -219,8 +219,8 @@ def test_dvc_repro_stages(tmp_path):
     preset = repo / "presets" / "tiny.yaml"
     text = preset.read_text()
     for old, new in (("steps: 150", "steps: 10"), ("max_images: 2048", "max_images: 256"),
-                     ("max_images: 128 ", "max_images: 32 "), ("steps: 200", "steps: 10"),
-                     ("n_samples: 256", "n_samples: 16")):
+                     ("max_images: 128 ", "max_images: 32 "), ("steps: 160", "steps: 10"),
+                     ("n_samples: 192", "n_samples: 16")):
         assert old in text, old
         text = text.replace(old, new)
     preset.write_text(text)
