@@ -131,7 +131,7 @@ def _sample(p, info, model_dir, ae_dir, name, out, work_dir, work_root):
         _claim(work, fp, p)
     distributed.barrier()
 
-    t0, made, nfe = time.perf_counter(), 0, 0
+    t0, made = time.perf_counter(), 0
     for j in tqdm(mine, desc=f"sample {name}", unit="shard", disable=not info.is_main):
         shard = work / f"shard-{j:05d}.npz"
         lo, hi = j * size, min(n, (j + 1) * size)
