@@ -37,3 +37,43 @@ def micro_latents(tmp_path_factory):
     man = latents.extract(MICRO_AE_RUN, root / "ae", data, "micro", root / "lat")
     assert man["count"] == 48 and man["shape"] == [4, 16, 16] and man["num_classes"] > 1
     return data, root / "ae", root / "lat"
+
+
+def weights(folder) -> dict:
+    """The tensors of a trainer output's model.safetensors."""
+    from safetensors.torch import load_file
+
+    return load_file(Path(folder) / "model.safetensors")
+
+
+def assert_bitwise(a: dict, b: dict) -> None:
+    import torch
+
+    assert a.keys() == b.keys()
+    diff = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not diff, f"{len(diff)} tensors differ, e.g. {diff[:3]}"
+
+
+def cli_popen(args: list[str], env_extra: dict | None = None, **kw):
+    """`python -m specmatch.cli ARGS` as a child process (text pipes), with src/ importable."""
+    import os
+    import subprocess
+
+    env = {**os.environ, "PYTHONPATH": _SRC, **(env_extra or {})}
+    return subprocess.Popen([sys.executable, "-m", "specmatch.cli", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+def torchrun_command(args: list[str], nproc: int = 2) -> tuple[list[str], dict]:
+    """(command, environment) running `specmatch.cli ARGS` under torchrun with `nproc` CPU
+    processes on a free port, one thread each (so runs compare across process counts)."""
+    import os
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": _SRC, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(port),
+           "-m", "specmatch.cli", *args]
+    return cmd, env

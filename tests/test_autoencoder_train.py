@@ -8,9 +8,7 @@ is the product's, only the sizes differ.
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,13 +17,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from specmatch import spectral
 from specmatch.autoencoder import objectives, train
 from specmatch.data.prepare import prepare
 from specmatch.errors import SpecmatchError
 from specmatch.runtime import checkpoint
+
+from conftest import assert_bitwise, cli_popen, torchrun_command, weights  # the tests folder is on sys.path (rootdir conftest)
 
 MICRO = {"name": "micro", "channels": [8, 16], "z_channels": 4, "num_res_blocks": 1, "norm_groups": 4}
 
@@ -46,22 +45,6 @@ def data(tmp_path_factory) -> Path:
     return out
 
 
-def _weights(folder: Path) -> dict[str, torch.Tensor]:
-    return load_file(folder / "model.safetensors")
-
-
-def _assert_bitwise(a: dict, b: dict):
-    assert a.keys() == b.keys()
-    diff = [k for k in a if not torch.equal(a[k], b[k])]
-    assert not diff, f"{len(diff)} tensors differ, e.g. {diff[:3]}"
-
-
-def _cli(args: list[str], env_extra: dict | None = None, **kw) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"), **(env_extra or {})}
-    return subprocess.Popen([sys.executable, "-m", "specmatch.cli", *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **kw)
-
-
 def _train_args(data, run_dir, out, params):
     return ["train-ae", "--dataset", str(data), "--run-dir", str(run_dir), "--out", str(out), "--name", "t",
             "--params", json.dumps(params)]
@@ -72,7 +55,7 @@ def test_resume_after_sigkill_is_bitwise_identical(tmp_path, data):
     assert full["generator_steps"] == 6 and full["discriminator_steps"] == 5
     # Interrupted run: SIGKILL once the step-2 checkpoint exists (mid-run, no chance to clean up).
     params = run_params(steps=6)
-    proc = _cli(_train_args(data, tmp_path / "runB", tmp_path / "outB", params))
+    proc = cli_popen(_train_args(data, tmp_path / "runB", tmp_path / "outB", params))
     deadline = time.monotonic() + 300
     while not (tmp_path / "runB" / "checkpoints" / "step-00000002" / "meta.json").exists():
         assert proc.poll() is None, proc.communicate()[1][-2000:]
@@ -83,16 +66,16 @@ def test_resume_after_sigkill_is_bitwise_identical(tmp_path, data):
     assert not (tmp_path / "outB").exists()
     done = [s for s, _ in checkpoint.list_checkpoints(tmp_path / "runB")]
     assert done and max(done) < 6
-    proc = _cli(_train_args(data, tmp_path / "runB", tmp_path / "outB", params))
+    proc = cli_popen(_train_args(data, tmp_path / "runB", tmp_path / "outB", params))
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-3000:]
     assert "resumed from" in err
-    _assert_bitwise(_weights(tmp_path / "outA"), _weights(tmp_path / "outB"))
+    assert_bitwise(weights(tmp_path / "outA"), weights(tmp_path / "outB"))
 
 
 def test_sigterm_writes_checkpoint_and_exits_3(tmp_path, data):
     params = run_params(steps=100000, checkpoint_every=100000)
-    proc = _cli(_train_args(data, tmp_path / "run", tmp_path / "out", params))
+    proc = cli_popen(_train_args(data, tmp_path / "run", tmp_path / "out", params))
     log = tmp_path / "run" / "metrics.jsonl"
     deadline = time.monotonic() + 300
     while not (log.exists() and log.read_text().count("\n") >= 2):
@@ -208,17 +191,12 @@ def test_ddp_two_gloo_processes_match_one(tmp_path, data):
     params["train"]["hflip"] = 0.5
     params["loss"]["gan_start"] = 100
     one = train.train(params, data, tmp_path / "r1", tmp_path / "o1", "one")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-           "-m", "specmatch.cli", *_train_args(data, tmp_path / "r2", tmp_path / "o2", params)]
+    cmd, env = torchrun_command(_train_args(data, tmp_path / "r2", tmp_path / "o2", params))
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     summary = json.loads((tmp_path / "o2" / "autoencoder.json").read_text())
     assert summary["world_size"] == 2 and one["world_size"] == 1
-    a, b = _weights(tmp_path / "o1"), _weights(tmp_path / "o2")
+    a, b = weights(tmp_path / "o1"), weights(tmp_path / "o2")
     # Float tolerance: the all-reduce sums in another order, and Adam turns the float noise on
     # parameters whose true gradient is 0 (the attention key bias, which softmax ignores) into
     # steps of up to ~lr; a wrong batch split or noise draw moves weights by ~1e-3 (seen).

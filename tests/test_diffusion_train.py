@@ -9,9 +9,7 @@ the `tiny` networks; the code path is the product's, only the sizes differ.
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from specmatch import config
 from specmatch.autoencoder import latents
@@ -30,7 +27,7 @@ from specmatch.errors import SpecmatchError
 from specmatch.runtime import checkpoint, distributed
 from specmatch.runtime.training import batch_indices
 
-from conftest import MICRO_AE_RUN  # noqa: E402 - the tests folder is on sys.path (pytest's rootdir conftest)
+from conftest import MICRO_AE_RUN, assert_bitwise, cli_popen, torchrun_command, weights  # the tests folder is on sys.path
 
 
 
@@ -64,22 +61,6 @@ def _fingerprint(params, lat) -> str:
     return config.diffusion_fingerprint(config.validate(params, "diff_run"), train.latents_identity(lat))
 
 
-def _weights(folder: Path) -> dict[str, torch.Tensor]:
-    return load_file(folder / "model.safetensors")
-
-
-def _assert_bitwise(a: dict, b: dict):
-    assert a.keys() == b.keys()
-    diff = [k for k in a if not torch.equal(a[k], b[k])]
-    assert not diff, f"{len(diff)} tensors differ, e.g. {diff[:3]}"
-
-
-def _cli(args: list[str], env_extra: dict | None = None, **kw) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"), **(env_extra or {})}
-    return subprocess.Popen([sys.executable, "-m", "specmatch.cli", *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **kw)
-
-
 def _train_args(lat, run_dir, out, params, name="t"):
     return ["train-diffusion", "--latents", str(lat), "--run-dir", str(run_dir), "--out", str(out), "--name", name,
             "--params", json.dumps(params)]
@@ -102,26 +83,26 @@ def test_resume_after_sigkill_is_bitwise_identical(tmp_path, micro):
     full = train.train(params, lat, tmp_path / "outA", "a", run_dir=tmp_path / "runA")
     assert full["steps"] == 6 and full["ema"] is True
     # Interrupted run: SIGKILL once the step-2 checkpoint exists (no chance to clean up).
-    proc = _cli(_train_args(lat, tmp_path / "runB", tmp_path / "outB", params))
+    proc = cli_popen(_train_args(lat, tmp_path / "runB", tmp_path / "outB", params))
     _wait_for(lambda: (tmp_path / "runB" / "checkpoints" / "step-00000002" / "meta.json").exists(), proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (tmp_path / "outB").exists()
     done = [s for s, _ in checkpoint.list_checkpoints(tmp_path / "runB")]
     assert done and max(done) < 6
-    proc = _cli(_train_args(lat, tmp_path / "runB", tmp_path / "outB", params))
+    proc = cli_popen(_train_args(lat, tmp_path / "runB", tmp_path / "outB", params))
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-3000:]
     assert "resumed from" in err
-    a, b = _weights(tmp_path / "outA"), _weights(tmp_path / "outB")
+    a, b = weights(tmp_path / "outA"), weights(tmp_path / "outB")
     assert any(k.startswith("ema.") for k in a) and any(k.startswith("net.") for k in a)
-    _assert_bitwise(a, b)
+    assert_bitwise(a, b)
 
 
 def test_sigterm_writes_checkpoint_and_exits_3(tmp_path, micro):
     lat = micro[2]
     params = uvit(steps=100000, checkpoint_every=100000)
-    proc = _cli(_train_args(lat, tmp_path / "run", tmp_path / "out", params))
+    proc = cli_popen(_train_args(lat, tmp_path / "run", tmp_path / "out", params))
     log = tmp_path / "run" / "metrics.jsonl"
     _wait_for(lambda: log.exists() and log.read_text().count("\n") >= 2, proc)
     proc.send_signal(signal.SIGTERM)
@@ -247,7 +228,7 @@ def test_loss_decreases(tmp_path, micro):
 
 def test_load_trained_reads_ema_by_default(micro, trained):
     params, _, out = trained
-    w = _weights(out)
+    w = weights(out)
     net, summary = train.load_trained(out)
     state = net.state_dict()
     ema_keys = [k for k in w if k.startswith("ema.")]
@@ -305,18 +286,13 @@ def test_ddp_two_gloo_processes_match_one(tmp_path, micro):
     lat = micro[2]
     params = sit(steps=3, batch_size=8, label_dropout=0.5)
     one = train.train(params, lat, tmp_path / "o1", "one", run_dir=tmp_path / "r1")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-           "-m", "specmatch.cli", *_train_args(lat, tmp_path / "r2", tmp_path / "o2", params)]
+    cmd, env = torchrun_command(_train_args(lat, tmp_path / "r2", tmp_path / "o2", params))
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     summary = json.loads((tmp_path / "o2" / "diffusion.json").read_text())
     assert summary["world_size"] == 2 and one["world_size"] == 1
     assert summary["fingerprint"] == one["fingerprint"]
-    a, b = _weights(tmp_path / "o1"), _weights(tmp_path / "o2")
+    a, b = weights(tmp_path / "o1"), weights(tmp_path / "o2")
     assert a.keys() == b.keys()
     # Float tolerance: the all-reduce sums the two halves' gradients in another order than one
     # process does, and the processes run with 1 thread instead of 2 (another summation order in

@@ -43,7 +43,7 @@ from ..runtime import atomic, checkpoint, distributed, seeding
 from ..runtime.provenance import Provenance
 from ..runtime.signals import StopRequest
 from ..runtime.training import (Interrupted, NonFiniteLoss, batch_indices, check_finite, end_of_step,  # noqa: F401
-                                run_folder, warmup)
+                                prepare_rank, run_folder, warmup)
 from . import model as ae_model
 from .discriminator import PatchDiscriminator, generator_adv_loss, hinge_d_loss
 from .objectives import Mask, Objective, adaptive_weight, draw_mask, objective
@@ -130,18 +130,11 @@ def train(run: dict[str, Any], dataset: str | Path, run_dir: str | Path | None, 
 
 def _train(run, t, cfg, obj, fp, info, dataset, run_dir, out, name, resume):
     dev = info.device
-    seed = int(t["seed"])
-    seeding.seed_everything(seed, info.rank)
-    seeding.deterministic(bool(t["deterministic"]))
-    global_batch = int(t["batch_size"])
-    if global_batch % info.world_size:
-        raise SpecmatchError(f"train.batch_size {global_batch} is not divisible by the {info.world_size} processes")
-    local_batch = global_batch // info.world_size
+    seed, global_batch, rows, use_bf16 = prepare_rank(t, info)
     reader = SplitReader(dataset, "train")
     if reader.resolution % (cfg.down_factor * (obj.dsm_block if obj.dsm_ks else 1)):
         raise SpecmatchError(f"{dataset}: {reader.resolution} px images do not tile into the {cfg.down_factor}x "
                              f"down-sampling of config {cfg.name} and DSM blocks of {obj.dsm_block}")
-    use_bf16 = dev.type == "cuda" and t["precision"] in ("auto", "bf16")
 
     ae = ae_model.build(cfg).to(dev)
     disc = PatchDiscriminator(3, run["disc"]["channels"], run["disc"]["n_layers"], run["disc"]["init_std"]).to(dev)
@@ -196,7 +189,6 @@ def _train(run, t, cfg, obj, fp, info, dataset, run_dir, out, name, resume):
     t_last, n_last = time.perf_counter(), g_step
     with StopRequest() as stop:
         while g_step < steps:
-            rows = slice(info.rank * local_batch, (info.rank + 1) * local_batch)
             idx = batch_indices(len(reader), global_batch, seed, g_step)
             x = load_batch(reader, idx, t["hflip"], seed, g_step, dev, rows)
             mask = draw_mask(obj, seed, g_step)

@@ -36,8 +36,8 @@ from ..runtime import atomic, checkpoint, distributed, seeding
 from ..runtime.hashing import sha256_file
 from ..runtime.provenance import Provenance
 from ..runtime.signals import StopRequest
-from ..runtime.training import (Interrupted, NonFiniteLoss, batch_indices, check_finite, end_of_step, run_folder,
-                                warmup)
+from ..runtime.training import (Interrupted, NonFiniteLoss, batch_indices, check_finite, end_of_step,
+                                prepare_rank, run_folder, warmup)
 from . import models, transport
 
 log = logging.getLogger(__name__)
@@ -105,15 +105,7 @@ def train(run: dict[str, Any], latents: str | Path, out: str | Path, name: str, 
 
 def _train(run, t, cache, fp, info, latents, run_dir, out, name, resume, autoencoder, ref, sampler):
     dev = info.device
-    seed = int(t["seed"])
-    seeding.seed_everything(seed, info.rank)
-    seeding.deterministic(bool(t["deterministic"]))
-    global_batch = int(t["batch_size"])
-    if global_batch % info.world_size:
-        raise SpecmatchError(f"train.batch_size {global_batch} is not divisible by the {info.world_size} processes")
-    local_batch = global_batch // info.world_size
-    rows = slice(info.rank * local_batch, (info.rank + 1) * local_batch)
-    use_bf16 = dev.type == "cuda" and t["precision"] in ("auto", "bf16")
+    seed, global_batch, rows, use_bf16 = prepare_rank(t, info)
     path = build_path(run["process"])
 
     net = _build_net(run, cache).to(dev)

@@ -90,3 +90,17 @@ def end_of_step(step: int, steps: int, every: int, stop, info, save, bar) -> Non
         log.warning("%s received: checkpoint %s written at step %d; resume with --resume auto",
                     stop.signal_name, path, step)
         raise Interrupted(f"interrupted by {stop.signal_name} at step {step}; checkpoint saved")
+
+
+def prepare_rank(t: dict, info) -> tuple[int, int, slice, bool]:
+    """Seed this process, set determinism and split the global batch: returns (seed, global
+    batch, this rank's rows of it, whether to autocast to bf16: on CUDA unless fp32 is asked)."""
+    seed = int(t["seed"])
+    seeding.seed_everything(seed, info.rank)
+    seeding.deterministic(bool(t["deterministic"]))
+    global_batch = int(t["batch_size"])
+    if global_batch % info.world_size:
+        raise SpecmatchError(f"train.batch_size {global_batch} is not divisible by the {info.world_size} processes")
+    local = global_batch // info.world_size
+    bf16 = info.device.type == "cuda" and t["precision"] in ("auto", "bf16")
+    return seed, global_batch, slice(info.rank * local, (info.rank + 1) * local), bf16
