@@ -77,3 +77,56 @@ def torchrun_command(args: list[str], nproc: int = 2) -> tuple[list[str], dict]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(port),
            "-m", "specmatch.cli", *args]
     return cmd, env
+
+
+def wait_for(cond, proc, timeout: float = 300) -> None:
+    """Poll `cond()` while the child `proc` runs; fail with its stderr if it exits first."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def kill_and_resume(args: list[str], run_dir, out, steps: int) -> None:
+    """A trainer CLI run SIGKILLed once its step-2 checkpoint exists (no chance to clean up),
+    then started again with the same arguments, which must resume it and finish."""
+    import signal
+
+    from specmatch.runtime import checkpoint
+
+    run_dir, out = Path(run_dir), Path(out)
+    proc = cli_popen(args)
+    wait_for(lambda: (run_dir / "checkpoints" / "step-00000002" / "meta.json").exists(), proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not out.exists()
+    done = [s for s, _ in checkpoint.list_checkpoints(run_dir)]
+    assert done and max(done) < steps
+    proc = cli_popen(args)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    assert "resumed from" in err
+
+
+def sigterm_run(args: list[str], run_dir, out):
+    """A trainer CLI run sent SIGTERM after two log lines: it must write one checkpoint, say so,
+    exit with status 3 and leave no output. Returns that checkpoint's folder."""
+    import signal
+
+    from specmatch.runtime import checkpoint
+
+    run_dir = Path(run_dir)
+    proc = cli_popen(args)
+    log = run_dir / "metrics.jsonl"
+    wait_for(lambda: log.exists() and log.read_text().count("\n") >= 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 3, err[-2000:]
+    assert "SIGTERM" in err and "checkpoint saved" in err
+    ckpts = checkpoint.list_checkpoints(run_dir)
+    assert len(ckpts) == 1 and ckpts[0][0] >= 2
+    assert not Path(out).exists()
+    return ckpts[0]

@@ -8,10 +8,7 @@ is the product's, only the sizes differ.
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +21,8 @@ from specmatch.data.prepare import prepare
 from specmatch.errors import SpecmatchError
 from specmatch.runtime import checkpoint
 
-from conftest import assert_bitwise, cli_popen, torchrun_command, weights  # the tests folder is on sys.path (rootdir conftest)
+# The tests folder is on sys.path (pytest's rootdir conftest).
+from conftest import assert_bitwise, kill_and_resume, sigterm_run, torchrun_command, weights
 
 MICRO = {"name": "micro", "channels": [8, 16], "z_channels": 4, "num_res_blocks": 1, "norm_groups": 4}
 
@@ -53,44 +51,18 @@ def _train_args(data, run_dir, out, params):
 def test_resume_after_sigkill_is_bitwise_identical(tmp_path, data):
     full = train.train(run_params(steps=6), data, tmp_path / "runA", tmp_path / "outA", "a")
     assert full["generator_steps"] == 6 and full["discriminator_steps"] == 5
-    # Interrupted run: SIGKILL once the step-2 checkpoint exists (mid-run, no chance to clean up).
     params = run_params(steps=6)
-    proc = cli_popen(_train_args(data, tmp_path / "runB", tmp_path / "outB", params))
-    deadline = time.monotonic() + 300
-    while not (tmp_path / "runB" / "checkpoints" / "step-00000002" / "meta.json").exists():
-        assert proc.poll() is None, proc.communicate()[1][-2000:]
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (tmp_path / "outB").exists()
-    done = [s for s, _ in checkpoint.list_checkpoints(tmp_path / "runB")]
-    assert done and max(done) < 6
-    proc = cli_popen(_train_args(data, tmp_path / "runB", tmp_path / "outB", params))
-    _, err = proc.communicate(timeout=600)
-    assert proc.returncode == 0, err[-3000:]
-    assert "resumed from" in err
+    kill_and_resume(_train_args(data, tmp_path / "runB", tmp_path / "outB", params), tmp_path / "runB",
+                    tmp_path / "outB", 6)
     assert_bitwise(weights(tmp_path / "outA"), weights(tmp_path / "outB"))
 
 
 def test_sigterm_writes_checkpoint_and_exits_3(tmp_path, data):
     params = run_params(steps=100000, checkpoint_every=100000)
-    proc = cli_popen(_train_args(data, tmp_path / "run", tmp_path / "out", params))
-    log = tmp_path / "run" / "metrics.jsonl"
-    deadline = time.monotonic() + 300
-    while not (log.exists() and log.read_text().count("\n") >= 2):
-        assert proc.poll() is None, proc.communicate()[1][-2000:]
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 3, err[-2000:]
-    assert "SIGTERM" in err and "checkpoint saved" in err
-    ckpts = checkpoint.list_checkpoints(tmp_path / "run")
-    assert len(ckpts) == 1 and ckpts[0][0] >= 2
-    checkpoint.verify(ckpts[0][1], kind="autoencoder", fingerprint=train.fingerprint(
+    _, ckpt = sigterm_run(_train_args(data, tmp_path / "run", tmp_path / "out", params), tmp_path / "run",
+                          tmp_path / "out")
+    checkpoint.verify(ckpt, kind="autoencoder", fingerprint=train.fingerprint(
         train.config_mod.validate(params, "ae_run"), train.SplitReader(data, "train").images_sha256))
-    assert not (tmp_path / "out").exists()
 
 
 def test_foreign_checkpoint_refused(tmp_path, data):

@@ -9,10 +9,7 @@ the `tiny` networks; the code path is the product's, only the sizes differ.
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +24,7 @@ from specmatch.errors import SpecmatchError
 from specmatch.runtime import checkpoint, distributed
 from specmatch.runtime.training import batch_indices
 
-from conftest import MICRO_AE_RUN, assert_bitwise, cli_popen, torchrun_command, weights  # the tests folder is on sys.path
+from conftest import MICRO_AE_RUN, assert_bitwise, kill_and_resume, sigterm_run, torchrun_command, weights
 
 
 
@@ -66,14 +63,6 @@ def _train_args(lat, run_dir, out, params, name="t"):
             "--params", json.dumps(params)]
 
 
-def _wait_for(cond, proc, timeout=300):
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
-
-
 # --------------------------------------------------------------------------- resumption, signals
 
 
@@ -82,18 +71,8 @@ def test_resume_after_sigkill_is_bitwise_identical(tmp_path, micro):
     params = uvit(steps=6)
     full = train.train(params, lat, tmp_path / "outA", "a", run_dir=tmp_path / "runA")
     assert full["steps"] == 6 and full["ema"] is True
-    # Interrupted run: SIGKILL once the step-2 checkpoint exists (no chance to clean up).
-    proc = cli_popen(_train_args(lat, tmp_path / "runB", tmp_path / "outB", params))
-    _wait_for(lambda: (tmp_path / "runB" / "checkpoints" / "step-00000002" / "meta.json").exists(), proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (tmp_path / "outB").exists()
-    done = [s for s, _ in checkpoint.list_checkpoints(tmp_path / "runB")]
-    assert done and max(done) < 6
-    proc = cli_popen(_train_args(lat, tmp_path / "runB", tmp_path / "outB", params))
-    _, err = proc.communicate(timeout=600)
-    assert proc.returncode == 0, err[-3000:]
-    assert "resumed from" in err
+    kill_and_resume(_train_args(lat, tmp_path / "runB", tmp_path / "outB", params), tmp_path / "runB",
+                    tmp_path / "outB", 6)
     a, b = weights(tmp_path / "outA"), weights(tmp_path / "outB")
     assert any(k.startswith("ema.") for k in a) and any(k.startswith("net.") for k in a)
     assert_bitwise(a, b)
@@ -102,18 +81,10 @@ def test_resume_after_sigkill_is_bitwise_identical(tmp_path, micro):
 def test_sigterm_writes_checkpoint_and_exits_3(tmp_path, micro):
     lat = micro[2]
     params = uvit(steps=100000, checkpoint_every=100000)
-    proc = cli_popen(_train_args(lat, tmp_path / "run", tmp_path / "out", params))
-    log = tmp_path / "run" / "metrics.jsonl"
-    _wait_for(lambda: log.exists() and log.read_text().count("\n") >= 2, proc)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 3, err[-2000:]
-    assert "SIGTERM" in err and "checkpoint saved" in err
-    ckpts = checkpoint.list_checkpoints(tmp_path / "run")
-    assert len(ckpts) == 1 and ckpts[0][0] >= 2
-    meta = checkpoint.verify(ckpts[0][1], kind="diffusion", fingerprint=_fingerprint(params, lat))
-    assert meta["step"] == ckpts[0][0]
-    assert not (tmp_path / "out").exists()
+    step, ckpt = sigterm_run(_train_args(lat, tmp_path / "run", tmp_path / "out", params), tmp_path / "run",
+                             tmp_path / "out")
+    meta = checkpoint.verify(ckpt, kind="diffusion", fingerprint=_fingerprint(params, lat))
+    assert meta["step"] == step
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, micro, monkeypatch):
