@@ -19,13 +19,14 @@ WHEELS ?= /opt/wheels
 PIP_FLAGS := --quiet --disable-pip-version-check --no-compile $(if $(wildcard $(WHEELS)),--find-links $(WHEELS))
 PIP_INSTALL := $(BIN)/python -m pip install $(PIP_FLAGS)
 
-.PHONY: demo test test-fast bench lint install lock clean-demo help build-env
+.PHONY: demo test test-fast bench lint install lock clean-demo help build-env container
 
 help:
 	@echo "make demo       run the whole tiny DAG on the embedded default (CPU, minutes)"
 	@echo "make test       run the test suite (installs .venv first)"
 	@echo "make test-fast  the unit tests only (no end-to-end DAG runs)"
 	@echo "make bench      run the benchmarks in bench/"
+	@echo "make container  check and build the Apptainer image containers/specmatch.sif (needs apptainer)"
 	@echo "make lock       re-resolve requirements/*.in into requirements/lock.txt"
 
 $(STAMP): requirements/lock.txt pyproject.toml
@@ -69,9 +70,17 @@ bench: $(STAMP)
 	$(BIN)/python bench/fid.py
 	$(BIN)/python bench/autoencoder.py
 	$(BIN)/python bench/diffusion.py
+	$(BIN)/python bench/alignment.py --proj-hidden 256
 
 lint: $(STAMP)
 	snakemake --lint
+
+# The GPU image of every rule (needs apptainer and network at build time); the sidecar .sha256
+# is what provenance records as the container's identity.
+container: $(STAMP)
+	$(BIN)/specmatch container check containers/specmatch.def
+	apptainer build --force containers/specmatch.sif containers/specmatch.def
+	sha256sum containers/specmatch.sif | cut -d' ' -f1 > containers/specmatch.sif.sha256
 
 lock:
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

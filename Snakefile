@@ -21,6 +21,7 @@ include: "workflow/rules/data.smk"
 include: "workflow/rules/evaluation.smk"
 include: "workflow/rules/autoencoders.smk"
 include: "workflow/rules/diffusion.smk"
+include: "workflow/rules/alignment.smk"
 
 
 rule all:
@@ -30,3 +31,4 @@ rule all:
         rules.evaluation_phase.input,
         rules.autoencoder_phase.input,
         rules.diffusion_phase.input,
+        rules.alignment_phase.input,

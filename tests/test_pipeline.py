@@ -35,6 +35,13 @@ def _run(cmd: list[str], cwd: Path, timeout: int = 1800) -> subprocess.Completed
     return proc
 
 
+def _tree_hashes(root: Path) -> dict[str, str]:
+    import hashlib
+
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
 def _copy_repo(dst: Path) -> Path:
     shutil.copytree(REPO, dst, ignore=IGNORE, symlinks=True)
     return dst
@@ -71,58 +78,98 @@ def test_tiny_dag_outputs(tiny_run):
     assert prov_d["params"]["n_train"] == 4096  # the resolved preset values reached the stage
     assert (out / "logs" / "prepare_data" / "embedded.log").is_file()
     # Evaluation: reference statistics with the tiny preset's net, and the real-data floor,
-    # named FD-EffNetLite0 (never "FID"), its record pointing at the reference it used.
+    # named FD-EffNetLite0-128 (never "FID"), its record pointing at the reference it used.
     floor = json.loads((out / "fid_floor" / "embedded" / "metrics.json").read_text())
-    assert floor["metric"] == "FD-EffNetLite0" and "FID" not in floor
+    assert floor["metric"] == "FD-EffNetLite0-128" and "FID" not in floor
     assert floor["samples"]["n"] == 512 and floor["reference"]["n"] == 1024
-    assert 0 < floor["FD-EffNetLite0"] and 0 < floor["precision"] <= 1 and 0 < floor["recall"] <= 1
+    assert 0 < floor["FD-EffNetLite0-128"] and 0 < floor["precision"] <= 1 and 0 < floor["recall"] <= 1
     ref = json.loads((out / "fid_ref" / "embedded" / "stats.json").read_text())
-    assert ref["protocol"]["feature_net"] == "efficientnet-lite0" and ref["split"] == "train"
+    assert ref["protocol"]["feature_net"] == "efficientnet-lite0-128" and ref["split"] == "train"
     # Autoencoders: three variants trained, evaluated and cached; training shows learning
     # (an untrained tiny autoencoder reconstructs at ~11 dB PSNR).
     for variant in ("sdvae", "esm", "dsm"):
         name = f"embedded-tiny-{variant}"
         summary = json.loads((out / "autoencoders" / name / "autoencoder.json").read_text())
-        assert summary["variant"] == variant and summary["generator_steps"] == 150
+        assert summary["variant"] == variant and summary["generator_steps"] == 120
         ev = json.loads((out / "ae_eval" / name / "metrics.json").read_text())
         assert ev["n"] == 128 and ev["psnr"] > 15.0, ev
-        assert set(ev["lowpass"]) == {"8", "12"} and "rFD-EffNetLite0" in ev
+        assert set(ev["lowpass"]) == {"8", "12"} and "rFD-EffNetLite0-128" in ev
         lat = json.loads((out / "latents" / name / "manifest.json").read_text())
-        assert lat["count"] == 8192 and lat["shape"] == [4, 16, 16] and 0 < lat["scale_factor"] < 100
+        assert lat["count"] == 4096 and lat["hflip"] is False and lat["shape"] == [4, 16, 16] and 0 < lat["scale_factor"] < 100
         rec = json.loads((out / "latents" / name / "provenance.json").read_text())
         assert {i["role"] for i in rec["inputs"]} == {"autoencoder", "dataset"}
     log = [json.loads(x) for x in (out / "autoencoders" / "embedded-tiny-dsm" / "metrics.jsonl").read_text().splitlines()]
     assert {r["k"] for r in log} <= {0, 8, 10, 12} and log[-1]["l1"] < log[0]["l1"]
 
 
-DIFFUSION_JOBS = {"train_diffusion": 4, "sample": 5, "generation_metrics": 5, "generation_table": 1}
+DIFFUSION_JOBS = {"train_diffusion": 7, "sample": 8, "generation_metrics": 8, "generation_table": 1}
+ALIGNED = ("embedded-tiny-dsm-sit-repa", "embedded-tiny-dsm-sit-irepa", "embedded-tiny-dsm-sit-dog")
 SAMPLE_SETS = {("embedded-tiny-sdvae-uvit", "tiny-dpm20"), ("embedded-tiny-esm-uvit", "tiny-dpm20"),
                ("embedded-tiny-dsm-uvit", "tiny-dpm20"), ("embedded-tiny-dsm-sit", "tiny-sde30"),
-               ("embedded-tiny-dsm-sit", "tiny-sde30-cfg")}
+               ("embedded-tiny-dsm-sit", "tiny-sde30-cfg")} | {(d, "tiny-sde30") for d in ALIGNED}
+TARGETS = "targets/embedded/efficientnet-lite0-s8-64"
 
 
 def test_tiny_dag_diffusion_outputs(tiny_run):
     out = tiny_run / "results" / "tiny"
     for diff in {d for d, _ in SAMPLE_SETS}:
         summary = json.loads((out / "diffusion" / diff / "diffusion.json").read_text())
-        assert summary["latents"]["autoencoder"] == diff.rsplit("-", 1)[0]
+        assert summary["latents"]["autoencoder"] == "-".join(diff.split("-")[:3])
         log = [json.loads(x) for x in (out / "diffusion" / diff / "metrics.jsonl").read_text().splitlines()]
         first, last = np.mean([r["loss"] for r in log[:3]]), np.mean([r["loss"] for r in log[-3:]])
         assert last < first, (diff, first, last)
     for diff, sampler in SAMPLE_SETS:
         samples = out / "samples" / diff / sampler
         proto = json.loads((samples / "sampling.json").read_text())
-        assert proto["n_samples"] == 192 and proto["diffusion"] == diff
+        assert proto["n_samples"] == 128 and proto["diffusion"] == diff
         man = json.loads((samples / "manifest.json").read_text())
-        assert man["splits"]["samples"]["count"] == 192
+        assert man["splits"]["samples"]["count"] == 128
         m = json.loads((out / "gen_metrics" / diff / sampler / "metrics.json").read_text())
-        assert m["metric"] == "FD-EffNetLite0" and "FID" not in m and m["samples"]["n"] == 192
-        assert m["sampling"]["sampler"] == proto["sampler"] and np.isfinite(m["FD-EffNetLite0"])
+        assert m["metric"] == "FD-EffNetLite0-128" and "FID" not in m and m["samples"]["n"] == 128
+        assert m["sampling"]["sampler"] == proto["sampler"] and np.isfinite(m["FD-EffNetLite0-128"])
     sit = json.loads((out / "samples" / "embedded-tiny-dsm-sit" / "tiny-sde30-cfg" / "sampling.json").read_text())
     assert sit["cfg_scale"] == 2.0 and sit["cfg_interval"] == [0.0, 0.7] and sit["class_balanced"] is True
     table = (out / "tables" / "generation" / "generation.csv").read_text().splitlines()
-    assert len(table) == 1 + len(SAMPLE_SETS) and "FD-EffNetLite0" in table[1]
+    assert len(table) == 1 + len(SAMPLE_SETS) and "FD-EffNetLite0-128" in table[1]
     assert (out / "tables" / "generation" / "generation.md").is_file()
+
+
+def test_tiny_dag_alignment_outputs(tiny_run):
+    """REPA / iREPA / DoG-REPA in the tiny DAG: one target cache in the latent caches' entry
+    order, the alignment loss falls in every aligned run, the projector stays out of the
+    finished model, the diagnostics and the comparison table are written."""
+    out = tiny_run / "results" / "tiny"
+    tman = json.loads((out / TARGETS / "manifest.json").read_text())
+    lman = json.loads((out / "latents" / "embedded-tiny-dsm" / "manifest.json").read_text())
+    assert tman["count"] == lman["count"] == 4096 and tman["shape"] == [40, 8, 8]
+    assert tman["dataset_images_sha256"] == lman["dataset_images_sha256"]
+    from safetensors.torch import load_file
+
+    for diff, kind in zip(ALIGNED, ("repa", "irepa", "dog")):
+        summary = json.loads((out / "diffusion" / diff / "diffusion.json").read_text())
+        a = summary["alignment"]
+        assert (a["kind"], a["encoder"], a["target_grid"], a["token_grid"], a["resized"]) == (
+            kind, "efficientnet-lite0-s8", [8, 8], [8, 8], False)
+        assert a["projector"] == ("conv" if kind == "irepa" else "mlp")
+        log = [json.loads(x) for x in (out / "diffusion" / diff / "metrics.jsonl").read_text().splitlines()]
+        first, last = np.mean([r["align_loss"] for r in log[:3]]), np.mean([r["align_loss"] for r in log[-3:]])
+        assert last < first - 0.02, (diff, first, last)
+        assert not [k for k in load_file(out / "diffusion" / diff / "model.safetensors") if k.startswith("proj")]
+        prov = json.loads((out / "diffusion" / diff / "provenance.json").read_text())
+        assert {i["role"] for i in prov["inputs"]} == {"latents", "targets"}
+    none = json.loads((out / "diffusion" / "embedded-tiny-dsm-sit" / "diffusion.json").read_text())
+    assert none["alignment"] == {"kind": "none"}
+    spectra = (out / "tables" / "target_spectra" / "target_spectra.csv").read_text().splitlines()
+    assert len(spectra) == 1 + 3 and all(r.split(",")[0] == "efficientnet-lite0-s8" for r in spectra[1:])
+    import pandas as pd
+
+    ts = pd.read_csv(out / "tables" / "target_spectra" / "target_spectra.csv").set_index("kind")
+    # Spatial normalisation and the band-pass both remove the field's common direction.
+    assert 0 < ts.loc["repa", "RMSC2"] < ts.loc["irepa", "RMSC2"] <= 1 and ts.loc["dog", "RMSC2"] <= 1
+    assert (out / "tables" / "target_spectra" / "target_spectra.png").read_bytes()[:4] == b"\x89PNG"
+    comp = pd.read_csv(out / "tables" / "generation" / "alignment.csv")
+    assert [a.split(" ")[0] for a in comp["alignment"]] == ["none", "repa", "irepa", "dog"]
+    assert comp.filter(like="FD-EffNetLite0-128 [euler-maruyama 30 steps, cfg 1").notna().all().all()
 
 
 def test_trained_tiny_diffusion_beats_its_untrained_self(tiny_run, tmp_path):
@@ -146,9 +193,9 @@ def test_trained_tiny_diffusion_beats_its_untrained_self(tiny_run, tmp_path):
     _run([str(BIN / "specmatch"), "fid", "calc", "--samples", str(samples), "--split", "samples", "--ref",
           str(out / "fid_ref" / "embedded"), "--name", "u", "--params", json.dumps(resolved["metrics"]),
           "--out", str(metrics)], tiny_run)
-    before = json.loads((metrics / "metrics.json").read_text())["FD-EffNetLite0"]
+    before = json.loads((metrics / "metrics.json").read_text())["FD-EffNetLite0-128"]
     after = json.loads((out / "gen_metrics" / "embedded-tiny-sdvae-uvit" / "tiny-dpm20" / "metrics.json").read_text())
-    assert after["FD-EffNetLite0"] < before, (after["FD-EffNetLite0"], before)
+    assert after["FD-EffNetLite0-128"] < before, (after["FD-EffNetLite0-128"], before)
 
 
 def test_tiny_dag_is_up_to_date_after_run(tiny_run):
@@ -176,7 +223,7 @@ def test_spectra_parameter_change_reruns_only_spectra(tiny_run):
 def test_dataset_parameter_change_reruns_data_and_spectra(tiny_run):
     assert _planned_jobs(tiny_run, "datasets={embedded: {seed: 1}}") == {
         "prepare_data": 1, "data_spectra": 1, "fid_ref": 1, "fid_real_floor": 1, "train_ae": 3, "eval_ae": 3,
-        "extract_latents": 3, **DIFFUSION_JOBS, "all": 1}
+        "extract_latents": 3, "extract_targets": 1, "target_spectra": 1, **DIFFUSION_JOBS, "all": 1}
 
 
 def test_autoencoder_eval_change_reruns_only_evaluation(tiny_run):
@@ -190,11 +237,23 @@ def test_autoencoder_train_change_reruns_training_and_downstream(tiny_run):
 
 def test_metrics_parameter_change_reruns_evaluation_and_scores(tiny_run):
     assert _planned_jobs(tiny_run, "metrics={pr_k: 5}") == {
-        "fid_ref": 1, "fid_real_floor": 1, "generation_metrics": 5, "generation_table": 1, "all": 1}
+        "fid_ref": 1, "fid_real_floor": 1, "generation_metrics": 8, "generation_table": 1, "all": 1}
 
 
 def test_diffusion_train_change_reruns_diffusion_sampling_and_scores(tiny_run):
     assert _planned_jobs(tiny_run, "diffusion={train: {lr: 5e-4}}") == {**DIFFUSION_JOBS, "all": 1}
+
+
+def test_dog_change_reruns_only_the_dog_run_and_the_diagnostics(tiny_run):
+    assert _planned_jobs(tiny_run, "diffusion={alignment: {dog: {sigma2: 3.0}}}") == {
+        "train_diffusion": 1, "sample": 1, "generation_metrics": 1, "generation_table": 1, "target_spectra": 1,
+        "all": 1}
+
+
+def test_target_cache_change_reruns_the_aligned_runs(tiny_run):
+    assert _planned_jobs(tiny_run, "targets={dtype: float32}") == {
+        "extract_targets": 1, "target_spectra": 1, "train_diffusion": 3, "sample": 3, "generation_metrics": 3,
+        "generation_table": 1, "all": 1}
 
 
 def test_sampler_change_reruns_only_its_samples_and_scores(tiny_run):
@@ -218,9 +277,9 @@ def test_dvc_repro_stages(tmp_path):
     # them): a smaller tiny preset keeps this second run of the DAG short.
     preset = repo / "presets" / "tiny.yaml"
     text = preset.read_text()
-    for old, new in (("steps: 150", "steps: 10"), ("max_images: 2048", "max_images: 256"),
+    for old, new in (("steps: 120", "steps: 10"), ("max_images: 2048", "max_images: 256"),
                      ("max_images: 128 ", "max_images: 32 "), ("steps: 160", "steps: 10"),
-                     ("n_samples: 192", "n_samples: 16")):
+                     ("n_samples: 128", "n_samples: 16")):
         assert old in text, old
         text = text.replace(old, new)
     preset.write_text(text)
@@ -236,9 +295,25 @@ def test_dvc_repro_stages(tmp_path):
     assert (repo / "results/tiny/tables/generation/generation.csv").is_file() and "results/tiny/samples" in lock
     again = _run([str(BIN / "dvc"), "repro"], repo)
     assert "didn't change" in again.stdout + again.stderr
+    # Push to a local remote, lose every output and the cache, pull: identical files, and the
+    # audit of the final table verifies its whole lineage against the records and dvc.lock.
+    import yaml
+
+    outs = [o["path"] for st in yaml.safe_load(lock)["stages"].values() for o in st.get("outs", [])]
+    before = {o: _tree_hashes(repo / o) for o in outs}
+    _run([str(BIN / "dvc"), "remote", "add", "-d", "local", str(tmp_path / "remote")], repo)
+    _run([str(BIN / "dvc"), "push"], repo)
+    for o in outs:
+        shutil.rmtree(repo / o)
+    shutil.rmtree(repo / ".dvc" / "cache")
+    _run([str(BIN / "dvc"), "pull"], repo)
+    assert {o: _tree_hashes(repo / o) for o in outs} == before
+    audit = _run([str(BIN / "specmatch"), "audit", "results/tiny/tables/generation/generation.csv"], repo)
+    assert "results/tiny/data/embedded" in audit.stdout and "FAILED" not in audit.stdout
     # A parameter of the phase changes -> DVC sees the stage as changed.
     params.write_text(params.read_text().replace("n_bins: 16", "n_bins: 8", 1))
     status = _run([str(BIN / "dvc"), "status"], repo)
     assert "data" in status.stdout and "spectra" in status.stdout
     assert "evaluation" not in status.stdout  # its params and dependencies did not change
     assert "autoencoders" not in status.stdout and "diffusion" not in status.stdout
+    assert "alignment" not in status.stdout

@@ -82,7 +82,22 @@ def _cmd_train_diffusion(args) -> None:
     sampler = config.parse_params_arg(args.sampler) if args.sampler else None
     train.train(config.parse_params_arg(args.params), args.latents, args.out, args.name, run_dir=args.run_dir,
                 resume=args.resume, runs_root=args.runs_root, autoencoder=args.autoencoder, ref=args.ref,
-                sampler=sampler)
+                sampler=sampler, targets=args.targets, dataset=args.dataset)
+
+
+def _cmd_extract_targets(args) -> None:
+    from . import config
+    from .alignment import targets
+
+    targets.extract(config.parse_params_arg(args.params), args.dataset, args.name, args.out)
+
+
+def _cmd_target_spectra(args) -> None:
+    from . import config
+    from .alignment import diagnostics
+
+    df = diagnostics.run(args.targets, config.parse_params_arg(args.params), args.name, args.out)
+    print(df[["encoder", "kind", "RMSC2", "psd_exponent", "grid"]].to_string(index=False))
 
 
 def _cmd_sample(args) -> None:
@@ -101,6 +116,49 @@ def _cmd_report_generation(args) -> None:
 
     df = tables.write_generation(args.metrics, args.name, args.out)
     print(df[["diffusion", "sampler", "metric", "value"]].to_string(index=False))
+
+
+def _cmd_data_add(args) -> None:
+    from .data import versioning
+
+    for path in args.paths:
+        pointer = versioning.add(path, args.root)
+        print(f"{path}: tracked by DVC ({pointer.name}); next: git add {pointer.name} .gitignore && dvc push")
+
+
+def _cmd_container_check(args) -> None:
+    from . import container
+
+    bad = 0
+    for path in args.definitions:
+        problems = container.check(path)
+        print(f"{path}: {'ok' if not problems else f'{len(problems)} problem(s)'}")
+        for p in problems:
+            print(f"  - {p}")
+        bad += bool(problems)
+    if bad:
+        raise SpecmatchError(f"{bad} definition file(s) failed the check")
+
+
+class _AuditFailed(Exception):
+    exit_code = 1
+
+
+def _cmd_audit(args) -> None:
+    from . import audit
+
+    tree, problems = audit.audit(args.artefact, args.root, dvc=not args.no_dvc)
+    failures = [p for p in problems if not p.startswith("note: ")]
+    if args.json:
+        print(json.dumps({"artefact": args.artefact, "ok": not failures, "problems": problems,
+                          "lineage": [{"path": n.path, "role": n.role, "problems": n.problems}
+                                      for n in audit.walk(tree)]}, indent=1))
+    else:
+        print("\n".join(audit.render(tree)))
+        for p in problems:
+            print(p)
+    if failures:
+        raise _AuditFailed(f"audit of {args.artefact} failed: {len(failures)} problem(s), e.g. {failures[0]}")
 
 
 def _cmd_resources_check(args) -> None:
@@ -242,7 +300,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--autoencoder", default=None, help="train-ae folder (only for the periodic small-N distance)")
     p.add_argument("--ref", default=None, help="`fid ref` folder (only for the periodic small-N distance)")
     p.add_argument("--sampler", default=None, help="sampling settings of the periodic small-N distance (JSON or file)")
+    p.add_argument("--targets", default=None, help="extract-targets folder (alignment with targets: cached)")
+    p.add_argument("--dataset", default=None, help="prepared dataset of the latents (alignment with targets: on-the-fly)")
     _stage_io(p, _cmd_train_diffusion, params_required=True)
+
+    p = sub.add_parser("extract-targets", help="alignment targets (frozen encoder token grids) of the train split",
+                       description="Run a frozen target encoder (DINOv2 ViT-B/14 from resources/, or "
+                                   "EfficientNet-Lite0 feature maps) over the train split (and its mirror images, "
+                                   "hflip), in the latent cache's entry order, and write npz shards of the raw token "
+                                   "grids with manifest.json and provenance.json to OUT. Runs under torchrun "
+                                   "(shards round-robin over ranks). Parameters: schema $defs/targets "
+                                   "(encoder, image_size, hflip, batch_size, shard_size, dtype, device).")
+    p.add_argument("--dataset", required=True, help="prepared dataset folder")
+    _stage_io(p, _cmd_extract_targets, params_required=True)
+
+    p = sub.add_parser("target-spectra", help="spectral diagnostics of alignment targets (RMSC^2, spectra)",
+                       description="For each target cache and each target kind (repa, irepa, dog): the directional "
+                                   "spectral energy RMSC^2 and the spectrum distribution of the target field, as "
+                                   "target_spectra.csv/.md, distributions.csv and target_spectra.png in OUT. "
+                                   "Parameters: schema $defs/target_spectra.")
+    p.add_argument("--targets", required=True, nargs="+", help="extract-targets folders")
+    _stage_io(p, _cmd_target_spectra)
 
     p = sub.add_parser("sample", help="generate images with a trained diffusion model and its autoencoder",
                        description="Draw n_samples images (noise and label of each from its global index and the "
@@ -290,6 +368,40 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--name", required=True, help="table name, recorded in the outputs")
     q.add_argument("--out", required=True, help="output folder (replaced atomically)")
     q.set_defaults(func=_cmd_report_generation)
+
+    p = sub.add_parser("audit", help="verify the lineage of a result back to raw data and weights",
+                       description="Walk the provenance records from ARTEFACT (a table, figure, checkpoint, any "
+                                   "file of a stage output folder, or the folder) back to the raw data and the "
+                                   "pretrained weights, re-hashing every file on the way, and check dvc.lock with "
+                                   "`dvc status` when the repository has one. Prints the lineage tree; exits 1 "
+                                   "naming every file that is missing, modified, unrecorded or stale.")
+    p.add_argument("artefact", help="a file or folder written by a specmatch stage")
+    p.add_argument("--root", default=".", help="repository root the stages ran from (default: .)")
+    p.add_argument("--no-dvc", action="store_true", help="skip the dvc.lock cross-check")
+    p.add_argument("--json", action="store_true", help="machine-readable result")
+    p.set_defaults(func=_cmd_audit)
+
+    p = sub.add_parser("data", help="version a dataset folder or a weights file with DVC")
+    dsub = p.add_subparsers(dest="data_command", required=True)
+    q = dsub.add_parser("add", help="`dvc add` a dataset folder (or a pretrained file) of this repository",
+                        description="Check that each path is inside the DVC repository and (for a folder) holds "
+                                    "images, then `dvc add` it: DVC caches the content and writes <path>.dvc for "
+                                    "git; `dvc push` copies it to the remote (see README, Versioning).")
+    q.add_argument("paths", nargs="+", help="dataset folders (e.g. data/raw/celebahq256) or files (resources/x.pth)")
+    q.add_argument("--root", default=".", help="repository root (default: .)")
+    q.set_defaults(func=_cmd_data_add)
+
+    p = sub.add_parser("container", help="Apptainer definition files")
+    csub = p.add_subparsers(dest="container_command", required=True)
+    q = csub.add_parser("check", help="validate definition files before `apptainer build`",
+                        description="Parse each definition file with spython and check it against Apptainer's "
+                                    "section grammar and our rules: Bootstrap and From header, a pinned base image, "
+                                    "no unknown (misspelled) section, %post/%environment/%labels/%runscript/%test "
+                                    "present, a version label equal to the package's, the pinned requirements "
+                                    "installed in %post, no network use at run time. Exit 2 naming every problem.")
+    q.add_argument("definitions", nargs="*", default=["containers/specmatch.def"],
+                   help="definition files (default: containers/specmatch.def)")
+    q.set_defaults(func=_cmd_container_check)
 
     p = sub.add_parser("resources", help="pretrained files")
     rsub = p.add_subparsers(dest="resources_command", required=True)

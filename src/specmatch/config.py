@@ -218,13 +218,39 @@ def diffusion_run(resolved: Mapping[str, Any], name: str) -> dict[str, Any]:
         raise SpecmatchError(f"no diffusion run {name!r} under `diffusions` (defined: {sorted(runs)})")
     entry = runs[name]
     shared = (resolved.get("diffusion") or {}).get("train") or {}
-    run = {k: copy.deepcopy(v) for k, v in entry.items() if k != "train"}
+    run = {k: copy.deepcopy(v) for k, v in entry.items() if k not in ("train", "alignment")}
     run["train"] = deep_merge(shared, entry.get("train") or {})
+    run["alignment"] = deep_merge((resolved.get("diffusion") or {}).get("alignment") or {},
+                                  entry.get("alignment") or {})
     unknown = [s for s in run.get("samplers", []) if s not in (resolved.get("samplers") or {})]
     if unknown:
         raise SpecmatchError(f"diffusions.{name}.samplers names undefined samplers {unknown}; "
                              f"defined under `samplers`: {sorted(resolved.get('samplers') or {})}")
-    return validate(run, "diff_run", where=f"diffusions.{name}", source=f"parameters of diffusion run {name}")
+    run = validate(run, "diff_run", where=f"diffusions.{name}", source=f"parameters of diffusion run {name}")
+    run["alignment"] = effective_alignment(run["alignment"])
+    return run
+
+
+def effective_alignment(a: Mapping[str, Any]) -> dict[str, Any]:
+    """The alignment settings that act on a run: {"kind": "none"} for none; otherwise without the
+    keys of other kinds (DoG sigmas unless dog, irepa_gamma unless irepa, the MLP width with a
+    conv projector) and with the projector made explicit. Runs are compared (Snakemake's
+    parameter check, the checkpoint fingerprint) on these, so a change of the DoG sigmas does not
+    re-run a REPA run."""
+    from .alignment.specs import DEFAULT_PROJECTOR
+
+    a = copy.deepcopy(dict(a))
+    kind = a.get("kind", "none")
+    if kind == "none":
+        return {"kind": "none"}
+    a["projector"] = a.get("projector") or DEFAULT_PROJECTOR[kind]
+    if kind != "dog":
+        a.pop("dog", None)
+    if kind != "irepa":
+        a.pop("irepa_gamma", None)
+    if a["projector"] != "mlp":
+        a.pop("proj_hidden", None)
+    return a
 
 
 def sampler(resolved: Mapping[str, Any], name: str) -> dict[str, Any]:
@@ -241,12 +267,17 @@ _DIFF_BOOKKEEPING = ("steps", "checkpoint_every", "keep_checkpoints", "log_every
                      "fid_every", "fid_samples", "fid_sampler")
 
 
-def diffusion_fingerprint(run: Mapping[str, Any], latents_identity: str) -> str:
+def diffusion_fingerprint(run: Mapping[str, Any], latents_identity: str, targets_identity: str | None = None) -> str:
     """What makes a checkpoint belong to a diffusion run: the network, the process, the
-    trajectory-shaping training settings and the identity of the latent cache it reads (so
-    re-extracted latents start a fresh run rather than resume on other data)."""
+    trajectory-shaping training settings, the alignment and the identity of the latent cache
+    (and target cache) it reads (so re-extracted latents start a fresh run rather than resume
+    on other data). A run without alignment keeps the fingerprint it had before alignment existed."""
     from .runtime.hashing import sha256_json
 
     train = {k: v for k, v in run["train"].items() if k not in _DIFF_BOOKKEEPING}
-    return sha256_json({"model": run["model"], "process": run["process"], "conditional": run.get("conditional"),
-                        "train": train, "latents": latents_identity})
+    ident = {"model": run["model"], "process": run["process"], "conditional": run.get("conditional"),
+             "train": train, "latents": latents_identity}
+    align = effective_alignment(run.get("alignment") or {})
+    if align["kind"] != "none":
+        ident.update(alignment=align, targets=targets_identity)
+    return sha256_json(ident)

@@ -3,6 +3,7 @@ import json
 from pathlib import Path
 
 import specmatch.config
+from specmatch.alignment import specs as _encoders
 
 
 def _command_line_config():
@@ -33,6 +34,8 @@ wildcard_constraints:
     ae="[a-z0-9][a-z0-9_-]*",
     diff="[a-z0-9][a-z0-9_-]*",
     sampler="[a-z0-9][a-z0-9_-]*",
+    encoder="[a-z0-9][a-z0-9-]*",
+    size="[0-9]+",
 
 
 def as_json(obj):
@@ -93,3 +96,44 @@ def diff_json(wildcards):
 
 def sampler_json(wildcards):
     return as_json(SAMPLER_PARAMS[wildcards.sampler])
+
+
+# Alignment (workflow/rules/alignment.smk): a target cache per (dataset, encoder, input size) that
+# an aligned run of the grid uses; runs with `targets: on-the-fly` read the dataset instead.
+def _alignment(diff):
+    return DIFF_PARAMS[diff]["alignment"]
+
+
+def _target_cache(diff):
+    a = _alignment(diff)
+    size = a["image_size"] or _encoders.spec(a["encoder"]).image_size
+    return f"{RESULTS}/targets/{AE_PARAMS[DIFF_PARAMS[diff]['autoencoder']]['dataset']}/{a['encoder']}-{size}"
+
+
+ALIGNED_RUNS = [n for n in DIFF_RUNS if _alignment(n)["kind"] != "none"]
+TARGET_CACHES = sorted({_target_cache(n) for n in ALIGNED_RUNS})
+
+
+def diff_align_input(wildcards):
+    """What an aligned run reads besides its latents: its target cache, or the dataset."""
+    a = _alignment(wildcards.diff)
+    if a["kind"] == "none":
+        return []
+    if a["targets"] == "cached":
+        return [_target_cache(wildcards.diff)]
+    return [f"{RESULTS}/data/{AE_PARAMS[DIFF_PARAMS[wildcards.diff]['autoencoder']]['dataset']}"]
+
+
+def diff_align_args(wildcards, input):
+    a = _alignment(wildcards.diff)
+    if a["kind"] == "none":
+        return ""
+    return f"--{'targets' if a['targets'] == 'cached' else 'dataset'} {input.align[0]}"
+
+
+def target_spectra_json():
+    # The DoG and iREPA settings of the diagnostics are those the runs train with.
+    shared = config["diffusion"].get("alignment") or {}
+    p = specmatch.config.deep_merge(config["target_spectra"],
+                                    {k: shared[k] for k in ("dog", "irepa_gamma") if k in shared})
+    return as_json(p)

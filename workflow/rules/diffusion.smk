@@ -9,16 +9,18 @@
 rule train_diffusion:
     input:
         latents=diff_latents,
+        align=diff_align_input,
     output:
         directory(f"{RESULTS}/diffusion/{{diff}}"),
     params:
         p=diff_json,
         runs_root=lambda wildcards: f"{RESULTS}/runs/diffusion/{wildcards.diff}",
+        align=diff_align_args,
     log:
         f"{RESULTS}/logs/train_diffusion/{{diff}}.log",
     shell:
-        "specmatch train-diffusion --latents {input.latents} --runs-root {params.runs_root} --resume auto"
-        " --name {wildcards.diff} --params {params.p:q} --out {output} > {log} 2>&1"
+        "specmatch train-diffusion --latents {input.latents} {params.align} --runs-root {params.runs_root}"
+        " --resume auto --name {wildcards.diff} --params {params.p:q} --out {output} > {log} 2>&1"
 
 
 rule sample:

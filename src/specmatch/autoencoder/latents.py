@@ -26,11 +26,11 @@ import torch
 from tqdm import tqdm
 
 from .. import config as config_mod
-from ..data.reader import ShardedArrays, SplitReader
+from ..data.reader import ShardedCache, SplitReader
 from ..data.shards import read_manifest as dataset_manifest
 from ..data.shards import write_npz
 from ..errors import SpecmatchError
-from ..runtime import atomic, distributed, seeding
+from ..runtime import distributed, seeding
 from ..runtime.hashing import sha256_file
 from ..runtime.provenance import Provenance
 from .train import load_trained, to_float
@@ -64,10 +64,7 @@ def _extract(run, p, info, ae_dir, dataset, name, out):
     scale_n = entries if p["scale_samples"] is None else min(entries, int(p["scale_samples"]))
     stats = torch.zeros(3, dtype=torch.float64)  # count, sum, sum of squares of the sampled z
 
-    ctx = atomic.atomic_dir(out) if info.is_main else None
-    tmp = ctx.__enter__() if ctx is not None else None
-    try:
-        tmp = Path(distributed.broadcast_object(str(tmp) if tmp is not None else None))
+    with distributed.shared_atomic_dir(out, info) as tmp:
         mine = list(range(info.rank, n_shards, info.world_size))
         shards: dict[int, dict[str, Any]] = {}
         for j in tqdm(mine, desc=f"extract-latents {name}", unit="shard", disable=not info.is_main):
@@ -127,41 +124,20 @@ def _extract(run, p, info, ae_dir, dataset, name, out):
             prov.add_input(ae_dir, "autoencoder")
             prov.add_input(dataset, "dataset")
             prov.write(out, tmp)
-            ctx.__exit__(None, None, None)
-            ctx = None
             log.info("latents %s: %d entries, scale factor %.5f", name, entries, result["scale_factor"])
-        distributed.barrier()
-        return result if result is not None else {}
-    except BaseException as e:
-        if ctx is not None:
-            ctx.__exit__(type(e), e, e.__traceback__)
-        raise
+    distributed.barrier()
+    return result if result is not None else {}
 
 
-def read_manifest(folder: str | Path) -> dict[str, Any]:
-    path = Path(folder) / MANIFEST
-    if not path.is_file():
-        raise SpecmatchError(f"{folder}: not a latent cache (no {MANIFEST}); run `specmatch extract-latents`")
-    man = json.loads(path.read_text())
-    if man.get("schema") != SCHEMA:
-        raise SpecmatchError(f"{path}: schema {man.get('schema')!r}, expected {SCHEMA!r}")
-    return man
-
-
-class LatentReader(ShardedArrays):
+class LatentReader(ShardedCache):
     """The cache's entries by index: (mu, logvar, labels), memory-mapped from the shards, with
     the manifest (`scale_factor`, `shape`, ...) at hand."""
 
+    SCHEMA, MEMBERS, WHAT, STAGE = SCHEMA, ("mu", "logvar", "labels"), "latent cache", "extract-latents"
+
     def __init__(self, folder: str | Path, cache_shards: int = 4):
-        self.folder = Path(folder)
-        self.manifest = read_manifest(self.folder)
-        man = self.manifest
-        super().__init__([self.folder / s["file"] for s in man["shards"]], [int(s["count"]) for s in man["shards"]],
-                         ("mu", "logvar", "labels"), str(self.folder / MANIFEST), cache_shards)
-        if self.count != int(man["count"]):
-            raise SpecmatchError(f"{self.folder / MANIFEST}: shards hold {self.count} entries, count says {man['count']}")
-        self.scale_factor = float(man["scale_factor"])
-        self.shape = tuple(int(v) for v in man["shape"])
+        super().__init__(folder, cache_shards)
+        self.scale_factor = float(self.manifest["scale_factor"])
 
     def sample(self, indices, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Scaled posterior samples s * (mu + exp(logvar / 2) * eps) (float32, NCHW) and labels of
@@ -171,3 +147,6 @@ class LatentReader(ShardedArrays):
         eps = torch.randn(mu.shape, generator=generator)
         z = (mu + torch.exp(0.5 * logvar) * eps) * self.scale_factor
         return z, torch.from_numpy(np.asarray(labels, np.int64))
+
+
+read_manifest = LatentReader.read_manifest

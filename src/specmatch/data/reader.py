@@ -11,6 +11,7 @@ mapped; they are decompressed on first use and kept in a small LRU cache.
 from __future__ import annotations
 
 import collections
+import json
 import os
 import struct
 import zipfile
@@ -133,3 +134,36 @@ class SplitReader(ShardedArrays):
             return np.empty((0, r, r, 3), np.uint8), np.empty((0,), np.int64)
         images, labels = super().get(idx)
         return images, labels.astype(np.int64, copy=False)
+
+
+class ShardedCache(ShardedArrays):
+    """A cache folder written by a stage (latent cache, target cache): `manifest.json` with its
+    `schema`, `count` and `shards` (file, count), read by global index. Subclasses name the
+    schema, the members and the stage that writes them."""
+
+    SCHEMA = ""
+    MEMBERS: tuple[str, ...] = ()
+    WHAT = "cache"
+    STAGE = ""
+
+    def __init__(self, folder: str | os.PathLike, cache_shards: int = 4):
+        self.folder = Path(folder)
+        self.manifest = self.read_manifest(self.folder)
+        man = self.manifest
+        super().__init__([self.folder / s["file"] for s in man["shards"]], [int(s["count"]) for s in man["shards"]],
+                         self.MEMBERS, str(self.folder / "manifest.json"), cache_shards)
+        if self.count != int(man["count"]):
+            raise SpecmatchError(f"{self.folder / 'manifest.json'}: shards hold {self.count} entries, count says "
+                                 f"{man['count']}")
+        self.shape = tuple(int(v) for v in man["shape"])
+
+    @classmethod
+    def read_manifest(cls, folder: str | os.PathLike) -> dict:
+        path = Path(folder) / "manifest.json"
+        if not path.is_file():
+            raise SpecmatchError(f"{folder}: not a {cls.WHAT} (no manifest.json); run `specmatch {cls.STAGE}`")
+        man = json.loads(path.read_text())
+        if man.get("schema") != cls.SCHEMA:
+            raise SpecmatchError(f"{path}: schema {man.get('schema')!r}, expected {cls.SCHEMA!r}")
+        return man
+

@@ -93,6 +93,13 @@ def generate(net: torch.nn.Module, path, ae, scale_factor: float, p: dict[str, A
     return np.concatenate(images), labels, nfe
 
 
+def _alignment_label(a: dict[str, Any] | None) -> str:
+    """'none', or e.g. 'dog (efficientnet-lite0-s8, depth 2, lambda 0.5)' for the tables."""
+    if not a or a.get("kind", "none") == "none":
+        return "none"
+    return f"{a['kind']} ({a['encoder']}, depth {a['depth']}, lambda {a['weight']:g})"
+
+
 def sample(model_dir: str | Path, ae_dir: str | Path, params: dict[str, Any], name: str, out: str | Path,
            work_dir: str | Path | None = None, work_root: str | Path | None = None) -> dict[str, Any]:
     p = config_mod.validate(params, "diff_sampler", where="sampler", source=f"sampling settings of {name}")
@@ -207,6 +214,7 @@ def _merge(p, fp, summary, ae_summary, model_dir, ae_dir, work, n, n_shards, nam
         protocol = {
             "name": name, "fingerprint": fp, "model": summary["model"], "diffusion": summary["name"],
             "process": summary["process"]["kind"], "trained_steps": summary["steps"],
+            "alignment": _alignment_label(summary.get("alignment")),
             "weights": "ema" if (p["use_ema"] and summary.get("ema")) else "raw",
             "autoencoder": ae_summary["name"], "scale_factor": summary["latents"]["scale_factor"],
             "sampler": p["method"], "steps": p["steps"], "nfe_per_sample": nfe, "order": p["order"],

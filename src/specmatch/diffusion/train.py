@@ -14,6 +14,10 @@ Runtime guarantees, as in the autoencoder trainer (`runtime.training`):
   `--resume auto`; a non-finite loss stops every rank and keeps the last good checkpoint.
 - Optional periodic small-N Fréchet distance (`fid_every`), logged under a name that says
   "small-N" so it is never mistaken for the final FID.
+- Optional representation alignment (`alignment`, REPA / iREPA / DoG-REPA): the hidden tokens
+  after block `depth` go through a projector and are pulled to a frozen encoder's target of the
+  same cache entries (`specmatch.alignment`); loss = diffusion + weight * (-cos). The projector
+  lives in training checkpoints only.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from ..runtime.provenance import Provenance
 from ..runtime.signals import StopRequest
 from ..runtime.training import (Interrupted, NonFiniteLoss, batch_indices, check_finite, end_of_step,
                                 prepare_rank, run_folder, warmup)
+from ..alignment import objectives
 from . import models, transport
 
 log = logging.getLogger(__name__)
@@ -83,10 +88,12 @@ def _build_net(run: dict[str, Any], cache: LatentReader) -> torch.nn.Module:
 
 def train(run: dict[str, Any], latents: str | Path, out: str | Path, name: str, run_dir: str | Path | None = None,
           resume: str = "auto", runs_root: str | Path | None = None, autoencoder: str | Path | None = None,
-          ref: str | Path | None = None, sampler: dict[str, Any] | None = None) -> dict[str, Any]:
+          ref: str | Path | None = None, sampler: dict[str, Any] | None = None, targets: str | Path | None = None,
+          dataset: str | Path | None = None) -> dict[str, Any]:
     """Train one diffusion run. `run`: resolved parameters (schema `$defs/diff_run`); `latents`:
     an `extract-latents` folder. `autoencoder`, `ref` and `sampler` serve the optional periodic
-    small-N distance only."""
+    small-N distance only; `targets` (an `extract-targets` folder) or `dataset` (on-the-fly
+    targets) serve alignment only."""
     run = config_mod.validate(run, "diff_run", where="diffusion run", source=f"parameters of {name}")
     t = run["train"]
     if t["fid_every"] and (autoencoder is None or ref is None or sampler is None):
@@ -94,26 +101,35 @@ def train(run: dict[str, Any], latents: str | Path, out: str | Path, name: str, 
                              "(or set fid_every: 0)")
     latents = Path(latents)
     cache = LatentReader(latents)
-    fp = config_mod.diffusion_fingerprint(run, latents_identity(latents))
     info = distributed.setup(t["device"])
     try:
+        rank_setup = prepare_rank(t, info)  # seeds this process: before the network is built
+        net = _build_net(run, cache).to(info.device)
+        align = None
+        if run["alignment"]["kind"] != "none":
+            from ..alignment.align import Alignment
+
+            align = Alignment.for_run(run["alignment"], net, cache.manifest, latents, info.device, targets, dataset)
+        fp = config_mod.diffusion_fingerprint(run, latents_identity(latents), align.identity if align else None)
         return _train(run, t, cache, fp, info, latents, run_folder(run_dir, runs_root, fp), Path(out), name, resume,
-                      autoencoder, ref, sampler)
+                      autoencoder, ref, sampler, net, align, rank_setup)
     finally:
         distributed.teardown()
 
 
-def _train(run, t, cache, fp, info, latents, run_dir, out, name, resume, autoencoder, ref, sampler):
+def _train(run, t, cache, fp, info, latents, run_dir, out, name, resume, autoencoder, ref, sampler, net, align,
+           rank_setup):
     dev = info.device
-    seed, global_batch, rows, use_bf16 = prepare_rank(t, info)
+    seed, global_batch, rows, use_bf16 = rank_setup
     path = build_path(run["process"])
 
-    net = _build_net(run, cache).to(dev)
+    proj = align.projector.to(dev) if align is not None else None
     ema = None
     if t["ema_decay"] > 0:
         ema = torch.optim.swa_utils.AveragedModel(
             net, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(t["ema_decay"]), use_buffers=True)
-    opt = torch.optim.AdamW(net.parameters(), lr=t["lr"], betas=tuple(t["betas"]), weight_decay=t["weight_decay"])
+    params = list(net.parameters()) + (list(proj.parameters()) if proj is not None else [])
+    opt = torch.optim.AdamW(params, lr=t["lr"], betas=tuple(t["betas"]), weight_decay=t["weight_decay"])
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup(t["warmup_steps"]))
 
     step = 0
@@ -124,12 +140,15 @@ def _train(run, t, cache, fp, info, latents, run_dir, out, name, resume, autoenc
         net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
         if ema is not None:
             ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+        if proj is not None:
+            proj.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("proj.")})
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
         step = int(state["step"])
         log.info("resumed from %s (step %d)", start, step)
 
     model = DDP(net) if info.world_size > 1 else net
+    projector = (DDP(proj) if info.world_size > 1 else proj) if proj is not None else None
     run_dir.mkdir(parents=True, exist_ok=True)
     log_path = run_dir / "metrics.jsonl"
     probe = _SmallNDistance(run, t, sampler, autoencoder, ref, cache, info, name) if t["fid_every"] else None
@@ -140,6 +159,8 @@ def _train(run, t, cache, fp, info, latents, run_dir, out, name, resume, autoenc
             tensors = {f"net.{k}": v for k, v in net.state_dict().items()}
             if ema is not None:
                 tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
+            if proj is not None:
+                tensors.update({f"proj.{k}": v for k, v in proj.state_dict().items()})
             state = {"opt": opt.state_dict(), "sched": sched.state_dict(), "step": step,
                      "rng": seeding.capture_rng_state()}
             saved = checkpoint.save(run_dir, step, tensors, state, KIND, fp, keep=t["keep_checkpoints"])
@@ -166,15 +187,25 @@ def _train(run, t, cache, fp, info, latents, run_dir, out, name, resume, autoenc
             x0, y, tt, noise, drop = (v[rows].to(dev) for v in (x0, y, tt, noise, drop))
             labels = torch.where(drop, torch.full_like(y, null), y) if net.num_classes else None
             x_t, target = path.interpolate(x0, noise, tt)
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
-                pred = model(x_t, tt, labels)
-            loss = path.loss(pred.float(), target).mean()
-            terms = {"loss": loss}
+            if align is None:
+                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
+                    pred = model(x_t, tt, labels)
+                loss = path.loss(pred.float(), target).mean()
+                terms = {"loss": loss}
+            else:
+                y_align = align.targets(idx[rows], dev)
+                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
+                    pred, hidden = model(x_t, tt, labels, hidden_block=align.depth)
+                    proj_tokens = projector(hidden)
+                diff = path.loss(pred.float(), target).mean()
+                align_loss = objectives.alignment_loss(proj_tokens, y_align)
+                loss = diff + align.weight * align_loss
+                terms = {"loss": loss, "diffusion_loss": diff, "align_loss": align_loss}
             check_finite(terms, step, info, run_dir)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if t["grad_clip"]:
-                terms["grad_norm"] = torch.nn.utils.clip_grad_norm_(net.parameters(), t["grad_clip"])
+                terms["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, t["grad_clip"])
             opt.step()
             sched.step()
             if ema is not None:
@@ -205,7 +236,7 @@ def _train(run, t, cache, fp, info, latents, run_dir, out, name, resume, autoenc
     distributed.barrier()
     result: dict[str, Any] = {"steps": step}
     if info.is_main:
-        result = _write_final(run, fp, net, ema, cache, latents, run_dir, out, name, step, info.world_size)
+        result = _write_final(run, fp, net, ema, cache, latents, run_dir, out, name, step, info.world_size, align)
     distributed.barrier()
     return result
 
@@ -251,9 +282,14 @@ class _SmallNDistance:
         return {"step": step, "small_n_distance": d, "metric": metric, "n_samples": int(len(imgs))}
 
 
-def _write_final(run, fp, net, ema, cache, latents, run_dir, out, name, steps, world):
+def _write_final(run, fp, net, ema, cache, latents, run_dir, out, name, steps, world, align=None):
     prov = Provenance(STAGE, name, run, seeds={"train": int(run["train"]["seed"])})
     prov.add_input(latents, "latents")
+    if align is not None and align.reader is not None:
+        prov.add_input(align.reader.folder, "targets")
+    elif align is not None:
+        prov.add_input(align.images.folder, "dataset")
+        prov.add_input(align.encoder.weights_path, f"weights:{align.info['encoder']}", align.encoder.weights_sha256)
     weights = {f"net.{k}": v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
     if ema is not None:
         weights.update({f"ema.{k}": v.detach().cpu().contiguous() for k, v in ema.module.state_dict().items()})
@@ -264,7 +300,8 @@ def _write_final(run, fp, net, ema, cache, latents, run_dir, out, name, steps, w
                "world_size": world, "ema": ema is not None, "parameters": models.count_parameters(net),
                "latents": {"autoencoder": man["autoencoder"], "scale_factor": cache.scale_factor,
                            "shape": list(cache.shape), "count": man["count"],
-                           "manifest_sha256": latents_identity(latents)}}
+                           "manifest_sha256": latents_identity(latents)},
+               "alignment": align.info if align is not None else {"kind": "none"}}
     with atomic.atomic_dir(out) as tmp:
         save_file(weights, tmp / WEIGHTS, metadata={"kind": KIND, "fingerprint": fp})
         (tmp / SUMMARY).write_text(json.dumps(summary, indent=1, default=str) + "\n")

@@ -2,8 +2,10 @@
 
 `inception-fid` is the standard: pytorch-fid's `InceptionV3` (2048-d pool3, its bilinear
 resize to 299 and [0, 1] -> [-1, 1] scaling) with the TF-ported weights; distances with it are
-named "FID". `efficientnet-lite0` (weights ship in a PyPI package) serves the embedded default;
-its distances are named "FD-EffNetLite0" so the two are never mixed up in a table.
+named "FID". `efficientnet-lite0` (weights ship in a PyPI package, 224 px inputs) and
+`efficientnet-lite0-128` (the same on 128 px inputs, the tiny preset's) serve the embedded
+default; their distances are named "FD-EffNetLite0" and "FD-EffNetLite0-128", so that none is
+ever mixed up with another in a table.
 
 Every net takes uint8 images (N, H, W, 3) as a tensor and returns a dict of float32 features:
 `pool` (what the distance uses) and, where the net has a classifier, `logits` (Inception Score).
@@ -63,8 +65,9 @@ class _InceptionFID(nn.Module):
 class _EfficientNetLite0(nn.Module):
     SIZE = 224
 
-    def __init__(self, weights: Path):
+    def __init__(self, weights: Path, size: int = SIZE):
         super().__init__()
+        self.SIZE = size
         from efficientnet_lite_pytorch import EfficientNet
 
         self.net = EfficientNet.from_name("efficientnet-lite0")
@@ -88,6 +91,10 @@ REGISTRY: dict[str, FeatureNetSpec] = {
     "inception-fid": FeatureNetSpec("inception-fid", "FID", "inception-fid", 2048, 1008, _InceptionFID),
     "efficientnet-lite0": FeatureNetSpec("efficientnet-lite0", "FD-EffNetLite0", "efficientnet-lite0", 1280,
                                          1000, _EfficientNetLite0),
+    # The same net on 128 px inputs: ~4x cheaper on the CPU (24 vs 105 ms per image on one
+    # thread), for the tiny preset's 64 px images. Another metric, hence another name.
+    "efficientnet-lite0-128": FeatureNetSpec("efficientnet-lite0-128", "FD-EffNetLite0-128", "efficientnet-lite0",
+                                             1280, 1000, lambda w: _EfficientNetLite0(w, 128)),
 }
 
 

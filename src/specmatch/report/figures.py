@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from ..runtime import atomic  # noqa: E402
 
 
-def _save(fig, path: Path) -> None:
+def save_figure(fig, path: Path) -> None:
     # Fixed metadata so that the same figure gives the same bytes (no software/date stamps).
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120, bbox_inches="tight", metadata={"Software": None})
@@ -61,7 +61,7 @@ def spectrum_distribution_figure(result: dict[str, Any], path: str | Path) -> No
     fig.suptitle(f"Spectrum distribution of {result['dataset']} ({result['split']}, {result['n_images']} images;"
                  f" PSD exponent {slope:.2f})")
     fig.tight_layout()
-    _save(fig, Path(path))
+    save_figure(fig, Path(path))
 
 
 def latent_spectrum_figure(result: dict[str, Any], path: str | Path) -> None:
@@ -81,7 +81,7 @@ def latent_spectrum_figure(result: dict[str, Any], path: str | Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    _save(fig, Path(path))
+    save_figure(fig, Path(path))
 
 
 def image_grid(images, path: str | Path, title: str | None = None, columns: int = 8) -> None:
@@ -104,4 +104,4 @@ def image_grid(images, path: str | Path, title: str | None = None, columns: int 
     ax.set_axis_off()
     if title:
         ax.set_title(title, fontsize=9)
-    _save(fig, Path(path))
+    save_figure(fig, Path(path))

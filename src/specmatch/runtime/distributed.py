@@ -9,9 +9,11 @@ no-op, so trainer code calls them unconditionally and runs unchanged on one CPU.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -181,3 +183,26 @@ def all_gather_object(obj: Any) -> list[Any]:
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+@contextlib.contextmanager
+def shared_atomic_dir(out: str | os.PathLike, info: DistInfo):
+    """An atomic output folder that every rank writes into: the main rank creates the temporary
+    folder (`atomic.atomic_dir`) and renames it into place when the block ends normally, or
+    removes it on an error; the path is broadcast so that the other ranks write their shards
+    beside the main rank's. Callers put a barrier between the ranks' writes and the main
+    rank's final files."""
+    from . import atomic
+
+    ctx = atomic.atomic_dir(out) if info.is_main else None
+    tmp = ctx.__enter__() if ctx is not None else None
+    try:
+        tmp = Path(broadcast_object(str(tmp) if tmp is not None else None))
+        yield tmp
+    except BaseException as e:
+        if ctx is not None:
+            ctx.__exit__(type(e), e, e.__traceback__)
+        raise
+    if ctx is not None:
+        ctx.__exit__(None, None, None)
+

@@ -1,0 +1,91 @@
+"""`specmatch container check`: the shipped definition passes; each defect a definition file can
+carry (the ones a build would silently accept included) is named."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from specmatch import __version__, container
+from specmatch.cli import main as cli_main
+
+REPO = Path(__file__).resolve().parents[1]
+DEF = REPO / "containers" / "specmatch.def"
+
+
+def test_shipped_definition_passes(capsys):
+    assert container.check(DEF) == []
+    assert cli_main(["container", "check", str(DEF)]) == 0
+    assert f"{DEF}: ok" in capsys.readouterr().out
+
+
+def test_parse_reads_header_and_sections():
+    d = container.parse(DEF)
+    assert d.header["bootstrap"] == "docker" and d.header["from"].startswith("nvidia/cuda:")
+    assert {"files", "post", "environment", "labels", "help", "runscript", "test"} == set(d.order)
+    assert "exec specmatch" in d.sections["runscript"]
+    labels = container._labels(d.sections["labels"])
+    assert labels["org.opencontainers.image.version"] == __version__
+
+
+def _mutated(tmp_path, old: str, new: str) -> Path:
+    text = DEF.read_text()
+    assert old in text, old
+    p = tmp_path / "x.def"
+    p.write_text(text.replace(old, new, 1))
+    return p
+
+
+@pytest.mark.parametrize("old, new, expected", [
+    ("%environment", "%enviroment", "%enviroment is not an Apptainer section (it would be ignored); did you mean %environment?"),
+    ("%test", "%tset", "did you mean %test?"),
+    ("%test", "%help2", "section %test is missing"),
+    ("From: nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04", "From: nvidia/cuda:latest", "tag 'latest' is not a version"),
+    ("From: nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04", "From: nvidia/cuda", "has no tag"),
+    ("From: nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04", "From: nvidia/cuda@sha256:abc", "malformed digest"),
+    ("Bootstrap: docker", "Bootstrap: dockr", "unknown bootstrap agent 'dockr'"),
+    ("Bootstrap: docker\n", "", "no `Bootstrap:` line"),
+    ("org.opencontainers.image.version 0.1.0", "org.opencontainers.image.version 9.9.9",
+     "version '9.9.9' differs from the package's"),
+    ("org.opencontainers.image.version 0.1.0", "org.opencontainers.image.revision x", "no version label"),
+    ("-r /opt/specmatch/requirements/lock-gpu.txt", "specmatch-deps", "does not install the pinned requirements"),
+    ('exec specmatch "$@"', 'curl -sO https://example.org/w.pth && exec specmatch "$@"',
+     "%runscript uses the network at run time (curl)"),
+    ("    specmatch --version", "    pip install timm\n    specmatch --version", "%test uses the network at run time (pip install)"),
+    ("    export HF_HUB_OFFLINE=1\n", "", "%environment does not set HF_HUB_OFFLINE=1"),
+    ("    exec specmatch", "    python -c 'import torch; torch.hub.load(\"x\", \"y\")'\n    exec specmatch",
+     "a model-hub download"),
+])
+def test_each_defect_is_named(tmp_path, old, new, expected):
+    problems = container.check(_mutated(tmp_path, old, new))
+    assert any(expected in p for p in problems), problems
+
+
+def test_empty_required_section_and_duplicates(tmp_path):
+    p = _mutated(tmp_path, '%runscript\n    exec specmatch "$@"', "%runscript\n    # nothing\n%help\n    again")
+    problems = container.check(p)
+    assert "section %runscript is empty" in problems and "section %help appears 2 times" in problems
+
+
+def test_base_pinned_by_digest_passes(tmp_path):
+    p = _mutated(tmp_path, "From: nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04", "From: nvidia/cuda@sha256:" + "a" * 64)
+    assert container.check(p) == []
+
+
+def test_network_at_build_time_is_fine_but_not_at_run_time(tmp_path):
+    # %post downloads (pip, apt) are how images are built; the same in %environment is refused.
+    assert "pip install" in container.parse(DEF).sections["post"] and container.check(DEF) == []
+    p = _mutated(tmp_path, "    export TRANSFORMERS_OFFLINE=1", "    export TRANSFORMERS_OFFLINE=1\n    wget -q http://x/y")
+    problems = container.check(p)
+    assert any(s.startswith("%environment uses the network at run time (wget)") for s in problems), problems
+
+
+def test_cli_exit_status_and_missing_file(tmp_path, capsys):
+    bad = _mutated(tmp_path, "%labels", "%lables")
+    assert cli_main(["container", "check", str(DEF), str(bad)]) == 2
+    out = capsys.readouterr()
+    assert f"{DEF}: ok" in out.out and "%lables is not an Apptainer section" in out.out
+    assert "1 definition file(s) failed" in out.err
+    assert cli_main(["container", "check", str(tmp_path / "none.def")]) == 2
+    assert "no such definition file" in capsys.readouterr().err
