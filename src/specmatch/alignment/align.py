@@ -73,7 +73,7 @@ class Alignment:
                         "target_cache": str(targets), "target_dtype": man["dtype"]}
             return cls(p, net, grid, dim, sha256_file(Path(targets) / "manifest.json"), describe, reader=reader)
         if dataset is None:
-            raise SpecmatchError(f"alignment.targets: on-the-fly needs --dataset (the dataset the latents came from)")
+            raise SpecmatchError("alignment.targets: on-the-fly needs --dataset (the dataset the latents came from)")
         images = SplitReader(dataset, "train")
         if images.images_sha256 != latent_manifest.get("dataset_images_sha256"):
             raise SpecmatchError(f"--dataset {dataset}: its train images (sha256 {images.images_sha256}) are not the "
@@ -91,8 +91,4 @@ class Alignment:
             raw = self.reader.targets(entries).to(device)
         else:
             raw = self.encoder(entry_images(self.images, np.asarray(entries), self.hflip).to(device))
-        y = objectives.transform(objectives.resize_grid(raw, self.token_grid[0]), self.kind, self.p)
-        return y
-
-    def loss(self, projector: nn.Module, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return objectives.alignment_loss(projector(hidden), target)
+        return objectives.transform(objectives.resize_grid(raw, self.token_grid[0]), self.kind, self.p)

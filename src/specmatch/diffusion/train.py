@@ -34,6 +34,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from .. import config as config_mod
+from ..alignment import objectives
 from ..autoencoder.latents import LatentReader
 from ..errors import SpecmatchError
 from ..runtime import atomic, checkpoint, distributed, seeding
@@ -42,7 +43,6 @@ from ..runtime.provenance import Provenance
 from ..runtime.signals import StopRequest
 from ..runtime.training import (Interrupted, NonFiniteLoss, batch_indices, check_finite, end_of_step,
                                 prepare_rank, run_folder, warmup)
-from ..alignment import objectives
 from . import models, transport
 
 log = logging.getLogger(__name__)
@@ -187,20 +187,18 @@ def _train(run, t, cache, fp, info, latents, run_dir, out, name, resume, autoenc
             x0, y, tt, noise, drop = (v[rows].to(dev) for v in (x0, y, tt, noise, drop))
             labels = torch.where(drop, torch.full_like(y, null), y) if net.num_classes else None
             x_t, target = path.interpolate(x0, noise, tt)
-            if align is None:
-                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
+                if align is None:
                     pred = model(x_t, tt, labels)
-                loss = path.loss(pred.float(), target).mean()
-                terms = {"loss": loss}
-            else:
-                y_align = align.targets(idx[rows], dev)
-                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
+                else:
                     pred, hidden = model(x_t, tt, labels, hidden_block=align.depth)
                     proj_tokens = projector(hidden)
-                diff = path.loss(pred.float(), target).mean()
-                align_loss = objectives.alignment_loss(proj_tokens, y_align)
-                loss = diff + align.weight * align_loss
-                terms = {"loss": loss, "diffusion_loss": diff, "align_loss": align_loss}
+            loss = path.loss(pred.float(), target).mean()
+            terms = {"loss": loss}
+            if align is not None:
+                align_loss = objectives.alignment_loss(proj_tokens, align.targets(idx[rows], dev))
+                terms = {"loss": loss + align.weight * align_loss, "diffusion_loss": loss, "align_loss": align_loss}
+                loss = terms["loss"]
             check_finite(terms, step, info, run_dir)
             opt.zero_grad(set_to_none=True)
             loss.backward()
