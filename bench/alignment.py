@@ -66,8 +66,9 @@ from specmatch.data.reader import SplitReader
 from specmatch.data.shards import MANIFEST_SCHEMA as DATASET_SCHEMA
 from specmatch.data.shards import write_manifest, write_npz
 from specmatch.diffusion import models, transport
+from specmatch.diffusion.train import draw_batch
 from specmatch.errors import SpecmatchError
-from specmatch.runtime import distributed, seeding
+from specmatch.runtime import distributed
 from specmatch.runtime.hashing import sha256_file
 from specmatch.runtime.training import batch_indices, check_finite, prepare_rank, warmup
 
@@ -212,14 +213,8 @@ class Bench:
     def step(self, v: Variant) -> None:
         a, dev, cache, path = self.a, self.dev, self.cache, self.path
         net, s, seed, batch = v.net, v.step, a.seed, a.batch
-        idx = batch_indices(len(cache), batch, seed, s)
-        gen = torch.Generator().manual_seed(seeding.step_seed(seed, s, "posterior"))
-        x0, y = cache.sample(idx, gen)
-        gen = torch.Generator().manual_seed(seeding.step_seed(seed, s, "diffusion"))
-        tt = path.sample_t(batch, gen, torch.device("cpu"))
-        noise = torch.randn(x0.shape, generator=gen)
-        drop = torch.rand(batch, generator=gen) < a.label_dropout
-        x0, y, tt, noise, drop = (t.to(dev) for t in (x0, y, tt, noise, drop))
+        idx, *drawn = draw_batch(cache, path, batch, seed, s, a.label_dropout)  # the trainer's own draw
+        x0, y, tt, noise, drop = (t.to(dev) for t in drawn)
         labels = torch.where(drop, torch.full_like(y, getattr(net, "null_label", 0)), y) if net.num_classes else None
         x_t, target = path.interpolate(x0, noise, tt)
         if v.proj is None:

@@ -117,6 +117,21 @@ def train(run: dict[str, Any], latents: str | Path, out: str | Path, name: str, 
         distributed.teardown()
 
 
+def draw_batch(cache: LatentReader, path: transport.Path, global_batch: int, seed: int, step: int,
+               label_dropout: float) -> tuple:
+    """Everything random of step `step`, for the whole global batch, on the CPU: (cache entries,
+    scaled posterior samples, labels, t, diffusion noise, label-dropout mask), each from a stream
+    seeded by (seed, step), so that ranks slice the same batch and a resumed run redraws it."""
+    idx = batch_indices(len(cache), global_batch, seed, step)
+    gen = torch.Generator().manual_seed(seeding.step_seed(seed, step, "posterior"))
+    x0, y = cache.sample(idx, gen)
+    gen = torch.Generator().manual_seed(seeding.step_seed(seed, step, "diffusion"))
+    tt = path.sample_t(global_batch, gen, torch.device("cpu"))
+    noise = torch.randn(x0.shape, generator=gen)
+    drop = torch.rand(global_batch, generator=gen) < label_dropout
+    return idx, x0, y, tt, noise, drop
+
+
 def _train(run, t, cache, fp, info, latents, run_dir, out, name, resume, autoencoder, ref, sampler, net, align,
            rank_setup):
     dev = info.device
@@ -177,14 +192,8 @@ def _train(run, t, cache, fp, info, latents, run_dir, out, name, resume, autoenc
     t_last, n_last = time.perf_counter(), step
     with StopRequest() as stop:
         while step < steps:
-            idx = batch_indices(len(cache), global_batch, seed, step)
-            gen = torch.Generator().manual_seed(seeding.step_seed(seed, step, "posterior"))
-            x0, y = cache.sample(idx, gen)
-            gen = torch.Generator().manual_seed(seeding.step_seed(seed, step, "diffusion"))
-            tt = path.sample_t(global_batch, gen, torch.device("cpu"))
-            noise = torch.randn(x0.shape, generator=gen)
-            drop = torch.rand(global_batch, generator=gen) < t["label_dropout"]
-            x0, y, tt, noise, drop = (v[rows].to(dev) for v in (x0, y, tt, noise, drop))
+            idx, *batch = draw_batch(cache, path, global_batch, seed, step, t["label_dropout"])
+            x0, y, tt, noise, drop = (v[rows].to(dev) for v in batch)
             labels = torch.where(drop, torch.full_like(y, null), y) if net.num_classes else None
             x_t, target = path.interpolate(x0, noise, tt)
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
