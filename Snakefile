@@ -2,9 +2,20 @@
 # presets/<preset>.yaml, validated against workflow/schemas/params.schema.yaml.
 #   snakemake                        # paper grid (profiles/default is picked up automatically)
 #   snakemake --config preset=tiny   # the embedded default (what `make demo` runs)
+import os
+import signal
+
 from snakemake.utils import min_version, validate
 
 min_version("9.0")
+
+# Inside a SLURM job, SIGUSR1 is SLURM's warning before the time limit, sent to every process
+# of the job step: it is meant for the trainers (which checkpoint and stop), and this Snakemake
+# process (the step's task, whose death would end the step) and the rule's shell it starts
+# must survive it. Its default action kills; ignored, it stays ignored in the children, and the
+# stages install their own handler (docs/cluster.md).
+if "SLURM_JOB_ID" in os.environ:
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
 configfile: "params.yaml"
@@ -22,6 +33,12 @@ include: "workflow/rules/evaluation.smk"
 include: "workflow/rules/autoencoders.smk"
 include: "workflow/rules/diffusion.smk"
 include: "workflow/rules/alignment.smk"
+include: "workflow/rules/report.smk"
+
+
+_unknown = set(config["resources"]["rules"]) - {r.name for r in workflow.rules}
+if _unknown:
+    raise ValueError(f"resources.rules names unknown rules {sorted(_unknown)}; rules: {sorted(r.name for r in workflow.rules)}")
 
 
 rule all:
@@ -32,3 +49,4 @@ rule all:
         rules.autoencoder_phase.input,
         rules.diffusion_phase.input,
         rules.alignment_phase.input,
+        rules.report.output,

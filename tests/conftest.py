@@ -130,3 +130,101 @@ def sigterm_run(args: list[str], run_dir, out):
     assert len(ckpts) == 1 and ckpts[0][0] >= 2
     assert not Path(out).exists()
     return ckpts[0]
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A real one-node SLURM cluster (tests/slurm_cluster.py) for the whole session; the tests
+    that need it skip, with the reason, where it cannot be started (CI installs slurm-wlm)."""
+    import slurm_cluster as sc
+
+    why = sc.unavailable()
+    if why:
+        pytest.skip(f"no local SLURM cluster: {why}")
+    try:
+        cluster = sc.LocalSlurm().start()
+    except sc.Busy as e:
+        pytest.skip(f"no local SLURM cluster: {e}")
+    yield cluster
+    cluster.stop()
+
+
+STAND_IN_BIN = REPO / "tests" / "bin"  # the recording `apptainer` stand-in
+
+
+def slurm_snakemake(repo: Path, args: list[str], env: dict, timeout: int = 3000):
+    """`snakemake --profile slurm ARGS` in the copy `repo`, with the recording `apptainer`
+    stand-in first on PATH and a fake image where params.yaml's container.image points (its
+    .sha256 sidecar is what provenance records). Started as a child (Popen); SLURM jobs have no
+    way to stop a hung Snakemake, so `timeout -s KILL` bounds it (ENVIRONMENT.md)."""
+    import hashlib
+    import os
+    import subprocess
+
+    image = repo / "containers" / "specmatch.sif"
+    image.write_bytes(b"stand-in image for the tests\n")
+    image.with_name(image.name + ".sha256").write_text(hashlib.sha256(image.read_bytes()).hexdigest() + "\n")
+    env = {**env, "PATH": f"{STAND_IN_BIN}{os.pathsep}{env['PATH']}",
+           "SPECMATCH_APPTAINER_LOG": str(repo / "apptainer-calls.jsonl")}
+    cmd = ["timeout", "-s", "KILL", str(timeout), str(Path(sys.executable).parent / "snakemake"),
+           "--profile", "slurm", *args]
+    return subprocess.Popen(cmd, cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+# The end-to-end tests (test_pipeline.py, test_slurm.py) work in temporary copies of the
+# repository, so that the developer's results/ are never touched.
+COPY_IGNORE = ("results", ".snakemake", ".git", "__pycache__", ".pytest_cache", ".hypothesis", "*.egg-info",
+               ".venv", ".whl", ".gl")
+
+
+def dag_env() -> dict[str, str]:
+    """The environment of a DAG run: the venv's executables on PATH, a git identity for DVC."""
+    import os
+
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.update(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
+    return env
+
+
+def copy_repo(dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(REPO, dst, ignore=shutil.ignore_patterns(*COPY_IGNORE), symlinks=True)
+    return dst
+
+
+def run_checked(cmd: list[str], cwd: Path, timeout: int = 1800):
+    import subprocess
+
+    proc = subprocess.run(cmd, cwd=cwd, env=dag_env(), capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, request) -> Path:
+    """One run of the whole tiny DAG, shared by the end-to-end tests: through
+    `snakemake --profile slurm` on the local SLURM cluster where one can start (CI installs
+    it), else `snakemake --cores 2` (what `make demo` runs). `<repo>/.executor` says which."""
+    import slurm_cluster as sc
+
+    repo = copy_repo(tmp_path_factory.mktemp("dag") / "repo")
+    cluster = None
+    if sc.unavailable() is None:
+        try:
+            cluster = request.getfixturevalue("slurm_cluster")
+        except pytest.skip.Exception:
+            pass
+    if cluster is not None:
+        # Status checks from 5 s on (the profile's 20 s suits long jobs; these take seconds).
+        proc = slurm_snakemake(repo, ["--config", "preset=tiny", "--slurm-init-seconds-before-status-checks", "5"],
+                               dag_env(), timeout=3600)
+        out, _ = proc.communicate()
+        assert proc.returncode == 0, out[-6000:]
+        (repo / ".executor").write_text("slurm\n")
+    else:
+        run_checked([str(Path(sys.executable).parent / "snakemake"), "--cores", "2", "--config", "preset=tiny"], repo)
+        (repo / ".executor").write_text("local\n")
+    return repo

@@ -40,7 +40,8 @@ def test_eval_metrics_against_independent_recomputation(tmp_path, trained):
     data, ae_dir = trained
     res = evaluate.evaluate(RUN, ae_dir, data, "micro", tmp_path / "ev")
     assert sorted(p.name for p in (tmp_path / "ev").iterdir()) == ["latent_spectrum.png", "metrics.json",
-                                                                   "provenance.json"]
+                                                                   "provenance.json", "reconstructions.npz",
+                                                                   "reconstructions.png"]
     ae, _ = train.load_trained(ae_dir, use_ema=False)
     images, _ = load_split(data, "test")
     with torch.no_grad():

@@ -89,3 +89,19 @@ def test_cli_exit_status_and_missing_file(tmp_path, capsys):
     assert "1 definition file(s) failed" in out.err
     assert cli_main(["container", "check", str(tmp_path / "none.def")]) == 2
     assert "no such definition file" in capsys.readouterr().err
+
+
+def test_binds_follow_symlinks_to_shared_storage(tmp_path, capsys):
+    repo, storage = tmp_path / "repo", tmp_path / "scratch" / "results"
+    storage.mkdir(parents=True)
+    (repo / "resources").mkdir(parents=True)
+    (repo / "results").symlink_to(storage)
+    # data/ is missing: a bind of a missing source would make apptainer fail, so it is left out
+    assert container.binds(repo) == [str(repo / "resources"), f"{storage}:{repo / 'results'}"]
+    cli_main(["container", "binds", "--root", str(repo)])
+    assert capsys.readouterr().out.strip() == f"--bind {repo / 'resources'},{storage}:{repo / 'results'}"
+
+
+def test_binds_print_nothing_without_folders(tmp_path, capsys):
+    cli_main(["container", "binds", "--root", str(tmp_path)])
+    assert capsys.readouterr().out == "\n"

@@ -1,10 +1,11 @@
 """End to end: the tiny DAG through Snakemake, `snakemake --lint`, and `dvc repro`, each in a
-temporary copy of the repository (so the developer's results/ are never touched)."""
+temporary copy of the repository (so the developer's results/ are never touched). The tiny DAG
+runs once per session (the `tiny_run` fixture of conftest.py): through `--profile slurm` on a
+local SLURM cluster where one starts (CI), else locally as `make demo` runs it."""
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -13,26 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import copy_repo as _copy_repo
+from conftest import dag_env as _env
+from conftest import run_checked as _run
+
 BIN = Path(sys.executable).parent
-IGNORE = shutil.ignore_patterns(".venv", "results", ".snakemake", ".git", "__pycache__", ".pytest_cache",
-                                ".hypothesis", "*.egg-info", ".whl", ".gl")
 
 pytestmark = pytest.mark.slow
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
-    env.update(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
-    return env
-
-
-def _run(cmd: list[str], cwd: Path, timeout: int = 1800) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
-    return proc
 
 
 def _tree_hashes(root: Path) -> dict[str, str]:
@@ -40,19 +28,6 @@ def _tree_hashes(root: Path) -> dict[str, str]:
 
     return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def _copy_repo(dst: Path) -> Path:
-    shutil.copytree(REPO, dst, ignore=IGNORE, symlinks=True)
-    return dst
-
-
-@pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory) -> Path:
-    """One Snakemake run of the tiny DAG, shared by the tests below."""
-    repo = _copy_repo(tmp_path_factory.mktemp("dag") / "repo")
-    _run([str(BIN / "snakemake"), "--cores", "2", "--config", "preset=tiny"], repo)
-    return repo
 
 
 def test_tiny_dag_outputs(tiny_run):
@@ -103,6 +78,9 @@ def test_tiny_dag_outputs(tiny_run):
 
 
 DIFFUSION_JOBS = {"train_diffusion": 7, "sample": 8, "generation_metrics": 8, "generation_table": 1}
+# The metric over training of the three U-ViT runs (report.progress) and the report itself.
+REPORT_JOBS = {"fid_progress": 3, "report": 1}
+UVIT = ("embedded-tiny-sdvae-uvit", "embedded-tiny-esm-uvit", "embedded-tiny-dsm-uvit")
 ALIGNED = ("embedded-tiny-dsm-sit-repa", "embedded-tiny-dsm-sit-irepa", "embedded-tiny-dsm-sit-dog")
 SAMPLE_SETS = {("embedded-tiny-sdvae-uvit", "tiny-dpm20"), ("embedded-tiny-esm-uvit", "tiny-dpm20"),
                ("embedded-tiny-dsm-uvit", "tiny-dpm20"), ("embedded-tiny-dsm-sit", "tiny-sde30"),
@@ -198,6 +176,54 @@ def test_trained_tiny_diffusion_beats_its_untrained_self(tiny_run, tmp_path):
     assert after["FD-EffNetLite0-128"] < before, (after["FD-EffNetLite0-128"], before)
 
 
+def test_tiny_dag_report_outputs(tiny_run):
+    """The paper report: every table and figure linked from index.md, the tables' numbers equal
+    to the stage outputs they come from, the U-ViT snapshots and their metric over training, and
+    an audit from a table back to the raw data."""
+    import pandas as pd
+
+    out = tiny_run / "results" / "tiny"
+    rep = out / "report"
+    page = (rep / "index.md").read_text()
+    files = sorted((rep / "tables").iterdir()) + sorted((rep / "figures").iterdir())
+    assert {f.name for f in (rep / "tables").iterdir()} == {f"{t}.{e}" for t in (
+        "e1", "e2", "e3", "e4_data", "e4_latents", "fid_over_training") for e in ("csv", "md")}
+    for f in files:
+        assert f"]({f.parent.name}/{f.name})" in page, f.name
+    names = {f.name for f in (rep / "figures").iterdir()}
+    assert {"spectra_embedded_16x16.png", "reconstructions_embedded.png", "target_spectra.png",
+            "fid_over_training.png", "data_spectra_embedded.png"} <= names
+    assert {f"samples_{d}-{s}.png" for d, s in SAMPLE_SETS} <= names
+    e1 = pd.read_csv(rep / "tables" / "e1.csv")
+    assert e1["autoencoder"].tolist() == ["embedded-tiny-sdvae", "embedded-tiny-esm", "embedded-tiny-dsm"]
+    for _, r in e1.iterrows():
+        ev = json.loads((out / "ae_eval" / r["autoencoder"] / "metrics.json").read_text())
+        gm = json.loads((out / "gen_metrics" / r["diffusion"] / "tiny-dpm20" / "metrics.json").read_text())
+        assert r["diffusion"] == r["autoencoder"] + "-uvit" and r["n_samples"] == 128
+        assert r["PSNR"] == pytest.approx(ev["psnr"], rel=1e-5)
+        assert r["rFD-EffNetLite0-128"] == pytest.approx(ev["rFD-EffNetLite0-128"], rel=1e-5)
+        assert r["FD-EffNetLite0-128"] == pytest.approx(gm["FD-EffNetLite0-128"], rel=1e-5)
+    e2 = pd.read_csv(rep / "tables" / "e2.csv")
+    assert set(e2["diffusion"]) == {"embedded-tiny-dsm-sit"} and sorted(e2["cfg_scale"]) == [1.0, 2.0]
+    e3 = pd.read_csv(rep / "tables" / "e3.csv")
+    plain = e3[e3["cfg_scale"] == 1.0]
+    assert plain["alignment"].tolist() == ["none", "repa", "irepa", "dog"]
+    assert plain["target_RMSC2"].iloc[1:].notna().all() and pd.isna(plain["target_RMSC2"].iloc[0])
+    e4 = pd.read_csv(rep / "tables" / "e4_latents.csv")
+    assert len(e4) == 3 and {"rFD-EffNetLite0-128 LP k=8", "rFD-EffNetLite0-128 LP k=12"} <= set(e4.columns)
+    for diff in UVIT:
+        assert sorted(p.name for p in (out / "diffusion" / diff / "snapshots").iterdir()) == [
+            "step-00000040.safetensors", "step-00000080.safetensors"]
+        prog = pd.read_csv(out / "progress" / diff / "progress.csv")
+        assert prog["step"].tolist() == [40, 80, 160] and (prog["n_samples"] == 64).all()
+        assert (prog["metric"] == "FD-EffNetLite0-128").all() and prog["value"].notna().all()
+    curve = pd.read_csv(rep / "tables" / "fid_over_training.csv")
+    assert len(curve) == 3 * 3 + 3 and (curve[curve["source"] == "generation table"]["n_samples"] == 128).all()
+    audit = _run([str(BIN / "specmatch"), "audit", "--no-dvc", "results/tiny/report/tables/e1.csv"], tiny_run)
+    assert "results/tiny/data/embedded" in audit.stdout and "results/tiny/progress" in audit.stdout
+    assert "FAILED" not in audit.stdout
+
+
 def test_tiny_dag_is_up_to_date_after_run(tiny_run):
     proc = _run([str(BIN / "snakemake"), "--cores", "1", "--config", "preset=tiny", "-n"], tiny_run)
     assert "Nothing to be done" in proc.stdout + proc.stderr
@@ -217,48 +243,48 @@ def _planned_jobs(repo: Path, override: str) -> dict[str, int]:
 
 
 def test_spectra_parameter_change_reruns_only_spectra(tiny_run):
-    assert _planned_jobs(tiny_run, "spectra={n_bins: 8}") == {"data_spectra": 1, "all": 1}
+    assert _planned_jobs(tiny_run, "spectra={n_bins: 8}") == {"data_spectra": 1, "report": 1, "all": 1}
 
 
 def test_dataset_parameter_change_reruns_data_and_spectra(tiny_run):
     assert _planned_jobs(tiny_run, "datasets={embedded: {seed: 1}}") == {
         "prepare_data": 1, "data_spectra": 1, "fid_ref": 1, "fid_real_floor": 1, "train_ae": 3, "eval_ae": 3,
-        "extract_latents": 3, "extract_targets": 1, "target_spectra": 1, **DIFFUSION_JOBS, "all": 1}
+        "extract_latents": 3, "extract_targets": 1, "target_spectra": 1, **DIFFUSION_JOBS, **REPORT_JOBS, "all": 1}
 
 
 def test_autoencoder_eval_change_reruns_only_evaluation(tiny_run):
-    assert _planned_jobs(tiny_run, "autoencoder={eval: {max_images: 64}}") == {"eval_ae": 3, "all": 1}
+    assert _planned_jobs(tiny_run, "autoencoder={eval: {max_images: 64}}") == {"eval_ae": 3, "report": 1, "all": 1}
 
 
 def test_autoencoder_train_change_reruns_training_and_downstream(tiny_run):
     assert _planned_jobs(tiny_run, "autoencoder={train: {lr: 1e-4}}") == {
-        "train_ae": 3, "eval_ae": 3, "extract_latents": 3, **DIFFUSION_JOBS, "all": 1}
+        "train_ae": 3, "eval_ae": 3, "extract_latents": 3, **DIFFUSION_JOBS, **REPORT_JOBS, "all": 1}
 
 
 def test_metrics_parameter_change_reruns_evaluation_and_scores(tiny_run):
     assert _planned_jobs(tiny_run, "metrics={pr_k: 5}") == {
-        "fid_ref": 1, "fid_real_floor": 1, "generation_metrics": 8, "generation_table": 1, "all": 1}
+        "fid_ref": 1, "fid_real_floor": 1, "generation_metrics": 8, "generation_table": 1, **REPORT_JOBS, "all": 1}
 
 
 def test_diffusion_train_change_reruns_diffusion_sampling_and_scores(tiny_run):
-    assert _planned_jobs(tiny_run, "diffusion={train: {lr: 5e-4}}") == {**DIFFUSION_JOBS, "all": 1}
+    assert _planned_jobs(tiny_run, "diffusion={train: {lr: 5e-4}}") == {**DIFFUSION_JOBS, **REPORT_JOBS, "all": 1}
 
 
 def test_dog_change_reruns_only_the_dog_run_and_the_diagnostics(tiny_run):
     assert _planned_jobs(tiny_run, "diffusion={alignment: {dog: {sigma2: 3.0}}}") == {
         "train_diffusion": 1, "sample": 1, "generation_metrics": 1, "generation_table": 1, "target_spectra": 1,
-        "all": 1}
+        "report": 1, "all": 1}
 
 
 def test_target_cache_change_reruns_the_aligned_runs(tiny_run):
     assert _planned_jobs(tiny_run, "targets={dtype: float32}") == {
         "extract_targets": 1, "target_spectra": 1, "train_diffusion": 3, "sample": 3, "generation_metrics": 3,
-        "generation_table": 1, "all": 1}
+        "generation_table": 1, "report": 1, "all": 1}
 
 
 def test_sampler_change_reruns_only_its_samples_and_scores(tiny_run):
     assert _planned_jobs(tiny_run, "samplers={tiny-dpm20: {steps: 15}}") == {
-        "sample": 3, "generation_metrics": 3, "generation_table": 1, "all": 1}
+        "sample": 3, "generation_metrics": 3, "generation_table": 1, **REPORT_JOBS, "all": 1}
 
 
 def test_snakemake_lint_is_clean(tmp_path):
@@ -279,7 +305,8 @@ def test_dvc_repro_stages(tmp_path):
     text = preset.read_text()
     for old, new in (("steps: 120", "steps: 10"), ("max_images: 2048", "max_images: 256"),
                      ("max_images: 128 ", "max_images: 32 "), ("steps: 160", "steps: 10"),
-                     ("n_samples: 128", "n_samples: 16")):
+                     ("n_samples: 128", "n_samples: 16"), ("snapshot_steps: [40, 80]", "snapshot_steps: [5]"),
+                     ("n_samples: 64", "n_samples: 8")):
         assert old in text, old
         text = text.replace(old, new)
     preset.write_text(text)
@@ -310,10 +337,20 @@ def test_dvc_repro_stages(tmp_path):
     assert {o: _tree_hashes(repo / o) for o in outs} == before
     audit = _run([str(BIN / "specmatch"), "audit", "results/tiny/tables/generation/generation.csv"], repo)
     assert "results/tiny/data/embedded" in audit.stdout and "FAILED" not in audit.stdout
+    assert "results/tiny/report" in lock and (repo / "results/tiny/report/index.md").is_file()
+    audit = _run([str(BIN / "specmatch"), "audit", "results/tiny/report/tables/e1.csv"], repo)
+    assert "results/tiny/progress" in audit.stdout and "FAILED" not in audit.stdout
     # A parameter of the phase changes -> DVC sees the stage as changed.
     params.write_text(params.read_text().replace("n_bins: 16", "n_bins: 8", 1))
     status = _run([str(BIN / "dvc"), "status"], repo)
     assert "data" in status.stdout and "spectra" in status.stdout
     assert "evaluation" not in status.stdout  # its params and dependencies did not change
     assert "autoencoders" not in status.stdout and "diffusion" not in status.stdout
-    assert "alignment" not in status.stdout
+    assert "alignment" not in status.stdout and "report" not in status.stdout
+    # A sampler changes -> the diffusion stage and the report (whose metric over training uses
+    # the runs' first sampler) re-run; the alignment stage does not.
+    params.write_text(params.read_text().replace("dpm50-10k: {method: dpm-solver, steps: 50",
+                                                 "dpm50-10k: {method: dpm-solver, steps: 40", 1))
+    status = _run([str(BIN / "dvc"), "status"], repo)
+    assert "diffusion" in status.stdout and "report" in status.stdout
+    assert "alignment" not in status.stdout and "autoencoders" not in status.stdout

@@ -118,12 +118,39 @@ def _cmd_report_generation(args) -> None:
     print(df[["diffusion", "sampler", "metric", "value"]].to_string(index=False))
 
 
+def _cmd_fid_progress(args) -> None:
+    from . import config
+    from .diffusion import progress
+
+    df = progress.run(args.model, args.autoencoder, args.ref, config.parse_params_arg(args.params), args.name, args.out)
+    print(df[["diffusion", "step", "source", "metric", "value", "n_samples"]].to_string(index=False))
+
+
+def _cmd_report_paper(args) -> None:
+    from . import config
+    from .report import paper
+
+    inputs = paper.Inputs.load(spectra=args.spectra, ae_eval=args.ae_eval, diffusion=args.diffusion,
+                               gen_metrics=args.gen_metrics, samples=args.samples,
+                               target_spectra=args.target_spectra, progress=args.progress)
+    tables = paper.write(config.parse_params_arg(args.params), inputs, args.name, args.out)
+    print(f"{args.out}/{paper.INDEX}: " + ", ".join(f"{k} ({len(v)} rows)" for k, v in tables.items() if len(v)))
+
+
 def _cmd_data_add(args) -> None:
     from .data import versioning
 
     for path in args.paths:
         pointer = versioning.add(path, args.root)
         print(f"{path}: tracked by DVC ({pointer.name}); next: git add {pointer.name} .gitignore && dvc push")
+
+
+def _cmd_container_binds(args) -> None:
+    from . import container
+
+    specs = container.binds(args.root)
+    # One line for the shell of a rule's container call (slurm/config.yaml: apptainer-args).
+    print(f"--bind {','.join(specs)}" if specs else "")
 
 
 def _cmd_container_check(args) -> None:
@@ -337,6 +364,20 @@ def build_parser() -> argparse.ArgumentParser:
                                        "weights and settings)")
     _stage_io(p, _cmd_sample, params_required=True)
 
+    p = sub.add_parser("fid-progress", help="generation metric of a diffusion run's snapshots over training",
+                       description="Sample every snapshot of a train-diffusion output (train.snapshot_steps) and its "
+                                   "final weights with one sampler and n_samples samples (the same noise and labels "
+                                   "at every point), decode them with the autoencoder and score them against "
+                                   "reference statistics with the metric of `fid calc`. Writes progress.csv (one row "
+                                   "per step: metric by name, value, precision, recall, IS and the protocol), "
+                                   "progress.json and provenance.json in OUT. Parameters: {\"sampler\": resolved "
+                                   "sampler settings (the run's first sampler; n_samples is replaced), \"metrics\": "
+                                   "the `metrics` section, \"n_samples\": report.progress.n_samples}.")
+    p.add_argument("--model", required=True, help="train-diffusion output folder with snapshots/")
+    p.add_argument("--autoencoder", required=True, help="train-ae output folder whose latents the model learnt")
+    p.add_argument("--ref", required=True, help="reference statistics folder (from `fid ref`)")
+    _stage_io(p, _cmd_fid_progress, params_required=True)
+
     p = sub.add_parser("fid", help="Fréchet distance: reference statistics and sample metrics")
     fsub = p.add_subparsers(dest="fid_command", required=True)
     q = fsub.add_parser("ref", help="reference statistics of a prepared dataset split",
@@ -368,6 +409,27 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--name", required=True, help="table name, recorded in the outputs")
     q.add_argument("--out", required=True, help="output folder (replaced atomically)")
     q.set_defaults(func=_cmd_report_generation)
+    q = rsub.add_parser("paper", help="the paper's tables (E1-E4) and figures, and the report page",
+                        description="Collect the stage outputs of the grid into the paper's experiments (SPEC 9; "
+                                    "which runs form E1-E4: the `report` parameters, docs/report.md) and write OUT: "
+                                    "index.md (what each experiment is, its protocol, links), tables/ (e1, e2, e3, "
+                                    "e4_data, e4_latents, fid_over_training as .csv and .md, protocol columns beside "
+                                    "every number, one metric per column), figures/ (spectrum distributions of "
+                                    "images vs latents per dataset and grid, data and target spectra, "
+                                    "reconstructions, sample grids, metric over training) and provenance.json "
+                                    "listing every input. Each input folder is identified by the run name recorded "
+                                    "in it; a run the parameters name without an input folder is an error. "
+                                    "Parameters: the `report` section (schema $defs/report: experiments.E1-E4 "
+                                    "with autoencoders, diffusions, datasets; progress; reconstructions).")
+    q.add_argument("--spectra", nargs="*", default=[], help="data-spectra output folders (one per dataset)")
+    q.add_argument("--ae-eval", nargs="*", default=[], help="eval-ae output folders")
+    q.add_argument("--diffusion", nargs="*", default=[], help="train-diffusion output folders")
+    q.add_argument("--gen-metrics", nargs="*", default=[], help="`fid calc` output folders of `sample` outputs")
+    q.add_argument("--samples", nargs="*", default=[], help="sample output folders (their grid.png)")
+    q.add_argument("--target-spectra", default=None, help="target-spectra output folder (E3's target diagnostics)")
+    q.add_argument("--progress", nargs="*", default=[], help="fid-progress output folders")
+    _stage_io(q, _cmd_report_paper, "report name (the preset), recorded in the outputs and the page title",
+              params_required=True)
 
     p = sub.add_parser("audit", help="verify the lineage of a result back to raw data and weights",
                        description="Walk the provenance records from ARTEFACT (a table, figure, checkpoint, any "
@@ -402,6 +464,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("definitions", nargs="*", default=["containers/specmatch.def"],
                    help="definition files (default: containers/specmatch.def)")
     q.set_defaults(func=_cmd_container_check)
+    q = csub.add_parser("binds", help="the --bind option for data/, resources/ and results/",
+                        description="Print the Apptainer --bind option that makes data/, resources/ and results/ of "
+                                    "the repository visible in the container at the paths the rules use, following "
+                                    "symlinks to shared storage (real:path). Folders that do not exist are left out; "
+                                    "prints nothing when none exists. The SLURM profile calls it in apptainer-args.")
+    q.add_argument("--root", default=".", help="repository root (default: .)")
+    q.set_defaults(func=_cmd_container_binds)
 
     p = sub.add_parser("resources", help="pretrained files")
     rsub = p.add_subparsers(dest="resources_command", required=True)

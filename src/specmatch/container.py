@@ -186,3 +186,24 @@ def _spython_view(d: Definition) -> list[str]:
     if "test" in d.sections and _code_lines(d.sections["test"]) and not recipe.test:
         problems.append("spython reads no %test section")
     return problems
+
+
+# The folders a rule reads and writes besides the code: on a cluster they are often symlinks to
+# shared storage outside the repository, which the container does not see unless bound.
+BIND_FOLDERS = ("data", "resources", "results")
+
+
+def binds(root: str | Path = ".", folders: tuple[str, ...] = BIND_FOLDERS) -> list[str]:
+    """Apptainer bind specifications for the folders of `root` that exist: `real:path` where the
+    folder resolves elsewhere (a symlink to shared storage), else the path itself. The
+    repository is the working directory of every rule, so each is bound at the path the rules
+    use."""
+    root = Path(root).absolute()
+    out = []
+    for name in folders:
+        path = root / name
+        if not path.exists():
+            continue
+        real = path.resolve()
+        out.append(str(path) if real == path else f"{real}:{path}")
+    return out

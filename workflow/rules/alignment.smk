@@ -10,11 +10,15 @@ rule extract_targets:
     output:
         directory(f"{RESULTS}/targets/{{dataset}}/{{encoder}}-{{size}}"),
     params:
+        launch=launch("extract_targets"),
         p=lambda w: as_json({**config["targets"], "encoder": w.encoder, "image_size": int(w.size)}),
     log:
         f"{RESULTS}/logs/extract_targets/{{dataset}}/{{encoder}}-{{size}}.log",
+    threads: job_threads("extract_targets")
+    resources:
+        **job_resources("extract_targets"),
     shell:
-        "specmatch extract-targets --dataset {input} --name {wildcards.dataset}-{wildcards.encoder}-{wildcards.size}"
+        "{params.launch} extract-targets --dataset {input} --name {wildcards.dataset}-{wildcards.encoder}-{wildcards.size}"
         " --params {params.p:q} --out {output} > {log} 2>&1"
 
 
@@ -27,6 +31,9 @@ rule target_spectra:
         p=target_spectra_json(),
     log:
         f"{RESULTS}/logs/target_spectra.log",
+    threads: job_threads("target_spectra")
+    resources:
+        **job_resources("target_spectra"),
     shell:
         "specmatch target-spectra --targets {input} --name target-spectra --params {params.p:q} --out {output}"
         " > {log} 2>&1"

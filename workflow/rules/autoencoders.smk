@@ -10,12 +10,16 @@ rule train_ae:
     output:
         directory(f"{RESULTS}/autoencoders/{{ae}}"),
     params:
+        launch=launch("train_ae"),
         p=ae_json("train", "loss", "disc"),
         runs_root=ae_runs_root,
     log:
         f"{RESULTS}/logs/train_ae/{{ae}}.log",
+    threads: job_threads("train_ae")
+    resources:
+        **job_resources("train_ae"),
     shell:
-        "specmatch train-ae --dataset {input.data} --runs-root {params.runs_root} --resume auto"
+        "{params.launch} train-ae --dataset {input.data} --runs-root {params.runs_root} --resume auto"
         " --name {wildcards.ae} --params {params.p:q} --out {output} > {log} 2>&1"
 
 
@@ -29,6 +33,9 @@ rule eval_ae:
         p=ae_json("eval"),
     log:
         f"{RESULTS}/logs/eval_ae/{{ae}}.log",
+    threads: job_threads("eval_ae")
+    resources:
+        **job_resources("eval_ae"),
     shell:
         "specmatch eval-ae --autoencoder {input.ae} --dataset {input.data} --name {wildcards.ae}"
         " --params {params.p:q} --out {output} > {log} 2>&1"
@@ -41,11 +48,15 @@ rule extract_latents:
     output:
         directory(f"{RESULTS}/latents/{{ae}}"),
     params:
+        launch=launch("extract_latents"),
         p=ae_json("latents"),
     log:
         f"{RESULTS}/logs/extract_latents/{{ae}}.log",
+    threads: job_threads("extract_latents")
+    resources:
+        **job_resources("extract_latents"),
     shell:
-        "specmatch extract-latents --autoencoder {input.ae} --dataset {input.data} --name {wildcards.ae}"
+        "{params.launch} extract-latents --autoencoder {input.ae} --dataset {input.data} --name {wildcards.ae}"
         " --params {params.p:q} --out {output} > {log} 2>&1"
 
 

@@ -137,3 +137,61 @@ def target_spectra_json():
     p = specmatch.config.deep_merge(config["target_spectra"],
                                     {k: shared[k] for k in ("dog", "irepa_gamma") if k in shared})
     return as_json(p)
+
+
+# Scheduler requests (params `resources`, docs/cluster.md): every rule declares
+#   threads: job_threads("<rule>")   resources: **job_resources("<rule>")
+# and a stage that uses GPUs is started by `{params.launch}` (launch("<rule>")) instead of
+# `specmatch`. The names are those of the SLURM executor plugin (gpu, cpus_per_gpu, mem_mb,
+# runtime, nodes, slurm_extra); locally only `threads` limits what runs side by side.
+# The stages that shard their work over torch.distributed ranks: only these may ask for more
+# than one GPU or node (any other stage would run as many identical copies).
+DISTRIBUTED_RULES = {"train_ae", "extract_latents", "extract_targets", "train_diffusion", "sample"}
+
+
+def job_request(name):
+    r = {**config["resources"]["default"], **config["resources"]["rules"].get(name, {})}
+    if (r["gpus"] > 1 or r["nodes"] > 1) and name not in DISTRIBUTED_RULES:
+        raise ValueError(f"resources.rules.{name}: {r['gpus']} GPUs on {r['nodes']} node(s), but its stage runs in"
+                         f" one process; only {sorted(DISTRIBUTED_RULES)} can use several GPUs or nodes")
+    return r
+
+
+def job_threads(name):
+    r = job_request(name)
+    return r["gpus"] * r["nodes"] * r["cpus_per_gpu"] if r["gpus"] else r["cpus"]
+
+
+def job_resources(name):
+    r = job_request(name)
+    res = {"mem_mb": r["mem_mb"], "runtime": r["runtime"], "nodes": r["nodes"]}
+    # SLURM's warning before the time limit: the trainers checkpoint and stop on SIGUSR1, and
+    # the profile's `retries` resubmits them (they resume from that checkpoint).
+    extra = [f"--signal=USR1@{r['signal_seconds']}"] if r["signal_seconds"] else []
+    if r["gpus"] and r["nodes"] == 1:
+        res.update(gpu=r["gpus"], cpus_per_gpu=r["cpus_per_gpu"])
+    elif r["gpus"]:
+        # One task per node (a torchrun of `gpus` processes, started by srun in the rule's own
+        # command: `mpi` keeps the job-step executor from wrapping it in `srun -n1`).
+        res.update(mpi="srun", tasks=r["nodes"], cpus_per_task=r["gpus"] * r["cpus_per_gpu"])
+        extra.append(f"--gpus-per-node={r['gpus']}")
+    else:
+        res.update(cpus_per_task=r["cpus"])
+    if extra:
+        res["slurm_extra"] = " ".join(extra)
+    return res
+
+
+def launch(name):
+    """How a stage starts: `specmatch` on one GPU or none; torchrun with one process per GPU of
+    the allocation; on several nodes, srun starts one torchrun per node (c10d rendezvous on the
+    first node of the job). Trainers and extractors shard their work over the ranks."""
+    r = job_request(name)
+    if r["nodes"] > 1 and r["gpus"]:
+        head = '"$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"'
+        return (f"srun --nodes={r['nodes']} --ntasks-per-node=1 --kill-on-bad-exit=1"
+                f" torchrun --nnodes={r['nodes']} --nproc-per-node={r['gpus']} --rdzv-backend=c10d"
+                f" --rdzv-endpoint={head}:29500 --rdzv-id=\"$SLURM_JOB_ID\" --no-python specmatch")
+    if r["gpus"] > 1:
+        return f"torchrun --standalone --nproc-per-node={r['gpus']} --no-python specmatch"
+    return "specmatch"

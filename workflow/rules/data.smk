@@ -8,7 +8,9 @@ rule prepare_data:
         p=lambda w: as_json(config["datasets"][w.dataset]),
     log:
         f"{RESULTS}/logs/prepare_data/{{dataset}}.log",
-    threads: lambda w: config["datasets"][w.dataset].get("workers", 1)
+    threads: job_threads("prepare_data")
+    resources:
+        **job_resources("prepare_data"),
     shell:
         "specmatch prepare-data --name {wildcards.dataset} --params {params.p:q} --out {output} > {log} 2>&1"
 
@@ -23,6 +25,9 @@ rule data_spectra:
         grids=lambda w: " ".join(str(g) for g in config["datasets"][w.dataset]["latent_grids"]),
     log:
         f"{RESULTS}/logs/data_spectra/{{dataset}}.log",
+    threads: job_threads("data_spectra")
+    resources:
+        **job_resources("data_spectra"),
     shell:
         "specmatch data-spectra --dataset {input} --name {wildcards.dataset} --grids {params.grids}"
         " --params {params.p:q} --out {output} > {log} 2>&1"

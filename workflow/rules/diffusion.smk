@@ -13,13 +13,17 @@ rule train_diffusion:
     output:
         directory(f"{RESULTS}/diffusion/{{diff}}"),
     params:
+        launch=launch("train_diffusion"),
         p=diff_json,
         runs_root=lambda wildcards: f"{RESULTS}/runs/diffusion/{wildcards.diff}",
         align=diff_align_args,
     log:
         f"{RESULTS}/logs/train_diffusion/{{diff}}.log",
+    threads: job_threads("train_diffusion")
+    resources:
+        **job_resources("train_diffusion"),
     shell:
-        "specmatch train-diffusion --latents {input.latents} {params.align} --runs-root {params.runs_root}"
+        "{params.launch} train-diffusion --latents {input.latents} {params.align} --runs-root {params.runs_root}"
         " --resume auto --name {wildcards.diff} --params {params.p:q} --out {output} > {log} 2>&1"
 
 
@@ -30,12 +34,16 @@ rule sample:
     output:
         directory(f"{RESULTS}/samples/{{diff}}/{{sampler}}"),
     params:
+        launch=launch("sample"),
         p=sampler_json,
         work_root=lambda wildcards: f"{RESULTS}/runs/samples/{wildcards.diff}/{wildcards.sampler}",
     log:
         f"{RESULTS}/logs/sample/{{diff}}/{{sampler}}.log",
+    threads: job_threads("sample")
+    resources:
+        **job_resources("sample"),
     shell:
-        "specmatch sample --model {input.model} --autoencoder {input.ae} --work-root {params.work_root}"
+        "{params.launch} sample --model {input.model} --autoencoder {input.ae} --work-root {params.work_root}"
         " --name {wildcards.diff}-{wildcards.sampler} --params {params.p:q} --out {output} > {log} 2>&1"
 
 
@@ -49,6 +57,9 @@ rule generation_metrics:
         p=as_json(config["metrics"]),
     log:
         f"{RESULTS}/logs/generation_metrics/{{diff}}/{{sampler}}.log",
+    threads: job_threads("generation_metrics")
+    resources:
+        **job_resources("generation_metrics"),
     shell:
         "specmatch fid calc --samples {input.samples} --split samples --ref {input.ref}"
         " --name {wildcards.diff}-{wildcards.sampler} --params {params.p:q} --out {output} > {log} 2>&1"
@@ -61,6 +72,9 @@ rule generation_table:
         directory(f"{RESULTS}/tables/generation"),
     log:
         f"{RESULTS}/logs/generation_table.log",
+    threads: job_threads("generation_table")
+    resources:
+        **job_resources("generation_table"),
     shell:
         "specmatch report generation --metrics {input} --name generation --out {output} > {log} 2>&1"
 

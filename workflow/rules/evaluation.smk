@@ -13,6 +13,9 @@ rule fid_ref:
         p=as_json(config["metrics"]),
     log:
         f"{RESULTS}/logs/fid_ref/{{dataset}}.log",
+    threads: job_threads("fid_ref")
+    resources:
+        **job_resources("fid_ref"),
     shell:
         "specmatch fid ref --dataset {input} --name {wildcards.dataset} --params {params.p:q}"
         " --out {output} > {log} 2>&1"
@@ -28,6 +31,9 @@ rule fid_real_floor:
         p=as_json(config["metrics"]),
     log:
         f"{RESULTS}/logs/fid_real_floor/{{dataset}}.log",
+    threads: job_threads("fid_real_floor")
+    resources:
+        **job_resources("fid_real_floor"),
     shell:
         "specmatch fid calc --samples {input.data} --split test --ref {input.ref}"
         " --name {wildcards.dataset}-real-floor --params {params.p:q} --out {output} > {log} 2>&1"

@@ -8,7 +8,9 @@ One pass over the held-out split with deterministic reconstructions (the posteri
   image is);
 - the latent's spectrum distribution (training setting) against the image's delta-tilted target
   at the latent grid: the mean distributions, KL(target || latent) of the means, the mean
-  per-image ESM loss, and the PSD exponent of the latent.
+  per-image ESM loss, and the PSD exponent of the latent;
+- the first `n_reconstructions` held-out images with their reconstructions (reconstructions.npz,
+  uint8, and reconstructions.png: originals above reconstructions), for the report's figures.
 """
 
 from __future__ import annotations
@@ -61,6 +63,8 @@ def evaluate(run: dict[str, Any], ae_dir: str | Path, dataset: str | Path, name:
     p_lat, p_tgt, esm, energies = [], [], [], []
     hasher = None
     n_bins, delta = e["n_bins"], e["delta"]
+    shown: dict[str, list[np.ndarray]] = {"originals": [], "reconstructions": []}
+    n_shown = 0
     with torch.no_grad():
         batches = iter_image_batches(dataset, e["split"], e["batch_size"], e["max_images"], e["seed"])
         for images in tqdm(batches, desc=f"eval-ae {name}", unit="batch"):
@@ -69,7 +73,13 @@ def evaluate(run: dict[str, Any], ae_dir: str | Path, dataset: str | Path, name:
             hasher.update(images)
             x = to_float(images, dev)
             mu = ae.encode(x).mean
-            acc.add(images, to_uint8(ae.decode(mu)))
+            recon = to_uint8(ae.decode(mu))
+            acc.add(images, recon)
+            take = min(len(images), e["n_reconstructions"] - n_shown)
+            if take > 0:
+                shown["originals"].append(np.asarray(images[:take]))
+                shown["reconstructions"].append(recon[:take])
+                n_shown += take
             for k in ks:
                 if mu.shape[-1] % blk or x.shape[-1] % blk:
                     raise SpecmatchError(f"low-pass rFID: image {x.shape[-1]} px and latent {mu.shape[-1]} "
@@ -94,6 +104,7 @@ def evaluate(run: dict[str, Any], ae_dir: str | Path, dataset: str | Path, name:
     metric = net.spec.metric
     result = {
         "name": name, "autoencoder": summary["name"], "variant": summary["variant"], "config": summary["config"]["name"],
+        "dataset": man["name"],
         **rec,
         "lowpass": {str(k): frechet_distance(*_stats(lp_feats[k]["real"]), *_stats(lp_feats[k]["recon"]))
                     for k in ks},
@@ -120,6 +131,8 @@ def evaluate(run: dict[str, Any], ae_dir: str | Path, dataset: str | Path, name:
     with atomic.atomic_dir(out) as tmp:
         (tmp / "metrics.json").write_text(json.dumps(result, indent=1) + "\n")
         _figure(result, tmp / "latent_spectrum.png")
+        if n_shown:
+            _reconstructions({k: np.concatenate(v) for k, v in shown.items()}, result, tmp)
         prov.write(out, tmp)
     log.info("eval-ae %s: %s", name, {k: result[k] for k in result if k not in ("latent_spectrum", "protocol")})
     return result
@@ -128,6 +141,26 @@ def evaluate(run: dict[str, Any], ae_dir: str | Path, dataset: str | Path, name:
 def _stats(chunks: list[np.ndarray]):
     s = statistics(np.concatenate(chunks))
     return s.mu, s.sigma
+
+
+RECONSTRUCTIONS = "reconstructions.npz"
+
+
+def _reconstructions(arrays: dict[str, np.ndarray], result: dict[str, Any], tmp: Path) -> None:
+    """reconstructions.npz (uint8 originals and reconstructions, in the split's evaluation order)
+    and reconstructions.png: rows of originals, each above the row of their reconstructions."""
+    from ..report.figures import image_grid
+
+    np.savez(tmp / RECONSTRUCTIONS, **arrays)
+    cols = min(8, len(arrays["originals"]))
+    rows = []
+    for i in range(0, len(arrays["originals"]), cols):
+        for key in ("originals", "reconstructions"):
+            row = arrays[key][i:i + cols]
+            blank = np.full((cols - len(row),) + row.shape[1:], 255, np.uint8)  # keep the pairs aligned
+            rows.append(np.concatenate([row, blank]))
+    image_grid(np.concatenate(rows), tmp / "reconstructions.png", columns=cols,
+               title=f"{result['name']} ({result['variant']}): originals above reconstructions (posterior mean)")
 
 
 def _figure(result: dict[str, Any], path: Path) -> None:

@@ -100,6 +100,24 @@ def _alignment_label(a: dict[str, Any] | None) -> str:
     return f"{a['kind']} ({a['encoder']}, depth {a['depth']}, lambda {a['weight']:g})"
 
 
+def check_compatible(p: dict[str, Any], model_dir: Path, summary: dict[str, Any], ae_dir: Path,
+                     ae_summary: dict[str, Any]):
+    """The generative process of the model, after checking that the model, its autoencoder and the
+    sampler `p` fit together (so nothing is written before a mismatch is found)."""
+    trained_on = summary["latents"]["autoencoder"]
+    if trained_on != ae_summary["name"]:
+        raise SpecmatchError(f"{model_dir} was trained on the latents of autoencoder {trained_on!r}, but "
+                             f"--autoencoder {ae_dir} is {ae_summary['name']!r}")
+    if summary["in_channels"] != ae_summary["config"]["z_channels"]:
+        raise SpecmatchError(f"{model_dir}: {summary['in_channels']} latent channels, but {ae_dir} decodes "
+                             f"{ae_summary['config']['z_channels']}")
+    if p["cfg_scale"] != 1.0 and not summary["num_classes"]:
+        raise SpecmatchError(f"cfg_scale={p['cfg_scale']} but {model_dir} is unconditional; use cfg_scale 1")
+    path = build_path(summary["process"])
+    samplers.check(p["method"], path)  # e.g. DPM-Solver needs the VP path
+    return path
+
+
 def sample(model_dir: str | Path, ae_dir: str | Path, params: dict[str, Any], name: str, out: str | Path,
            work_dir: str | Path | None = None, work_root: str | Path | None = None) -> dict[str, Any]:
     p = config_mod.validate(params, "diff_sampler", where="sampler", source=f"sampling settings of {name}")
@@ -115,17 +133,7 @@ def _sample(p, info, model_dir, ae_dir, name, out, work_dir, work_root):
     dev = info.device
     net, summary = load_trained(model_dir, p["use_ema"], dev)
     ae, ae_summary = load_autoencoder(ae_dir, True, dev)
-    trained_on = summary["latents"]["autoencoder"]
-    if trained_on != ae_summary["name"]:
-        raise SpecmatchError(f"{model_dir} was trained on the latents of autoencoder {trained_on!r}, but "
-                             f"--autoencoder {ae_dir} is {ae_summary['name']!r}")
-    if summary["in_channels"] != ae_summary["config"]["z_channels"]:
-        raise SpecmatchError(f"{model_dir}: {summary['in_channels']} latent channels, but {ae_dir} decodes "
-                             f"{ae_summary['config']['z_channels']}")
-    if p["cfg_scale"] != 1.0 and not net.num_classes:
-        raise SpecmatchError(f"cfg_scale={p['cfg_scale']} but {model_dir} is unconditional; use cfg_scale 1")
-    path = build_path(summary["process"])
-    samplers.check(p["method"], path)  # e.g. DPM-Solver needs the VP path: fail before writing anything
+    path = check_compatible(p, model_dir, summary, ae_dir, ae_summary)
     scale = float(summary["latents"]["scale_factor"])
     fp = sha256_json({"settings": {k: v for k, v in p.items() if k not in _SETTINGS_NOT_IN_FINGERPRINT},
                       "model": sha256_file(model_dir / "model.safetensors"),

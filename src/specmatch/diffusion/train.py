@@ -14,6 +14,9 @@ Runtime guarantees, as in the autoencoder trainer (`runtime.training`):
   `--resume auto`; a non-finite loss stops every rank and keeps the last good checkpoint.
 - Optional periodic small-N Fréchet distance (`fid_every`), logged under a name that says
   "small-N" so it is never mistaken for the final FID.
+- Optional EMA snapshots at `snapshot_steps` (the weights sampling uses, at those steps), for the
+  metric over training (`specmatch fid-progress`): written atomically into the run folder when
+  the step is reached, so an interrupted run keeps them, and copied into the output at the end.
 - Optional representation alignment (`alignment`, REPA / iREPA / DoG-REPA): the hidden tokens
   after block `depth` go through a projector and are pulled to a frozen encoder's target of the
   same cache entries (`specmatch.alignment`); loss = diffusion + weight * (-cos). The projector
@@ -24,12 +27,14 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save, save_file
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
@@ -51,8 +56,14 @@ KIND = "diffusion"
 STAGE = "train-diffusion"
 SUMMARY = "diffusion.json"
 WEIGHTS = "model.safetensors"
+SNAPSHOTS = "snapshots"
 
-__all__ = ["train", "load_trained", "build_path", "Interrupted", "NonFiniteLoss"]
+__all__ = ["train", "load_trained", "build_path", "snapshot_path", "Interrupted", "NonFiniteLoss"]
+
+
+def snapshot_path(folder: str | Path, step: int) -> Path:
+    """`<folder>/snapshots/step-<step:08d>.safetensors` (a run folder or a train-diffusion output)."""
+    return Path(folder) / SNAPSHOTS / f"{checkpoint.step_dir_name(step)}.safetensors"
 
 
 def build_path(process: dict[str, Any]) -> transport.Path:
@@ -96,6 +107,9 @@ def train(run: dict[str, Any], latents: str | Path, out: str | Path, name: str, 
     targets) serve alignment only."""
     run = config_mod.validate(run, "diff_run", where="diffusion run", source=f"parameters of {name}")
     t = run["train"]
+    late = [s for s in t["snapshot_steps"] if s > t["steps"]]
+    if late:
+        raise SpecmatchError(f"train.snapshot_steps {late} of {name} lie beyond train.steps={t['steps']}")
     if t["fid_every"] and (autoencoder is None or ref is None or sampler is None):
         raise SpecmatchError(f"train.fid_every={t['fid_every']} needs --autoencoder, --ref and --sampler "
                              "(or set fid_every: 0)")
@@ -161,6 +175,16 @@ def _train(run, t, cache, fp, info, latents, run_dir, out, name, resume, autoenc
         sched.load_state_dict(state["sched"])
         step = int(state["step"])
         log.info("resumed from %s (step %d)", start, step)
+    snapshot_steps = sorted(int(s) for s in t["snapshot_steps"])
+    problem = None
+    if info.is_main and step:
+        try:
+            _recover_snapshots(run_dir, [s for s in snapshot_steps if s <= step], fp, ema is not None)
+        except SpecmatchError as e:
+            problem = str(e)
+    problem = distributed.broadcast_object(problem)  # every rank stops, not only the main one
+    if problem:
+        raise SpecmatchError(problem)
 
     model = DDP(net) if info.world_size > 1 else net
     projector = (DDP(proj) if info.world_size > 1 else proj) if proj is not None else None
@@ -181,6 +205,12 @@ def _train(run, t, cache, fp, info, latents, run_dir, out, name, resume, autoenc
             saved = checkpoint.save(run_dir, step, tensors, state, KIND, fp, keep=t["keep_checkpoints"])
         distributed.barrier()
         return saved
+
+    def save_snapshot() -> None:
+        if info.is_main:
+            src = ema.module if ema is not None else net
+            prefix = "ema." if ema is not None else "net."
+            _write_snapshot(run_dir, step, {f"{prefix}{k}": v for k, v in src.state_dict().items()}, fp)
 
     def write_log(record: dict[str, Any]) -> None:
         with open(log_path, "a", encoding="utf-8") as f:
@@ -232,6 +262,8 @@ def _train(run, t, cache, fp, info, latents, run_dir, out, name, resume, autoenc
                 t_last, n_last = now, step
                 write_log(rec)
                 bar.set_postfix(loss=f"{rec['loss']:.4f}")
+            if step in snapshot_steps:
+                save_snapshot()
             if probe is not None and step % t["fid_every"] == 0:
                 rec = probe(ema.module if ema is not None else net, step)
                 if info.is_main:
@@ -243,7 +275,8 @@ def _train(run, t, cache, fp, info, latents, run_dir, out, name, resume, autoenc
     distributed.barrier()
     result: dict[str, Any] = {"steps": step}
     if info.is_main:
-        result = _write_final(run, fp, net, ema, cache, latents, run_dir, out, name, step, info.world_size, align)
+        result = _write_final(run, fp, net, ema, cache, latents, run_dir, out, name, step, info.world_size, align,
+                              snapshot_steps)
     distributed.barrier()
     return result
 
@@ -289,7 +322,52 @@ class _SmallNDistance:
         return {"step": step, "small_n_distance": d, "metric": metric, "n_samples": int(len(imgs))}
 
 
-def _write_final(run, fp, net, ema, cache, latents, run_dir, out, name, steps, world, align=None):
+def _write_snapshot(run_dir: Path, step: int, tensors: dict[str, torch.Tensor], fp: str) -> None:
+    path = snapshot_path(run_dir, step)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic.atomic_file(path) as f:
+        f.write(save(_detached(tensors), metadata={"kind": KIND, "fingerprint": fp, "step": str(step)}))
+
+
+def _detached(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+
+
+def _snapshot_ok(path: Path, fp: str) -> bool:
+    """A snapshot file of this run (its fingerprint), complete (written atomically)."""
+    if not path.is_file():
+        return False
+    with safe_open(path, "pt") as f:
+        return (f.metadata() or {}).get("fingerprint") == fp
+
+
+def _recover_snapshots(run_dir: Path, steps: list[int], fp: str, has_ema: bool) -> None:
+    """Snapshots of steps a resumed run has already passed: those written before the interruption
+    stay in the run folder; a missing one (the step was added to snapshot_steps later) is taken
+    from a kept checkpoint of exactly that step, or the run cannot produce it."""
+    kept = dict(checkpoint.list_checkpoints(run_dir))
+    missing = []
+    for s in steps:
+        if _snapshot_ok(snapshot_path(run_dir, s), fp):
+            continue
+        if s not in kept:
+            missing.append(s)
+            continue
+        tensors, _, _ = checkpoint.load(kept[s], KIND, fp)
+        # The checkpoint holds the AveragedModel's state ("ema.module.<k>", "ema.n_averaged").
+        prefix = "ema.module." if has_ema else "net."
+        _write_snapshot(run_dir, s, {("ema." if has_ema else "net.") + k[len(prefix):]: v
+                                     for k, v in tensors.items() if k.startswith(prefix)}, fp)
+        log.info("snapshot of step %d recovered from checkpoint %s", s, kept[s])
+    if missing:
+        raise SpecmatchError(
+            f"train.snapshot_steps {missing} precede the step this run resumes from, and neither a snapshot nor a "
+            f"checkpoint of those steps is kept in {run_dir}: the weights of those steps are gone. Drop them from "
+            f"snapshot_steps, or remove {run_dir} to train the run again from step 0 (it then writes them)")
+
+
+def _write_final(run, fp, net, ema, cache, latents, run_dir, out, name, steps, world, align=None,
+                 snapshot_steps=()):
     prov = Provenance(STAGE, name, run, seeds={"train": int(run["train"]["seed"])})
     prov.add_input(latents, "latents")
     if align is not None and align.reader is not None:
@@ -309,8 +387,17 @@ def _write_final(run, fp, net, ema, cache, latents, run_dir, out, name, steps, w
                            "shape": list(cache.shape), "count": man["count"],
                            "manifest_sha256": latents_identity(latents)},
                "alignment": align.info if align is not None else {"kind": "none"}}
+    if snapshot_steps:
+        summary["snapshots"] = {"steps": list(snapshot_steps), "weights": "ema" if ema is not None else "raw",
+                                "files": [snapshot_path(Path(), s).as_posix() for s in snapshot_steps]}
     with atomic.atomic_dir(out) as tmp:
         save_file(weights, tmp / WEIGHTS, metadata={"kind": KIND, "fingerprint": fp})
+        for s in snapshot_steps:
+            src = snapshot_path(run_dir, s)
+            if not _snapshot_ok(src, fp):
+                raise SpecmatchError(f"{src}: the snapshot of step {s} is missing or belongs to another run")
+            snapshot_path(tmp, s).parent.mkdir(exist_ok=True)
+            shutil.copyfile(src, snapshot_path(tmp, s))
         (tmp / SUMMARY).write_text(json.dumps(summary, indent=1, default=str) + "\n")
         if (run_dir / "metrics.jsonl").exists():
             (tmp / "metrics.jsonl").write_bytes((run_dir / "metrics.jsonl").read_bytes())
@@ -319,10 +406,13 @@ def _write_final(run, fp, net, ema, cache, latents, run_dir, out, name, steps, w
     return summary
 
 
-def load_trained(folder: str | Path, use_ema: bool = True, device="cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
+def load_trained(folder: str | Path, use_ema: bool = True, device="cpu",
+                 snapshot: int | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The network of a finished `train-diffusion` folder (EMA weights when present and asked
     for), in eval mode, with its summary. Only the network's own weights are read: anything a
-    training run carried besides them (e.g. an alignment projector) is not needed to sample."""
+    training run carried besides them (e.g. an alignment projector) is not needed to sample.
+    `snapshot`: the weights of that step's snapshot instead of the final ones (snapshots hold
+    the EMA weights only, or the raw ones of a run without EMA)."""
     folder = Path(folder)
     meta_path, w_path = folder / SUMMARY, folder / WEIGHTS
     for p in (meta_path, w_path):
@@ -332,6 +422,15 @@ def load_trained(folder: str | Path, use_ema: bool = True, device="cpu") -> tupl
     net = models.build(summary["model"], in_channels=summary["in_channels"], input_size=summary["input_size"],
                        num_classes=summary["num_classes"])
     prefix = "ema." if use_ema and summary.get("ema") else "net."
+    if snapshot is not None:
+        w_path = snapshot_path(folder, snapshot)
+        if not w_path.is_file():
+            have = (summary.get("snapshots") or {}).get("steps", [])
+            raise SpecmatchError(f"{folder}: no snapshot of step {snapshot} ({w_path.name}; the run has snapshots of "
+                                 f"steps {have}: train.snapshot_steps)")
+        if use_ema != bool(summary.get("ema")):
+            raise SpecmatchError(f"{w_path}: snapshots hold the {'EMA' if summary.get('ema') else 'raw'} weights "
+                                 f"only, but use_ema is {use_ema}")
     tensors = load_file(w_path, device=str(device))
     state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
     missing, unexpected = net.load_state_dict(state, strict=False)

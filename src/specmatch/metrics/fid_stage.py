@@ -43,20 +43,29 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def _embed(folder: Path, split: str, p: dict[str, Any], net) -> tuple[fid.Features, str]:
-    """Features of a split (or its seeded subset) and the sha256 of exactly the images used."""
+def _embed_batches(images, where: str, p: dict[str, Any], net) -> tuple[fid.Features, str]:
+    """Features of uint8 image batches (an iterable of (B, H, W, 3) arrays) and the sha256 of
+    exactly those images."""
     hasher: list[ImageStreamHash] = []
 
     def batches():
-        for batch in iter_image_batches(folder, split, p["batch_size"], p["max_images"], p["seed"]):
-            fid.check_images(batch, f"{folder} ({split})")
+        for batch in images:
+            fid.check_images(batch, where)
             if not hasher:
                 hasher.append(ImageStreamHash(batch.shape[1:]))
             hasher[0].update(batch)
             yield batch
 
     feats = fid.extract(batches(), net, p["batch_size"], resolve_device(p["device"]))
+    if not hasher:
+        raise SpecmatchError(f"{where}: no images to embed")
     return feats, hasher[0].hexdigest()
+
+
+def _embed(folder: Path, split: str, p: dict[str, Any], net) -> tuple[fid.Features, str]:
+    """Features of a split (or its seeded subset) and the sha256 of exactly the images used."""
+    return _embed_batches(iter_image_batches(folder, split, p["batch_size"], p["max_images"], p["seed"]),
+                          f"{folder} ({split})", p, net)
 
 
 def _protocol(net, p: dict[str, Any], n: int) -> dict[str, Any]:
@@ -104,51 +113,74 @@ def load_ref(folder: str | Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]
     return info, arrays
 
 
+class Reference:
+    """Reference statistics (`fid ref`) with the feature net that made them, loaded once and
+    checked against the `metrics` parameters; `measure` scores image sets against them."""
+
+    def __init__(self, ref_dir: str | Path, p: dict[str, Any]):
+        self.dir, self.p = Path(ref_dir), p
+        self.info, self.arrays = load_ref(ref_dir)
+        if self.info["protocol"]["feature_net"] != p["net"]:
+            raise SpecmatchError(f"{ref_dir}: reference statistics were made with "
+                                 f"{self.info['protocol']['feature_net']!r}, but metrics.net is {p['net']!r}; "
+                                 "distances across feature nets are meaningless")
+        self.net = feature_nets.load(p["net"], resolve_device(p["device"]), p["resources_dir"])
+        if self.net.weights_sha256 != self.info["protocol"]["weights_sha256"]:
+            raise SpecmatchError(f"{ref_dir}: reference statistics were made with weights "
+                                 f"{self.info['protocol']['weights_sha256']}, not {self.net.weights_sha256}")
+
+    def add_inputs(self, prov: Provenance) -> None:
+        prov.add_input(self.dir, "reference")
+        prov.add_input(self.net.weights_path, f"weights:{self.net.spec.name}", sha256=self.net.weights_sha256)
+
+    def measure(self, images, where: str) -> dict[str, Any]:
+        """The metrics of `fid calc` for uint8 images ((N, H, W, 3) or an iterable of such
+        batches; every image counts): the distance under its metric name, precision, recall,
+        IS (when the net has logits and N >= is_splits), the samples' and reference's
+        identities, the protocol and warnings."""
+        net, p = self.net, self.p
+        feats, images_sha = _embed_batches([images] if hasattr(images, "shape") else images, where, p, net)
+        stats = fid.statistics(feats.pool)
+        distance = fid.frechet_distance(stats.mu, stats.sigma, self.arrays["mu"], self.arrays["sigma"])
+        precision, recall = fid.precision_recall(self.arrays["features"], feats.pool, k=p["pr_k"])
+        result: dict[str, Any] = {
+            "metric": net.spec.metric,
+            net.spec.metric: distance,
+            "precision": precision,
+            "recall": recall,
+            "samples": {"n": stats.n, "images_sha256": images_sha},
+            "reference": {"path": str(self.dir), "stats_sha256": sha256_file(self.dir / STATS_NAME),
+                          "dataset": self.info["dataset"], "split": self.info["split"],
+                          "n": self.info["protocol"]["n_samples"], "images_sha256": self.info["images_sha256"]},
+            "protocol": _protocol(net, p, stats.n),
+            "warnings": stats.warnings + self.info.get("warnings", []),
+        }
+        if feats.logits is not None and stats.n >= p["is_splits"]:
+            is_mean, is_std = fid.inception_score(feats.logits, p["is_splits"])
+            key = "IS" if net.spec.name == "inception-fid" else f"IS-{net.spec.metric.removeprefix('FD-')}"
+            result.update({key: is_mean, f"{key}_std": is_std})
+        return result
+
+
 def calc(samples: str | Path, split: str, ref_dir: str | Path, params: dict[str, Any], name: str,
          out: str | Path) -> dict[str, Any]:
     """Fréchet distance (and IS, precision/recall) of a sample set against reference statistics."""
     p = _params(params)
-    ref_info, ref_arrays = load_ref(ref_dir)
-    if ref_info["protocol"]["feature_net"] != p["net"]:
-        raise SpecmatchError(f"{ref_dir}: reference statistics were made with {ref_info['protocol']['feature_net']!r}, "
-                             f"but metrics.net is {p['net']!r}; distances across feature nets are meaningless")
+    reference = Reference(ref_dir, p)
     folder = Path(samples)
-    net = feature_nets.load(p["net"], resolve_device(p["device"]), p["resources_dir"])
-    if net.weights_sha256 != ref_info["protocol"]["weights_sha256"]:
-        raise SpecmatchError(f"{ref_dir}: reference statistics were made with weights {ref_info['protocol']['weights_sha256']}, "
-                             f"not {net.weights_sha256}")
     prov = Provenance("fid-calc", name, {**p, "samples_split": split}, seeds={"seed": p["seed"]})
     prov.add_input(folder, "samples")
-    prov.add_input(Path(ref_dir), "reference")
-    prov.add_input(net.weights_path, f"weights:{net.spec.name}", sha256=net.weights_sha256)
-    p_samples = {**p, "max_images": None}
-    feats, images_sha = _embed(folder, split, p_samples, net)
-    stats = fid.statistics(feats.pool)
-    distance = fid.frechet_distance(stats.mu, stats.sigma, ref_arrays["mu"], ref_arrays["sigma"])
-    precision, recall = fid.precision_recall(ref_arrays["features"], feats.pool, k=p["pr_k"])
-    result: dict[str, Any] = {
-        "name": name,
-        "metric": net.spec.metric,
-        net.spec.metric: distance,
-        "precision": precision,
-        "recall": recall,
-        "samples": {"path": str(folder), "split": split, "n": stats.n, "images_sha256": images_sha},
-        "reference": {"path": str(ref_dir), "stats_sha256": sha256_file(Path(ref_dir) / STATS_NAME),
-                      "dataset": ref_info["dataset"], "split": ref_info["split"],
-                      "n": ref_info["protocol"]["n_samples"], "images_sha256": ref_info["images_sha256"]},
-        "protocol": _protocol(net, p, stats.n),
-        "warnings": stats.warnings + ref_info.get("warnings", []),
-    }
+    reference.add_inputs(prov)
+    batches = iter_image_batches(folder, split, p["batch_size"], None, p["seed"])
+    result: dict[str, Any] = {"name": name, **reference.measure(batches, f"{folder} ({split})")}
+    result["samples"] = {"path": str(folder), "split": split, **result["samples"]}
     sampling = folder / "sampling.json"
     if sampling.is_file():  # samples from `specmatch sample`: their protocol goes with the metric
         result["sampling"] = json.loads(sampling.read_text())
-    if feats.logits is not None and stats.n >= p["is_splits"]:
-        is_mean, is_std = fid.inception_score(feats.logits, p["is_splits"])
-        key = "IS" if net.spec.name == "inception-fid" else f"IS-{net.spec.metric.removeprefix('FD-')}"
-        result.update({key: is_mean, f"{key}_std": is_std})
     prov.protocol = {**result["protocol"], "reference_stats_sha256": result["reference"]["stats_sha256"]}
     with atomic_dir(out) as tmp:
         atomic.write_text(tmp / METRICS_JSON, json.dumps(result, indent=1) + "\n")
         prov.write(out, tmp)
-    log.info("fid calc %s: %s = %.4f over %d samples", name, net.spec.metric, distance, stats.n)
+    log.info("fid calc %s: %s = %.4f over %d samples", name, result["metric"], result[result["metric"]],
+             result["samples"]["n"])
     return result

@@ -17,7 +17,10 @@ from ..runtime.provenance import Provenance
 METRICS_JSON = "metrics.json"
 
 
-def _generation_row(folder: Path) -> dict[str, Any]:
+def generation_row(folder: Path) -> dict[str, Any]:
+    """One scored sample set (a `fid calc` output of `sample` images): the run, the sampling
+    protocol, the metric by name and its value, precision/recall, IS, reference, feature weights."""
+    folder = Path(folder)
     path = folder / METRICS_JSON
     if not path.is_file():
         raise SpecmatchError(f"{folder}: no {METRICS_JSON} (expected a `specmatch fid calc` output)")
@@ -25,6 +28,14 @@ def _generation_row(folder: Path) -> dict[str, Any]:
     s = m.get("sampling")
     if s is None:
         raise SpecmatchError(f"{path}: these metrics are not of `specmatch sample` outputs (no sampling protocol)")
+    try:
+        return _generation_row(m, s)
+    except KeyError as e:
+        raise SpecmatchError(f"{path}: no key {e} (expected a `specmatch fid calc` output of `specmatch sample` "
+                             "images)") from None
+
+
+def _generation_row(m: dict[str, Any], s: dict[str, Any]) -> dict[str, Any]:
     metric = m["metric"]
     is_key = next((k for k in m if k == "IS" or (k.startswith("IS-") and not k.endswith("_std"))), None)
     return {
@@ -45,7 +56,7 @@ def _generation_row(folder: Path) -> dict[str, Any]:
 def generation_table(metric_dirs: list[str | Path]) -> pd.DataFrame:
     if not metric_dirs:
         raise SpecmatchError("no metric folders given")
-    rows = [_generation_row(Path(d)) for d in metric_dirs]
+    rows = [generation_row(Path(d)) for d in metric_dirs]
     return pd.DataFrame(rows).sort_values(["metric", "diffusion", "sampler"], kind="stable").reset_index(drop=True)
 
 
@@ -78,10 +89,15 @@ def alignment_table(gen: pd.DataFrame) -> pd.DataFrame:
     return df.sort_values(keys + ["_o"], kind="stable").drop(columns="_o").reset_index(drop=True)
 
 
+def markdown(df: pd.DataFrame) -> str:
+    """A Markdown table, 4 significant digits, missing values as empty cells."""
+    return df.astype(object).where(df.notna(), None).to_markdown(index=False, floatfmt=".4g", missingval="")
+
+
 def write_table(df: pd.DataFrame, folder: Path, stem: str, title: str, intro: str) -> None:
     """`<stem>.csv` (for analysis) and `<stem>.md` (title, what the rows are, the table) in `folder`."""
     df.to_csv(folder / f"{stem}.csv", index=False, float_format="%.6g")
-    md = [f"# {title}", "", intro, "", df.to_markdown(index=False, floatfmt=".4g"), ""]
+    md = [f"# {title}", "", intro, "", markdown(df), ""]
     (folder / f"{stem}.md").write_text("\n".join(md))
 
 
