@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(CURDIR)/$(VENV)/bin
 # The environment is built once per lock file: .venv links to $(ENV_CACHE)/py311-<hash of the
 # lock>, so a fresh clone on a machine that already installed the same pins reuses them (a
-# cache keyed by the lock file, as CI caches are). Installing ~165 wheels takes tens of minutes
+# cache keyed by the lock file, as CI caches are). Installing the ~195 wheels takes minutes
 # on our 2-core machines. `make ENV_CACHE=` builds .venv in place instead.
 ENV_CACHE ?= $(HOME)/.cache/specmatch/envs
 LOCK_ID := $(shell cat requirements/lock.txt | sha256sum | cut -c1-16)
@@ -14,7 +14,7 @@ STAMP  := .venv.stamp
 export PATH := $(BIN):$(PATH)
 # Single-threaded BLAS/OpenMP inside each job: the DAG already runs jobs in parallel.
 JOBS ?= 2
-# Where the pinned CPU torch wheel lies (pip's find-links on our machines); see README.
+# An extra local wheel folder for pip (find-links), used when it exists.
 WHEELS ?= /opt/wheels
 PIP_FLAGS := --quiet --disable-pip-version-check --no-compile $(if $(wildcard $(WHEELS)),--find-links $(WHEELS))
 PIP_INSTALL := $(BIN)/python -m pip install $(PIP_FLAGS)
@@ -74,6 +74,7 @@ bench: $(STAMP)
 
 lint: $(STAMP)
 	snakemake --lint
+	$(BIN)/specmatch dvc deps --check
 
 # The GPU image of every rule (needs apptainer and network at build time); the sidecar .sha256
 # is what provenance records as the container's identity.

@@ -22,9 +22,6 @@ FILE_NAME = "pt_inception-2015-12-05-6726825d.pth"
 def build_fid_inception_weights(path: str | Path, seed: int = 0, calib_images=8) -> Path:
     """`calib_images`: uint8 images (N, H, W, 3) to recalibrate BatchNorm on, resized and scaled
     as pytorch-fid feeds them, or a number of uniform-noise images."""
-    from specmatch.compat import import_torchvision
-
-    import_torchvision()
     from pytorch_fid import inception as pfi
 
     torch.manual_seed(seed)

@@ -157,9 +157,6 @@ def load_encoder(name: str, image_size: int | None, dev: torch.device, tmp: Path
         s = encoders.spec(name)
         if s.family != "dinov2":
             raise
-        from specmatch.compat import import_torchvision
-
-        import_torchvision()
         from timm.models.vision_transformer import VisionTransformer
 
         vit = VisionTransformer(img_size=224, patch_size=s.stride, embed_dim=s.dim, depth=12, num_heads=s.heads,

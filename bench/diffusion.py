@@ -30,11 +30,9 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from specmatch.compat import import_torchvision
-from specmatch.diffusion import models, samplers, transport
+from timm.models.vision_transformer import VisionTransformer
 
-import_torchvision()  # timm imports torchvision, whose compiled ops do not load beside CPU torch
-from timm.models.vision_transformer import VisionTransformer  # noqa: E402
+from specmatch.diffusion import models, samplers, transport
 
 CPU_CASES = [("UViT-tiny/2", "vp-linear", 0, 4, 16, 64), ("SiT-tiny/2", "linear", 10, 4, 16, 64)]
 GPU_CASES = [("UViT-S/2", "vp-linear", 0, 4, 32, 128), ("SiT-B/2", "linear", 1000, 4, 32, 128)]

@@ -32,7 +32,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _fid_weights import FILE_NAME, build_fid_inception_weights  # noqa: E402
 
-from specmatch.compat import import_torchvision  # noqa: E402
 from specmatch.metrics import features, fid  # noqa: E402
 
 
@@ -65,7 +64,6 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
 
-    import_torchvision()
     from pytorch_fid import fid_score
     from pytorch_fid.inception import InceptionV3
 

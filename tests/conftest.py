@@ -109,6 +109,15 @@ def kill_and_resume(args: list[str], run_dir, out, steps: int) -> None:
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-3000:]
     assert "resumed from" in err
+    # The record tells how the run was made: the killed attempt (no end) and the resumption,
+    # from the checkpoint's step to the end; its time covers the stage, not only its final write.
+    import json
+
+    rec = json.loads((out / "provenance.json").read_text())
+    a = rec["attempts"]
+    assert [x["status"] for x in a] == ["killed or running", "finished"], a
+    assert (a[0]["start_step"], a[1]["start_step"], a[1]["end_step"]) == (0, max(done), steps)
+    assert rec["time"]["wall_s"] >= a[1]["wall_s"] > 0
 
 
 def sigterm_run(args: list[str], run_dir, out):
@@ -129,6 +138,10 @@ def sigterm_run(args: list[str], run_dir, out):
     ckpts = checkpoint.list_checkpoints(run_dir)
     assert len(ckpts) == 1 and ckpts[0][0] >= 2
     assert not Path(out).exists()
+    from specmatch.runtime.training import read_attempts
+
+    attempts = read_attempts(run_dir)
+    assert [(x["status"], x["end_step"]) for x in attempts] == [("interrupted", ckpts[0][0])], attempts
     return ckpts[0]
 
 

@@ -49,7 +49,7 @@ def _mutated(tmp_path, old: str, new: str) -> Path:
     ("org.opencontainers.image.version 0.1.0", "org.opencontainers.image.version 9.9.9",
      "version '9.9.9' differs from the package's"),
     ("org.opencontainers.image.version 0.1.0", "org.opencontainers.image.revision x", "no version label"),
-    ("-r /opt/specmatch/requirements/lock-gpu.txt", "specmatch-deps", "does not install the pinned requirements"),
+    ("-r /opt/specmatch/requirements/lock.txt", "specmatch-deps", "does not install the pinned requirements"),
     ('exec specmatch "$@"', 'curl -sO https://example.org/w.pth && exec specmatch "$@"',
      "%runscript uses the network at run time (curl)"),
     ("    specmatch --version", "    pip install timm\n    specmatch --version", "%test uses the network at run time (pip install)"),

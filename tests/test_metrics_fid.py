@@ -27,9 +27,6 @@ from bench._fid_weights import FILE_NAME, build_fid_inception_weights  # noqa: E
 
 
 def _pfi_frechet():
-    from specmatch.compat import import_torchvision
-
-    import_torchvision()
     from pytorch_fid.fid_score import calculate_frechet_distance
 
     return calculate_frechet_distance
@@ -228,9 +225,9 @@ def test_fid_equals_pytorch_fid_cli(tmp_path, inception_weights, image_sets):
     (torch_home / "hub").mkdir(parents=True)
     (torch_home / "hub" / "checkpoints").symlink_to(inception_weights.parent)
     env = {**os.environ, "TORCH_HOME": str(torch_home)}
-    code = ("import runpy, sys; from specmatch.compat import import_torchvision; import_torchvision(); "
-            "sys.argv = ['pytorch_fid'] + sys.argv[1:]; runpy.run_module('pytorch_fid', run_name='__main__')")
-    out = subprocess.run([sys.executable, "-c", code, "--device", "cpu", "--batch-size", "5", "--num-workers", "0",
+    # The installed tool itself, in a fresh interpreter that imports nothing of ours first:
+    # torch and torchvision must be builds that belong together for it to import at all.
+    out = subprocess.run([sys.executable, "-m", "pytorch_fid", "--device", "cpu", "--batch-size", "5", "--num-workers", "0",
                           str(tmp_path / "a"), str(tmp_path / "b")], capture_output=True, text=True, env=env,
                          cwd=tmp_path, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -336,9 +333,8 @@ def test_psnr_ssim_match_skimage():
 
 @pytest.fixture(scope="module")
 def vgg_weights(tmp_path_factory) -> Path:
-    from specmatch.compat import import_torchvision
+    import torchvision as tv
 
-    tv = import_torchvision()
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("vgg") / "vgg16-random.pth"
     torch.save(tv.models.vgg16(weights=None).state_dict(), path)

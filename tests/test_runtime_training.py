@@ -84,7 +84,7 @@ def test_save_load_round_trip_is_bitwise_and_resumes_adamw_identically(tmp_path)
     }
     tensors = {**{f"ae.{k}": v for k, v in model.state_dict().items()}, **extra}
     state = {"opt": opt.state_dict(), "sched": sched.state_dict(), "step": 3, "name": "x",
-             "rng": seeding.capture_rng_state()}
+             "nested": {"ints": [1, 2], "pair": (0.5, None), "t": torch.arange(3)}}
     path = checkpoint.save(tmp_path, 3, tensors, state, KIND, FP)
     assert path == tmp_path / "checkpoints" / "step-00000003"
     assert sorted(p.name for p in path.iterdir()) == ["meta.json", "model.safetensors", "state.pt"]
@@ -253,18 +253,6 @@ def test_resolve_resume(tmp_path):
 def _draws() -> tuple:
     return (random.random(), random.gauss(0, 1), np.random.rand(3).tolist(),
             np.random.randn(3).tolist(), torch.rand(4).tolist(), torch.randn(3).tolist())
-
-
-def test_rng_state_survives_torch_save_weights_only_and_reproduces_draws(tmp_path):
-    seeding.seed_everything(123)
-    _draws()
-    # An odd number of Gaussians drawn leaves one cached in python's and numpy's states.
-    assert random.getstate()[2] is not None and np.random.get_state(legacy=False)["has_gauss"]
-    torch.save(seeding.capture_rng_state(), tmp_path / "rng.pt")
-    expected = _draws()
-    seeding.seed_everything(999)
-    seeding.restore_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
-    assert _draws() == expected
 
 
 def test_seed_everything_is_per_rank():
@@ -455,3 +443,58 @@ def test_two_process_gloo_mean_and_stop_agreement(tmp_path):
     assert r0["bcast"] == r1["bcast"] == "from-0"
     assert r0["gather"] == r1["gather"] == [0, 2]
     assert r0["is_main"] and not r1["is_main"]
+
+
+def test_attempt_log_records_each_attempt_and_a_fresh_start_drops_them(tmp_path):
+    from types import SimpleNamespace
+
+    from specmatch.runtime.training import AttemptLog, Interrupted, read_attempts
+
+    info = SimpleNamespace(is_main=True, world_size=2)
+    step = 0
+    with pytest.raises(Interrupted):
+        with AttemptLog(tmp_path, info, 0, lambda: step):
+            step = 5
+            raise Interrupted("signal")
+    # A process killed outright writes no end line.
+    killed = AttemptLog(tmp_path, info, 5, lambda: step)
+    killed.__enter__()
+    with AttemptLog(tmp_path, info, 5, lambda: step):
+        step = 9
+    with pytest.raises(ValueError):
+        with AttemptLog(tmp_path, info, 9, lambda: step):
+            raise ValueError("boom")
+    a = read_attempts(tmp_path)
+    assert [x["attempt"] for x in a] == [1, 2, 3, 4]
+    assert [x["status"] for x in a] == ["interrupted", "killed or running", "finished", "failed"]
+    assert [(x["start_step"], x.get("end_step")) for x in a] == [(0, 5), (5, None), (5, 9), (9, 9)]
+    assert a[3]["error"] == "ValueError: boom" and a[0]["world_size"] == 2 and a[0]["pid"] == os.getpid()
+    assert all(x["wall_s"] >= 0 for x in a if "wall_s" in x)
+    # A torn last line (killed mid-write) is skipped, not fatal.
+    with open(tmp_path / "attempts.jsonl", "a") as f:
+        f.write('{"event": "end", "att')
+    assert len(read_attempts(tmp_path)) == 4
+    # Starting again from step 0 is a new run: earlier attempts are not its history.
+    with AttemptLog(tmp_path, info, 0, lambda: 3):
+        pass
+    assert [(x["attempt"], x["status"], x["end_step"]) for x in read_attempts(tmp_path)] == [(1, "finished", 3)]
+    # Other ranks write nothing.
+    other = tmp_path / "other"
+    other.mkdir()
+    with AttemptLog(other, SimpleNamespace(is_main=False, world_size=2), 0, lambda: 1):
+        pass
+    assert read_attempts(other) == []
+
+
+def test_provenance_time_starts_with_the_stage_command(tmp_path, monkeypatch):
+    import time
+
+    from specmatch.runtime import provenance
+
+    monkeypatch.setattr(provenance, "_stage_start", None)
+    provenance.mark_stage_start()
+    time.sleep(1.1)
+    prov = provenance.Provenance("unit", "r", {})
+    (tmp_path / "o").mkdir()
+    rec = prov.record(tmp_path / "out", tmp_path / "o")
+    assert rec["time"]["wall_s"] >= 1.0

@@ -145,6 +145,32 @@ def _cmd_data_add(args) -> None:
         print(f"{path}: tracked by DVC ({pointer.name}); next: git add {pointer.name} .gitignore && dvc push")
 
 
+def _cmd_dvc_deps(args) -> None:
+    from . import dvc_stages
+
+    old, new = dvc_stages.check(args.root)
+    diff = dvc_stages.differences(old, new)
+    if args.write and diff:
+        from .runtime import atomic
+
+        atomic.write_text(f"{args.root}/dvc.yaml", new)
+        print(f"dvc.yaml: deps rewritten ({sum(1 for d in diff if d.startswith(('+ ', '- ')))} lines changed)")
+    elif args.write or args.check:
+        print("dvc.yaml: deps up to date" if not diff else "\n".join(diff))
+        if diff:
+            raise SpecmatchError("dvc.yaml: the code deps differ from the import graph; run `specmatch dvc deps --write`")
+    else:
+        for stage, deps in dvc_stages.stage_deps(args.root).items():
+            print(f"{stage}:\n" + "".join(f"  {d}\n" for d in deps), end="")
+
+
+def _cmd_dvc_metrics(args) -> None:
+    from .metrics import summary
+
+    result = summary.write_metrics(args.folders, args.file, args.out)
+    print(f"{args.out}: {len(result)} run(s)")
+
+
 def _cmd_container_binds(args) -> None:
     from . import container
 
@@ -453,6 +479,31 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--root", default=".", help="repository root (default: .)")
     q.set_defaults(func=_cmd_data_add)
 
+    p = sub.add_parser("dvc", help="what dvc.yaml declares: generated code deps, stage metrics")
+    dsub = p.add_subparsers(dest="dvc_command", required=True)
+    q = dsub.add_parser("deps", help="each DVC stage's code deps, from the package's import graph",
+                        description="From the Snakemake rules each stage of dvc.yaml runs (--allowed-rules), the "
+                                    "`specmatch` commands of those rules and the package modules they import "
+                                    "(transitively), list the files each stage depends on: the Snakefile and rule "
+                                    "files, package modules and data files, the preset overlay. Without options, "
+                                    "print them; --check exits 2 when the deps of dvc.yaml differ (printing the "
+                                    "diff), --write rewrites them in place (below the `generated` marker of each "
+                                    "stage's deps; upstream outputs above it are kept).")
+    g = q.add_mutually_exclusive_group()
+    g.add_argument("--check", action="store_true", help="fail when dvc.yaml is not up to date")
+    g.add_argument("--write", action="store_true", help="rewrite the generated deps of dvc.yaml")
+    q.add_argument("--root", default=".", help="repository root (default: .)")
+    q.set_defaults(func=_cmd_dvc_deps)
+    q = dsub.add_parser("metrics", help="collect a stage's metrics files into one JSON for `dvc metrics`",
+                        description="Read every FILE below each FOLDER (e.g. ae_eval/<run>/metrics.json) and write "
+                                    "OUT: {<folder>/<run dir>: its numbers} (lists, strings and the protocol, "
+                                    "reference, samples, sampling, config and warnings sections left out), the "
+                                    "`metrics:` output of a dvc.yaml stage.")
+    q.add_argument("folders", nargs="+", help="stage output folders (missing ones contribute nothing)")
+    q.add_argument("--file", default="metrics.json", help="metrics file name (default: metrics.json)")
+    q.add_argument("--out", required=True, help="JSON file to write")
+    q.set_defaults(func=_cmd_dvc_metrics)
+
     p = sub.add_parser("container", help="Apptainer definition files")
     csub = p.add_subparsers(dest="container_command", required=True)
     q = csub.add_parser("check", help="validate definition files before `apptainer build`",
@@ -500,6 +551,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    from .runtime import provenance
+
+    provenance.mark_stage_start()
     try:
         args.func(args)
     except SpecmatchError as e:

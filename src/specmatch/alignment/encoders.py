@@ -30,6 +30,7 @@ from torch import nn
 from .. import resources
 from ..errors import SpecmatchError
 from ..runtime.hashing import sha256_file
+from ..runtime.weights import load_torch_weights
 from .specs import REGISTRY, EncoderSpec, grid_of, spec  # noqa: F401  (the registry lives without torch)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -65,9 +66,6 @@ def build_dinov2(state: dict[str, torch.Tensor], image_size: int, heads: int, wh
     """timm's VisionTransformer holding an official DINOv2 state dict (key layout of
     `dinov2_vit*_pretrain.pth`); the architecture is read off the tensors' shapes (heads given).
     Missing or unexpected keys are refused by name."""
-    from ..compat import import_torchvision
-
-    import_torchvision()
     from timm.models.vision_transformer import VisionTransformer
 
     for key in ("cls_token", "pos_embed", "patch_embed.proj.weight"):
@@ -97,7 +95,7 @@ def build_dinov2(state: dict[str, torch.Tensor], image_size: int, heads: int, wh
 class _DINOv2(nn.Module):
     def __init__(self, weights: Path, image_size: int, heads: int):
         super().__init__()
-        state = torch.load(weights, map_location="cpu", weights_only=True)
+        state = load_torch_weights(weights)
         if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
             state = state["model"]
         self.net = build_dinov2(state, image_size, heads, where=str(weights))
@@ -122,7 +120,7 @@ class _EffNetLite0(nn.Module):
         from efficientnet_lite_pytorch import EfficientNet
 
         net = EfficientNet.from_name("efficientnet-lite0")
-        net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        net.load_state_dict(load_torch_weights(weights))
         # Channels-last: oneDNN's depthwise convolutions run ~1.6x faster on the CPU in that layout.
         self.net, self.image_size, self.stride = net.to(memory_format=torch.channels_last), image_size, stride
         # Keep the blocks up to the stride asked for: stop before the first block that would

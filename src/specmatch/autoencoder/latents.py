@@ -135,8 +135,8 @@ class LatentReader(ShardedCache):
 
     SCHEMA, MEMBERS, WHAT, STAGE = SCHEMA, ("mu", "logvar", "labels"), "latent cache", "extract-latents"
 
-    def __init__(self, folder: str | Path, cache_shards: int = 4):
-        super().__init__(folder, cache_shards)
+    def __init__(self, folder: str | Path, cache_shards: int = 4, verify: bool | None = None):
+        super().__init__(folder, cache_shards, verify)
         self.scale_factor = float(self.manifest["scale_factor"])
 
     def sample(self, indices, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

@@ -39,11 +39,12 @@ from .. import config as config_mod
 from .. import spectral
 from ..data.reader import SplitReader
 from ..errors import SpecmatchError
-from ..runtime import atomic, checkpoint, distributed, seeding
+from ..runtime import atomic, distributed, seeding
 from ..runtime.provenance import Provenance
 from ..runtime.signals import StopRequest
-from ..runtime.training import (Interrupted, NonFiniteLoss, batch_indices, check_finite, end_of_step,  # noqa: F401
-                                prepare_rank, run_folder, warmup)
+from ..runtime.training import (AttemptLog, Interrupted, NonFiniteLoss, batch_indices, check_finite, end_of_step,  # noqa: F401
+                                load_packed, make_ema, pack_state, prepare_rank, resume_point, run_folder,
+                                read_attempts, save_checkpoint, warmup)
 from . import model as ae_model
 from .discriminator import PatchDiscriminator, generator_adv_loss, hinge_d_loss
 from .objectives import Mask, Objective, adaptive_weight, draw_mask, objective
@@ -138,10 +139,7 @@ def _train(run, t, cfg, obj, fp, info, dataset, run_dir, out, name, resume):
 
     ae = ae_model.build(cfg).to(dev)
     disc = PatchDiscriminator(3, run["disc"]["channels"], run["disc"]["n_layers"], run["disc"]["init_std"]).to(dev)
-    ema = None
-    if t["ema_decay"] > 0:
-        ema = torch.optim.swa_utils.AveragedModel(
-            ae, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(t["ema_decay"]), use_buffers=True)
+    ema = make_ema(ae, t["ema_decay"])
     opt_g = torch.optim.AdamW(ae.parameters(), lr=t["lr"], betas=tuple(t["betas"]), weight_decay=t["weight_decay"])
     opt_d = torch.optim.AdamW(disc.parameters(), lr=t["disc_lr"] or t["lr"], betas=tuple(t["betas"]),
                               weight_decay=t["weight_decay"])
@@ -150,14 +148,10 @@ def _train(run, t, cfg, obj, fp, info, dataset, run_dir, out, name, resume):
     lpips = _lpips_model(obj, run, dev)
 
     g_step = d_step = 0
-    start = distributed.broadcast_object(
-        str(checkpoint.resolve_resume(run_dir, resume, KIND, fp) or "") if info.is_main else None)
-    if start:
-        tensors, state, meta = checkpoint.load(start, KIND, fp, map_location=dev)
-        ae.load_state_dict({k[3:]: v for k, v in tensors.items() if k.startswith("ae.")})
-        disc.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("disc.")})
-        if ema is not None:
-            ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+    resumed = resume_point(run_dir, resume, KIND, fp, info)
+    if resumed:
+        start, tensors, state = resumed
+        load_packed(tensors, ae=ae, disc=disc, ema=ema)
         opt_g.load_state_dict(state["opt_g"])
         opt_d.load_state_dict(state["opt_d"])
         sched_g.load_state_dict(state["sched_g"])
@@ -171,23 +165,16 @@ def _train(run, t, cfg, obj, fp, info, dataset, run_dir, out, name, resume):
     log_path = run_dir / "metrics.jsonl"
 
     def save_ckpt() -> Path | None:
-        path = None
-        if info.is_main:
-            tensors = {**{f"ae.{k}": v for k, v in ae.state_dict().items()},
-                       **{f"disc.{k}": v for k, v in disc.state_dict().items()}}
-            if ema is not None:
-                tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
-            state = {"opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(), "sched_g": sched_g.state_dict(),
-                     "sched_d": sched_d.state_dict(), "g_step": g_step, "d_step": d_step,
-                     "rng": seeding.capture_rng_state()}
-            path = checkpoint.save(run_dir, g_step, tensors, state, KIND, fp, keep=t["keep_checkpoints"])
-        distributed.barrier()
-        return path
+        return save_checkpoint(info, run_dir, g_step, lambda: pack_state(ae=ae, disc=disc, ema=ema),
+                               lambda: {"opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
+                                        "sched_g": sched_g.state_dict(), "sched_d": sched_d.state_dict(),
+                                        "g_step": g_step, "d_step": d_step},
+                               KIND, fp, t["keep_checkpoints"])
 
     steps = int(t["steps"])
     bar = tqdm(total=steps, initial=g_step, desc=f"train-ae {name}", unit="step", disable=not info.is_main)
     t_last, n_last = time.perf_counter(), g_step
-    with StopRequest() as stop:
+    with StopRequest() as stop, AttemptLog(run_dir, info, g_step, lambda: g_step):
         while g_step < steps:
             idx = batch_indices(len(reader), global_batch, seed, g_step)
             x = load_batch(reader, idx, t["hflip"], seed, g_step, dev, rows)
@@ -271,6 +258,7 @@ def _train(run, t, cfg, obj, fp, info, dataset, run_dir, out, name, resume):
 
 def _write_final(run, cfg, obj, fp, ae, ema, dataset, reader, run_dir, out, name, g_step, d_step, world):
     prov = Provenance(STAGE, name, run, seeds={"train": int(run["train"]["seed"])})
+    prov.extra["attempts"] = read_attempts(run_dir)  # each start and resumption of this run
     prov.add_input(dataset, "dataset")
     weights = {f"ae.{k}": v.detach().cpu().contiguous() for k, v in ae.state_dict().items()}
     if ema is not None:
@@ -294,7 +282,7 @@ def _write_final(run, cfg, obj, fp, ae, ema, dataset, reader, run_dir, out, name
 def load_trained(folder: str | Path, use_ema: bool = True, device="cpu") -> tuple[ae_model.AutoencoderKL, dict]:
     """The autoencoder of a finished `train-ae` output folder (EMA weights when present and
     asked for), in eval mode, with its summary."""
-    from safetensors.torch import load_file
+    from ..runtime.weights import load_safetensors
 
     folder = Path(folder)
     meta_path, w_path = folder / "autoencoder.json", folder / "model.safetensors"
@@ -303,7 +291,7 @@ def load_trained(folder: str | Path, use_ema: bool = True, device="cpu") -> tupl
             raise SpecmatchError(f"{folder}: not a trained autoencoder (no {p.name}); run `specmatch train-ae`")
     summary = json.loads(meta_path.read_text())
     cfg = ae_model.config({k: (tuple(v) if k == "channels" else v) for k, v in summary["config"].items()})
-    tensors = load_file(w_path, device=str(device))
+    tensors = load_safetensors(w_path, device=str(device))
     prefix = "ema." if use_ema and summary.get("ema") else "ae."
     state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
     ae = ae_model.build(cfg).to(device)

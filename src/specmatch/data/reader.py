@@ -6,6 +6,11 @@ stored `.npy` member of a zip is a contiguous byte range, so numpy can map it in
 page cache does the rest. numpy's own `np.load(..., mmap_mode=...)` ignores the mode for .npz
 files, hence the few lines that find the member's offset. Deflate-compressed shards cannot be
 mapped; they are decompressed on first use and kept in a small LRU cache.
+
+Reading is verifying: each shard's sha256 (listed in the manifest) is checked when the shard is
+first opened, before any of its data is used (`runtime.integrity`: once per process and file,
+lazily, so a paper-scale cache costs nothing up front). `verify=False` or `SPECMATCH_VERIFY=0`
+skip the check, and the provenance of what is made then records it.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import SpecmatchError
+from ..runtime import integrity
 from .shards import MANIFEST, _split_entry, read_manifest
 
 _LOCAL_HEADER = struct.Struct("<4s2B4HL2L2H")  # zip local file header (30 bytes)
@@ -55,11 +61,18 @@ def _member_memmap(path: Path, member: str) -> np.ndarray | None:
 class ShardedArrays:
     """Rows of the same named arrays spread over npz shards, read by global index: stored
     members are memory-mapped, deflated ones decompressed on first use into a small LRU cache.
-    Serves the dataset splits (images, labels) and the latent cache (mu, logvar, labels)."""
+    Serves the dataset splits (images, labels) and the latent cache (mu, logvar, labels).
+
+    `sha256s` are the manifest's hashes of the files: each file is checked against its hash when
+    first opened (`verify`: None follows `$SPECMATCH_VERIFY`, on by default)."""
 
     def __init__(self, files: list[Path], counts: list[int], members: tuple[str, ...], source: str,
-                 cache_shards: int = 4):
+                 cache_shards: int = 4, sha256s: list[str | None] | None = None, verify: bool | None = None):
         self.files, self.members, self.source = list(files), tuple(members), source
+        self.sha256s = list(sha256s) if sha256s is not None else [None] * len(self.files)
+        if len(self.sha256s) != len(self.files):
+            raise ValueError(f"{source}: {len(self.files)} files but {len(self.sha256s)} sha256s")
+        self.verify = integrity.resolve(verify)
         for p in self.files:
             if not p.is_file():
                 raise SpecmatchError(f"{p}: shard listed in {source} is missing")
@@ -79,6 +92,9 @@ class ShardedArrays:
             self._lru.move_to_end(i)
             return self._lru[i]
         path = self.files[i]
+        # Before any data of the file is used; hashed once per process (memo), so a shard
+        # evicted from the LRU and opened again is not hashed again.
+        integrity.check_file(path, self.sha256s[i], self.source, self.verify)
         maps = [_member_memmap(path, f"{m}.npy") for m in self.members]
         if all(a is not None for a in maps):
             self._mapped[i] = tuple(maps)
@@ -116,7 +132,7 @@ class ShardedArrays:
 class SplitReader(ShardedArrays):
     """Images and labels of one split by global index (the manifest's shard order)."""
 
-    def __init__(self, folder: str | os.PathLike, split: str, cache_shards: int = 4):
+    def __init__(self, folder: str | os.PathLike, split: str, cache_shards: int = 4, verify: bool | None = None):
         self.folder = Path(folder)
         man = read_manifest(self.folder)
         entry = _split_entry(man, split, self.folder)
@@ -124,7 +140,8 @@ class SplitReader(ShardedArrays):
         self.images_sha256 = entry["images_sha256"]
         super().__init__([self.folder / s["file"] for s in entry["shards"]],
                          [int(s["count"]) for s in entry["shards"]], ("images", "labels"),
-                         f"{self.folder / MANIFEST} (split {split!r})", cache_shards)
+                         f"{self.folder / MANIFEST} (split {split!r})", cache_shards,
+                         [s.get("sha256") for s in entry["shards"]], verify)
 
     def get(self, indices) -> tuple[np.ndarray, np.ndarray]:
         """uint8 images (B, H, W, 3) and int64 labels (B,) at the given global indices."""
@@ -146,12 +163,13 @@ class ShardedCache(ShardedArrays):
     WHAT = "cache"
     STAGE = ""
 
-    def __init__(self, folder: str | os.PathLike, cache_shards: int = 4):
+    def __init__(self, folder: str | os.PathLike, cache_shards: int = 4, verify: bool | None = None):
         self.folder = Path(folder)
         self.manifest = self.read_manifest(self.folder)
         man = self.manifest
         super().__init__([self.folder / s["file"] for s in man["shards"]], [int(s["count"]) for s in man["shards"]],
-                         self.MEMBERS, str(self.folder / "manifest.json"), cache_shards)
+                         self.MEMBERS, str(self.folder / "manifest.json"), cache_shards,
+                         [s.get("sha256") for s in man["shards"]], verify)
         if self.count != int(man["count"]):
             raise SpecmatchError(f"{self.folder / 'manifest.json'}: shards hold {self.count} entries, count says "
                                  f"{man['count']}")

@@ -18,7 +18,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from ..errors import SpecmatchError
-from ..runtime import atomic
+from ..runtime import atomic, integrity
 from ..runtime.hashing import ImageStreamHash, sha256_file, sha256_images
 
 MANIFEST = "manifest.json"
@@ -104,23 +104,24 @@ def _split_entry(man: dict[str, Any], split: str, folder: Path) -> dict[str, Any
     return man["splits"][split]
 
 
-def iter_shards(folder: str | os.PathLike, split: str, verify: bool = False) -> Iterator[dict[str, np.ndarray]]:
-    """Yield each shard of a split as a dict of arrays, optionally checking its sha256."""
+def iter_shards(folder: str | os.PathLike, split: str, verify: bool | None = None) -> Iterator[dict[str, np.ndarray]]:
+    """Yield each shard of a split as a dict of arrays, each checked against its sha256 in the
+    manifest before it is read (`verify`: None follows `$SPECMATCH_VERIFY`, on by default)."""
     folder = Path(folder)
     man = read_manifest(folder)
     for shard in _split_entry(man, split, folder)["shards"]:
         path = folder / shard["file"]
         if not path.is_file():
             raise SpecmatchError(f"{path}: shard listed in {folder / MANIFEST} is missing")
-        if verify and sha256_file(path) != shard["sha256"]:
-            raise SpecmatchError(f"{path}: sha256 does not match the manifest (file modified or corrupt)")
+        integrity.check_file(path, shard.get("sha256"), folder / MANIFEST, verify)
         with np.load(path, allow_pickle=False) as z:
             yield {k: z[k] for k in z.files}
 
 
-def load_split(folder: str | os.PathLike, split: str, verify: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def load_split(folder: str | os.PathLike, split: str, verify: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
     """All images (N, H, W, 3) uint8 and labels (N,) of a split, checked against the manifest."""
     folder = Path(folder)
+    verify = integrity.resolve(verify)
     parts = list(iter_shards(folder, split, verify))
     man = read_manifest(folder)
     entry = _split_entry(man, split, folder)
@@ -142,7 +143,7 @@ def subset_indices(total: int, max_images: int | None, seed: int) -> np.ndarray 
 
 
 def iter_image_batches(folder: str | os.PathLike, split: str, batch_size: int, max_images: int | None = None,
-                       seed: int = 0, verify: bool = True) -> Iterator[np.ndarray]:
+                       seed: int = 0, verify: bool | None = None) -> Iterator[np.ndarray]:
     """uint8 image batches (B, H, W, 3) of a split, or of a seeded subset of it, in shard order."""
     folder = Path(folder)
     total = _split_entry(read_manifest(folder), split, folder)["count"]

@@ -27,8 +27,8 @@ The building blocks -- attention, MLP, patch embedding -- are timm's (`timm.laye
 `Mlp`, `PatchEmbed`, the ones DiT and U-ViT themselves build on), with U-ViT's and DiT's settings:
 no qkv bias and exact GELU for U-ViT, qkv bias and GELU(tanh) for SiT. timm's Attention goes
 through `F.scaled_dot_product_attention` (its `fused_attn`, on unless TIMM_FUSED_ATTN=0 is set;
-the fallback is the same attention written out). Importing timm imports torchvision, hence
-`compat.import_torchvision()` first; together they add a few seconds to this module's import.
+the fallback is the same attention written out). Importing timm imports torchvision; together
+they add a few seconds to this module's import.
 What timm has no block for is written here: the time embeddings, U-ViT's long-skip block, DiT's
 adaLN-Zero block and final layer.
 
@@ -49,12 +49,9 @@ from functools import partial
 import torch
 import torch.nn as nn
 
-from specmatch.compat import import_torchvision
+from timm.layers import Attention, Mlp, PatchEmbed
+
 from specmatch.errors import SpecmatchError
-
-import_torchvision()  # timm imports torchvision, whose compiled ops need this on CPU torch
-
-from timm.layers import Attention, Mlp, PatchEmbed  # noqa: E402
 
 __all__ = [
     "NetConfig", "NETS", "PATCHES", "parse_name", "build", "count_parameters",

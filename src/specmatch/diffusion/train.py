@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save, save_file
+from safetensors.torch import save, save_file
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
@@ -45,9 +45,11 @@ from ..errors import SpecmatchError
 from ..runtime import atomic, checkpoint, distributed, seeding
 from ..runtime.hashing import sha256_file
 from ..runtime.provenance import Provenance
+from ..runtime.weights import load_safetensors
 from ..runtime.signals import StopRequest
-from ..runtime.training import (Interrupted, NonFiniteLoss, batch_indices, check_finite, end_of_step,
-                                prepare_rank, run_folder, warmup)
+from ..runtime.training import (AttemptLog, Interrupted, NonFiniteLoss, batch_indices, check_finite, end_of_step,
+                                load_packed, make_ema, pack_state, prepare_rank, resume_point, run_folder,
+                                read_attempts, save_checkpoint, warmup)
 from . import models, transport
 
 log = logging.getLogger(__name__)
@@ -153,24 +155,16 @@ def _train(run, t, cache, fp, info, latents, run_dir, out, name, resume, autoenc
     path = build_path(run["process"])
 
     proj = align.projector.to(dev) if align is not None else None
-    ema = None
-    if t["ema_decay"] > 0:
-        ema = torch.optim.swa_utils.AveragedModel(
-            net, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(t["ema_decay"]), use_buffers=True)
+    ema = make_ema(net, t["ema_decay"])
     params = list(net.parameters()) + (list(proj.parameters()) if proj is not None else [])
     opt = torch.optim.AdamW(params, lr=t["lr"], betas=tuple(t["betas"]), weight_decay=t["weight_decay"])
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup(t["warmup_steps"]))
 
     step = 0
-    start = distributed.broadcast_object(
-        str(checkpoint.resolve_resume(run_dir, resume, KIND, fp) or "") if info.is_main else None)
-    if start:
-        tensors, state, _ = checkpoint.load(start, KIND, fp, map_location=dev)
-        net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
-        if ema is not None:
-            ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
-        if proj is not None:
-            proj.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("proj.")})
+    resumed = resume_point(run_dir, resume, KIND, fp, info)
+    if resumed:
+        start, tensors, state = resumed
+        load_packed(tensors, net=net, ema=ema, proj=proj)
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
         step = int(state["step"])
@@ -193,18 +187,9 @@ def _train(run, t, cache, fp, info, latents, run_dir, out, name, resume, autoenc
     probe = _SmallNDistance(run, t, sampler, autoencoder, ref, cache, info, name) if t["fid_every"] else None
 
     def save_ckpt() -> Path | None:
-        saved = None
-        if info.is_main:
-            tensors = {f"net.{k}": v for k, v in net.state_dict().items()}
-            if ema is not None:
-                tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
-            if proj is not None:
-                tensors.update({f"proj.{k}": v for k, v in proj.state_dict().items()})
-            state = {"opt": opt.state_dict(), "sched": sched.state_dict(), "step": step,
-                     "rng": seeding.capture_rng_state()}
-            saved = checkpoint.save(run_dir, step, tensors, state, KIND, fp, keep=t["keep_checkpoints"])
-        distributed.barrier()
-        return saved
+        return save_checkpoint(info, run_dir, step, lambda: pack_state(net=net, ema=ema, proj=proj),
+                               lambda: {"opt": opt.state_dict(), "sched": sched.state_dict(), "step": step},
+                               KIND, fp, t["keep_checkpoints"])
 
     def save_snapshot() -> None:
         if info.is_main:
@@ -220,7 +205,7 @@ def _train(run, t, cache, fp, info, latents, run_dir, out, name, resume, autoenc
     null = getattr(net, "null_label", 0)
     bar = tqdm(total=steps, initial=step, desc=f"train-diffusion {name}", unit="step", disable=not info.is_main)
     t_last, n_last = time.perf_counter(), step
-    with StopRequest() as stop:
+    with StopRequest() as stop, AttemptLog(run_dir, info, step, lambda: step):
         while step < steps:
             idx, *batch = draw_batch(cache, path, global_batch, seed, step, t["label_dropout"])
             x0, y, tt, noise, drop = (v[rows].to(dev) for v in batch)
@@ -369,6 +354,7 @@ def _recover_snapshots(run_dir: Path, steps: list[int], fp: str, has_ema: bool) 
 def _write_final(run, fp, net, ema, cache, latents, run_dir, out, name, steps, world, align=None,
                  snapshot_steps=()):
     prov = Provenance(STAGE, name, run, seeds={"train": int(run["train"]["seed"])})
+    prov.extra["attempts"] = read_attempts(run_dir)  # each start and resumption of this run
     prov.add_input(latents, "latents")
     if align is not None and align.reader is not None:
         prov.add_input(align.reader.folder, "targets")
@@ -431,7 +417,7 @@ def load_trained(folder: str | Path, use_ema: bool = True, device="cpu",
         if use_ema != bool(summary.get("ema")):
             raise SpecmatchError(f"{w_path}: snapshots hold the {'EMA' if summary.get('ema') else 'raw'} weights "
                                  f"only, but use_ema is {use_ema}")
-    tensors = load_file(w_path, device=str(device))
+    tensors = load_safetensors(w_path, device=str(device))
     state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
     missing, unexpected = net.load_state_dict(state, strict=False)
     if missing or unexpected:

@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import resources
-from ..compat import import_torchvision
 from ..runtime.hashing import sha256_file
+from ..runtime.weights import load_torch_weights
 
 
 @dataclass(frozen=True)
@@ -40,10 +40,9 @@ class FeatureNetSpec:
 class _InceptionFID(nn.Module):
     def __init__(self, weights: Path):
         super().__init__()
-        import_torchvision()
         from pytorch_fid import inception as pfi
 
-        state = torch.load(weights, map_location="cpu", weights_only=True)
+        state = load_torch_weights(weights)
         # pytorch-fid builds its network with `load_state_dict_from_url`, which would download;
         # we hand it the state dict of our checksum-verified file instead (weights_only load),
         # so the architecture, resize and scaling are exactly pytorch-fid's.
@@ -71,7 +70,7 @@ class _EfficientNetLite0(nn.Module):
         from efficientnet_lite_pytorch import EfficientNet
 
         self.net = EfficientNet.from_name("efficientnet-lite0")
-        self.net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        self.net.load_state_dict(load_torch_weights(weights))
         # Channels-last: oneDNN's depthwise convolutions run ~1.5x faster on the CPU in that
         # layout (measured on our 2-core machines). Features move by ~1e-5, the same for every
         # call, so reference and sample statistics stay comparable; this net has no external

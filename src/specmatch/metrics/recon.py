@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 
 from .. import resources
-from ..compat import import_torchvision
 from ..errors import SpecmatchError
 from ..runtime.hashing import sha256_file
+from ..runtime.weights import load_torch_weights
 
 
 def _as_float(images, device=None) -> torch.Tensor:
@@ -109,7 +109,6 @@ class LPIPS:
 def load_lpips(device="cpu", resources_dir=None, vgg_weights: str | Path | None = None) -> LPIPS:
     """LPIPS-VGG v0.1: heads from the lpips package, backbone from resources (or an explicit
     file, for tests), both checksum-checked when they come from the resources."""
-    import_torchvision()
     import lpips
 
     heads, heads_sha = resources.require("lpips-vgg-v0.1", resources_dir)
@@ -121,7 +120,7 @@ def load_lpips(device="cpu", resources_dir=None, vgg_weights: str | Path | None 
     model = lpips.LPIPS(net="vgg", version="0.1", pretrained=True, pnet_rand=True, model_path=str(heads),
                         verbose=False)
     missing, unexpected = model.load_state_dict(
-        lpips_state_from_vgg16(torch.load(vgg_path, map_location="cpu", weights_only=True)), strict=False)
+        lpips_state_from_vgg16(load_torch_weights(vgg_path)), strict=False)
     backbone_missing = [k for k in missing if k.startswith("net.")]
     if backbone_missing or unexpected:
         raise SpecmatchError(f"{vgg_path}: VGG16 weights do not fit LPIPS (missing {backbone_missing[:3]}, "

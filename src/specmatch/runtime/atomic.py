@@ -3,16 +3,97 @@
 A stage that fails (or is killed) leaves at most a hidden temporary behind, never a
 half-written file or folder under the real name, so Snakemake, DVC and `specmatch audit`
 only ever see complete outputs.
+
+A temporary's name carries its owner, `.NAME.<host>@<pid>@<random>.tmp`: a stage killed hard
+(SIGKILL, a node lost) leaves its temporary behind, and the next `atomic_dir` / `atomic_file`
+of the same output removes the temporaries of processes that are gone (same host, pid no longer
+running). Those of live processes and of other hosts are kept, unless older than
+`STALE_AFTER_S` (a week), as are unowned ones (the earlier naming, `.NAME.<random>.tmp`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import re
 import shutil
+import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import Iterator
+
+log = logging.getLogger(__name__)
+
+# Temporaries older than this are removed whoever owns them (a live pid may be a reused one).
+STALE_AFTER_S = 7 * 24 * 3600
+_OWNED = re.compile(r"(?P<host>[A-Za-z0-9-]+)@(?P<pid>\d+)@[A-Za-z0-9_]+\.(?:tmp|old)")
+_UNOWNED = re.compile(r"[A-Za-z0-9_]+\.(?:tmp|old)")
+
+
+def _host() -> str:
+    """This host's name as temporaries carry it (no dots or '@', so names parse unambiguously)."""
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:63] or "host"
+
+
+def _prefix(path: Path) -> str:
+    """mkstemp/mkdtemp prefix of `path`'s temporaries: `.NAME.<host>@<pid>@`."""
+    return f".{path.name}.{_host()}@{os.getpid()}@"
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid() or os.name != "posix":
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: another user's live process
+        return True
+    return True
+
+
+def _stale(entry: os.DirEntry, rest: str, now: float) -> bool:
+    m = _OWNED.fullmatch(rest)
+    if m:
+        if m["host"] == _host() and not _pid_alive(int(m["pid"])):
+            return True
+    elif not _UNOWNED.fullmatch(rest):
+        return False  # not a temporary of this output (e.g. one of an output "NAME.x")
+    try:
+        return now - entry.stat(follow_symlinks=False).st_mtime > STALE_AFTER_S
+    except FileNotFoundError:
+        return False
+
+
+def remove_stale_temporaries(path: str | os.PathLike, folders: bool = True) -> list[Path]:
+    """Remove the temporaries of `path` (folders of `atomic_dir`, or files of `atomic_file` with
+    `folders=False`) left by processes that are gone; return what was removed."""
+    path = Path(path)
+    prefix, now, removed = f".{path.name}.", time.time(), []
+    try:
+        entries = list(os.scandir(path.parent))
+    except (FileNotFoundError, NotADirectoryError):
+        return removed
+    for e in entries:
+        if not e.name.startswith(prefix):
+            continue
+        try:
+            if e.is_dir(follow_symlinks=False) != folders or not _stale(e, e.name[len(prefix):], now):
+                continue
+        except OSError:
+            continue
+        p = Path(e.path)
+        if folders:
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                p.unlink()
+        if not p.exists():
+            log.info("removed %s, a temporary left by a process that is gone", p)
+            removed.append(p)
+    return removed
 
 
 def _umask() -> int:
@@ -39,7 +120,8 @@ def atomic_file(path: str | os.PathLike, mode: str = "wb") -> Iterator:
     """Open a temporary sibling of `path` for writing; on success fsync and rename it onto `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_stale_temporaries(path, folders=False)
+    fd, tmp = tempfile.mkstemp(prefix=_prefix(path), suffix=".tmp", dir=path.parent)
     # mkstemp creates 0600; outputs are shared artefacts, so give them the usual umask mode.
     os.chmod(tmp, 0o666 & ~_umask())
     try:
@@ -73,7 +155,8 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    remove_stale_temporaries(path, folders=True)
+    tmp = Path(tempfile.mkdtemp(prefix=_prefix(path), suffix=".tmp", dir=path.parent))
     os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
@@ -83,7 +166,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
                     os.fsync(f.fileno())
         if path.exists():
             # Move the old output aside first so that the swap itself is a single rename.
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            old = Path(tempfile.mkdtemp(prefix=_prefix(path), suffix=".old", dir=path.parent))
             os.replace(path, old / "x")
             os.replace(tmp, path)
             shutil.rmtree(old, ignore_errors=True)

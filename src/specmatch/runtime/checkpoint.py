@@ -18,13 +18,11 @@ its meta.json is *corrupted* (a bad disk, a copy cut short): `latest_valid` skip
 warning and falls back to the previous one.
 
 `state.pt` is read with `torch.load(weights_only=True)`: it may hold tensors, numbers, strings,
-None, lists, tuples and dicts (what `optimizer.state_dict()` and `seeding.capture_rng_state()`
-give), and no pickled code, so loading a checkpoint cannot execute anything.
+None, lists, tuples and dicts (what `optimizer.state_dict()` gives), and no pickled code, so loading a checkpoint cannot execute anything.
 """
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import logging
 import os
@@ -35,11 +33,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from ..errors import SpecmatchError
 from . import atomic
 from .hashing import sha256_file
+from .weights import load_safetensors
+from .provenance import utc_now
 
 log = logging.getLogger(__name__)
 
@@ -127,10 +127,6 @@ def _check_state(obj: Any, where: str) -> None:
                     "torch.from_numpy(a))")
 
 
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
 def save(run_dir: str | os.PathLike, step: int, tensors: dict[str, torch.Tensor],
          state: dict[str, Any], kind: str, fingerprint: str, keep: int = 2) -> Path:
     """Write `run_dir/checkpoints/step-<step>/` atomically, then prune older ones to `keep`.
@@ -164,7 +160,7 @@ def save(run_dir: str | os.PathLike, step: int, tensors: dict[str, torch.Tensor]
             "step": int(step),
             "fingerprint": fingerprint,
             "files": {name: sha256_file(tmp / name) for name in (WEIGHTS, STATE)},
-            "time": _now(),
+            "time": utc_now(),
         }
         # Last, so that a folder with a meta.json has every file it lists.
         atomic.write_text(tmp / META, json.dumps(meta, indent=2) + "\n")
@@ -275,7 +271,7 @@ def load(ckpt_dir: str | os.PathLike, kind: str, fingerprint: str,
     trainer loads everything first and only then applies it, so a failure leaves it untouched."""
     ckpt = Path(ckpt_dir)
     meta = verify(ckpt, kind=kind, fingerprint=fingerprint)
-    tensors = load_file(ckpt / WEIGHTS, device=str(map_location))
+    tensors = load_safetensors(ckpt / WEIGHTS, device=str(map_location))
     try:
         state = torch.load(ckpt / STATE, map_location=map_location, weights_only=True)
     except Exception as e:  # weights_only refuses pickled code: name the file, not a traceback

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from . import atomic
+from . import atomic, integrity
 from .hashing import hash_tree, sha256_file, sha256_json, tree_digest
 
 RECORD_NAME = "provenance.json"
@@ -35,8 +35,21 @@ _SLURM_VARS = (
 )
 
 
-def _now() -> str:
+def utc_now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+# When the running stage command began (monotonic clock, wall-clock string): a record's time
+# then covers the whole stage (reading inputs, training, writing), not only the moment the
+# record object was made, which for the trainers is at their final write.
+_stage_start: tuple[float, str] | None = None
+
+
+def mark_stage_start() -> None:
+    """Called by the CLI as a stage command begins; records made in this process from then on
+    date their start from it."""
+    global _stage_start
+    _stage_start = (time.monotonic(), utc_now())
 
 
 def display_path(path: str | os.PathLike) -> str:
@@ -86,6 +99,9 @@ def environment() -> dict[str, Any]:
         "platform": platform.platform(),
         "hostname": socket.gethostname(),
         "container": _container(),
+        # Whether the sha256 of every manifest-listed input file read was checked
+        # ($SPECMATCH_VERIFY=0 or a reader's verify=False skip it): runtime.integrity.
+        "input_verification": integrity.record(),
     }
     try:
         import numpy
@@ -140,7 +156,7 @@ class Provenance:
         self.inputs: list[dict[str, Any]] = []
         self.protocol: dict[str, Any] | None = None
         self.extra: dict[str, Any] = {}
-        self._t0, self._start = time.monotonic(), _now()
+        self._t0, self._start = _stage_start or (time.monotonic(), utc_now())
 
     def add_input(self, path: str | os.PathLike, role: str, sha256: str | None = None) -> None:
         """Record an input; pass `sha256` when the stage already hashed the bytes it read."""
@@ -166,7 +182,7 @@ class Provenance:
             "seeds": self.seeds,
             "protocol": self.protocol,
             **self.extra,
-            "time": {"start": self._start, "end": _now(), "wall_s": round(time.monotonic() - self._t0, 3)},
+            "time": {"start": self._start, "end": utc_now(), "wall_s": round(time.monotonic() - self._t0, 3)},
         }
 
     def write(self, out_dir: str | os.PathLike, tmp_dir: str | os.PathLike) -> dict[str, Any]:

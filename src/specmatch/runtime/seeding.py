@@ -1,9 +1,10 @@
-"""Seeds, determinism switches and RNG state for checkpoints.
+"""Seeds and determinism switches.
 
 Two kinds of randomness, kept apart on purpose:
-- *Per-rank streams* (`seed_everything`): data order, augmentation, dropout. Each rank gets
-  `seed + rank`, so ranks do not draw the same crops; their states travel in checkpoints via
-  `capture_rng_state` / `restore_rng_state`.
+- *Per-rank streams* (`seed_everything`): whatever a library draws from the global generators
+  (weight initialisation, dropout). Each rank gets `seed + rank`. The trainers draw nothing
+  from them after building their networks, so checkpoints carry no RNG state: a resumed run
+  rebuilds the same networks from the same seed and then loads the saved weights.
 - *Per-step draws* (`step_rng`, `step_seed`): anything every rank must agree on, or that must be
   the same whether or not the run was interrupted (which DSM block size to use this step, the
   evaluation noise). These are a pure function of (seed, step, stream name), so no
@@ -15,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import os
 import random
-from typing import Any
 
 import numpy as np
 import torch
@@ -71,52 +71,3 @@ def step_seed(seed: int, step: int, stream: str) -> int:
     draw is a tensor on the GPU (63 bits: torch accepts any non-negative int64)."""
     word = _seed_sequence(seed, step, stream).generate_state(1, dtype=np.uint64)[0]
     return int(word) >> 1
-
-
-def capture_rng_state() -> dict[str, Any]:
-    """The global RNG states of python, numpy, torch CPU and every visible CUDA device.
-
-    Only tensors, ints, floats, strings, None, lists and dicts, so the result goes through
-    `torch.save` and back through `torch.load(weights_only=True)`.
-    """
-    version, mt, gauss_next = random.getstate()
-    np_state = np.random.get_state(legacy=False)
-    state: dict[str, Any] = {
-        "python": {"version": int(version), "state": torch.tensor(mt, dtype=torch.int64),
-                   "gauss_next": gauss_next},
-        "numpy": {
-            "bit_generator": str(np_state["bit_generator"]),
-            "key": torch.from_numpy(np.asarray(np_state["state"]["key"]).astype(np.int64)),
-            "pos": int(np_state["state"]["pos"]),
-            "has_gauss": int(np_state["has_gauss"]),
-            "gauss": float(np_state["gauss"]),
-        },
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-    return state
-
-
-def restore_rng_state(state: dict[str, Any]) -> None:
-    """Put back what `capture_rng_state` returned (possibly after a torch.save/load trip).
-
-    CUDA states are restored for the devices present both then and now; a GPU run resumed on
-    a CPU simply has no CUDA generators to restore.
-    """
-    py = state["python"]
-    random.setstate((int(py["version"]),
-                     tuple(int(x) for x in torch.as_tensor(py["state"]).tolist()),
-                     py["gauss_next"]))
-    npst = state["numpy"]
-    np.random.set_state({
-        "bit_generator": npst["bit_generator"],
-        "state": {"key": torch.as_tensor(npst["key"]).numpy().astype(np.uint32),
-                  "pos": int(npst["pos"])},
-        "has_gauss": int(npst["has_gauss"]),
-        "gauss": float(npst["gauss"]),
-    })
-    torch.set_rng_state(torch.as_tensor(state["torch"]).to("cpu", torch.uint8))
-    cuda_states = list(state.get("cuda") or [])
-    if cuda_states and torch.cuda.is_available():
-        for i in range(min(len(cuda_states), torch.cuda.device_count())):
-            torch.cuda.set_rng_state(torch.as_tensor(cuda_states[i]).to("cpu", torch.uint8), i)

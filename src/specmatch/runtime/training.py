@@ -9,15 +9,21 @@ processes see the same examples at the same step.
 from __future__ import annotations
 
 import functools
+import json
 import logging
+import os
+import socket
+import time
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from ..errors import SpecmatchError
-from . import checkpoint, seeding
+from . import checkpoint, distributed, seeding
+from .provenance import utc_now
 from .signals import EXIT_INTERRUPTED
 
 log = logging.getLogger(__name__)
@@ -92,9 +98,15 @@ def end_of_step(step: int, steps: int, every: int, stop, info, save, bar) -> Non
         raise Interrupted(f"interrupted by {stop.signal_name} at step {step}; checkpoint saved")
 
 
-def prepare_rank(t: dict, info) -> tuple[int, int, slice, bool]:
-    """Seed this process, set determinism and split the global batch: returns (seed, global
-    batch, this rank's rows of it, whether to autocast to bf16: on CUDA unless fp32 is asked)."""
+class RankSetup(NamedTuple):
+    seed: int
+    global_batch: int
+    rows: slice  # this rank's rows of the global batch
+    bf16: bool  # autocast to bf16: on CUDA unless fp32 is asked
+
+
+def prepare_rank(t: dict, info) -> RankSetup:
+    """Seed this process, set determinism and split the global batch."""
     seed = int(t["seed"])
     seeding.seed_everything(seed, info.rank)
     seeding.deterministic(bool(t["deterministic"]))
@@ -103,4 +115,124 @@ def prepare_rank(t: dict, info) -> tuple[int, int, slice, bool]:
         raise SpecmatchError(f"train.batch_size {global_batch} is not divisible by the {info.world_size} processes")
     local = global_batch // info.world_size
     bf16 = info.device.type == "cuda" and t["precision"] in ("auto", "bf16")
-    return seed, global_batch, slice(info.rank * local, (info.rank + 1) * local), bf16
+    return RankSetup(seed, global_batch, slice(info.rank * local, (info.rank + 1) * local), bf16)
+
+
+ATTEMPTS_FILE = "attempts.jsonl"
+
+
+class AttemptLog:
+    """Each process that trains on a run folder (the first one and every resumption after a
+    signal, a failure or a kill) appends a line when it starts and one when it stops, so the
+    final provenance can say how the run was really made: on which hosts and jobs, from which
+    step to which, how long each attempt took and how it ended. A process killed outright
+    (SIGKILL, a node failure) leaves a start line without an end.
+
+    A run that starts from step 0 is a new run: the lines of earlier attempts that left no
+    checkpoint behind are dropped. Only the main rank writes."""
+
+    def __init__(self, run_dir: Path, info, start_step: int, current_step: Callable[[], int]):
+        self.path, self.main, self.current_step = Path(run_dir) / ATTEMPTS_FILE, info.is_main, current_step
+        self.start_step, self.world_size, self._t0 = int(start_step), info.world_size, time.monotonic()
+        self.number = 0
+
+    def __enter__(self) -> "AttemptLog":
+        if self.main:
+            if self.start_step == 0 and self.path.exists():
+                self.path.unlink()
+            self.number = len(read_attempts(self.path.parent)) + 1
+            self._append({"event": "start", "attempt": self.number, "time": utc_now(), "step": self.start_step,
+                          "host": socket.gethostname(), "pid": os.getpid(), "world_size": self.world_size,
+                          "slurm_job_id": os.environ.get("SLURM_JOB_ID")})
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self.main:
+            status = ("finished" if exc_type is None else "interrupted" if issubclass(exc_type, Interrupted)
+                      else "failed")
+            entry = {"event": "end", "attempt": self.number, "time": utc_now(), "step": int(self.current_step()),
+                     "status": status, "wall_s": round(time.monotonic() - self._t0, 3)}
+            if exc is not None and status == "failed":
+                entry["error"] = f"{exc_type.__name__}: {exc}"[:500]
+            self._append(entry)
+
+    def _append(self, entry: dict) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(entry) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def read_attempts(run_dir: str | Path) -> list[dict]:
+    """The attempts of a run folder, oldest first: each its start (time, step, host, pid, world
+    size, SLURM job) merged with its end (time, step, status, wall seconds), or with
+    `status: "killed or running"` where no end was written."""
+    path = Path(run_dir) / ATTEMPTS_FILE
+    if not path.exists():
+        return []
+    attempts: dict[int, dict] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            e = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by a kill
+            continue
+        a = attempts.setdefault(int(e["attempt"]), {"attempt": int(e["attempt"]), "status": "killed or running"})
+        if e["event"] == "start":
+            a.update(start=e["time"], start_step=e["step"], host=e["host"], pid=e["pid"],
+                     world_size=e["world_size"], slurm_job_id=e["slurm_job_id"])
+        else:
+            a.update(end=e["time"], end_step=e["step"], status=e["status"], wall_s=e["wall_s"],
+                     **({"error": e["error"]} if "error" in e else {}))
+    return [attempts[k] for k in sorted(attempts)]
+
+
+# --------------------------------------------------------------------------- trainer state
+# A trainer's tensors travel as one flat dict keyed "<module>.<parameter>" (e.g. "net.", "ema.",
+# "disc.", "proj."): that is the layout of its checkpoints and of its final model file.
+
+
+def make_ema(module: torch.nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel | None:
+    """An exponential moving average of `module` (buffers included), or None when decay is 0."""
+    if decay <= 0:
+        return None
+    return torch.optim.swa_utils.AveragedModel(
+        module, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
+def pack_state(**modules: torch.nn.Module | None) -> dict[str, torch.Tensor]:
+    """The state dicts of the given modules (None ones skipped), prefixed by their names."""
+    return {f"{name}.{k}": v for name, m in modules.items() if m is not None for k, v in m.state_dict().items()}
+
+
+def unpack_state(tensors: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
+    """The state dict of module `name` out of a packed dict."""
+    prefix = name + "."
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def load_packed(tensors: dict[str, torch.Tensor], **modules: torch.nn.Module | None) -> None:
+    for name, m in modules.items():
+        if m is not None:
+            m.load_state_dict(unpack_state(tensors, name))
+
+
+def resume_point(run_dir: Path, resume: str, kind: str, fingerprint: str, info):
+    """The checkpoint to resume from, chosen on the main rank and agreed by all: None, or its
+    (folder, tensors on this rank's device, state)."""
+    start = distributed.broadcast_object(
+        str(checkpoint.resolve_resume(run_dir, resume, kind, fingerprint) or "") if info.is_main else None)
+    if not start:
+        return None
+    tensors, state, _ = checkpoint.load(start, kind, fingerprint, map_location=info.device)
+    return Path(start), tensors, state
+
+
+def save_checkpoint(info, run_dir: Path, step: int, tensors: Callable[[], dict[str, torch.Tensor]],
+                    state: Callable[[], dict], kind: str, fingerprint: str, keep: int) -> Path | None:
+    """Write a checkpoint from the main rank (the callables run there only), then wait for it on
+    every rank."""
+    path = None
+    if info.is_main:
+        path = checkpoint.save(run_dir, step, tensors(), state(), kind, fingerprint, keep=keep)
+    distributed.barrier()
+    return path

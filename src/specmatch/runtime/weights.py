@@ -1,0 +1,117 @@
+"""Reading weight files with errors that name the file and say what is wrong.
+
+`safetensors` and `torch.load` report a truncated or foreign file with a low-level error
+(`SafetensorError: MetadataIncompleteBuffer`, `UnpicklingError`, ...) and a traceback. These
+helpers check what is cheap to check first (present, header complete, data as long as the
+header says) and turn any remaining failure into a SpecmatchError naming the file.
+
+A safetensors file is an 8-byte little-endian header length N, N bytes of JSON header (tensor
+name -> dtype, shape, data_offsets; optional `__metadata__`), then the tensor data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+from typing import Any
+
+from ..errors import SpecmatchError
+
+# safetensors refuses headers above 100 MB; a larger length means the file is not one.
+_MAX_HEADER = 100_000_000
+
+
+def _fail(path: Path, what: str, hint: str = "") -> SpecmatchError:
+    return SpecmatchError(f"{path}: {what}" + (f"; {hint}" if hint else ""))
+
+
+_HINT = ("the file is truncated (a copy cut short, a full disk) or corrupt: copy it again or rerun the stage "
+         "that wrote it")
+
+
+def safetensors_header(path: str | os.PathLike) -> dict[str, Any]:
+    """The parsed JSON header of a safetensors file, after checking that the file is complete:
+    SpecmatchError naming the file when it is missing, truncated, or not a safetensors file."""
+    path = Path(path)
+    if not path.is_file():
+        raise _fail(path, "weights file is missing" if not path.exists() else "is not a file (weights expected)")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise _fail(path, f"not a safetensors file: {size} bytes, shorter than the 8-byte header length", _HINT)
+        (n,) = struct.unpack("<Q", head)
+        if n > _MAX_HEADER:
+            raise _fail(path, f"not a safetensors file (header length {n} bytes is implausible)",
+                        "is it a PyTorch .pt/.bin file or another format?")
+        first = f.read(1)
+        if first and first != b"{":
+            raise _fail(path, "not a safetensors file (no JSON header after the 8-byte length)",
+                        "is it a PyTorch .pt/.bin file or another format?")
+        f.seek(8)
+        if 8 + n > size:
+            raise _fail(path, f"truncated safetensors file: the header says {n} bytes, the file has only "
+                              f"{size - 8} after the length", _HINT)
+        raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise _fail(path, f"corrupt safetensors header (not valid JSON: {e})", _HINT) from None
+    if not isinstance(header, dict):
+        raise _fail(path, "corrupt safetensors header (not a JSON object)", _HINT)
+    end = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            start, stop = (int(v) for v in info["data_offsets"])
+        except (TypeError, KeyError, ValueError):
+            raise _fail(path, f"corrupt safetensors header (tensor {name!r} has no valid data_offsets)",
+                        _HINT) from None
+        if not 0 <= start <= stop:
+            raise _fail(path, f"corrupt safetensors header (tensor {name!r} has data_offsets {[start, stop]})", _HINT)
+        end = max(end, stop)
+    data = size - 8 - n
+    if end > data:
+        raise _fail(path, f"truncated safetensors file: its tensors need {end} bytes of data, the file holds {data}",
+                    _HINT)
+    return header
+
+
+def safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The `__metadata__` (str -> str) of a checked safetensors file ({} when it has none)."""
+    meta = safetensors_header(path).get("__metadata__") or {}
+    if not isinstance(meta, dict):
+        raise _fail(Path(path), "corrupt safetensors header (__metadata__ is not an object)", _HINT)
+    return {str(k): str(v) for k, v in meta.items()}
+
+
+def load_safetensors(path: str | os.PathLike, device: str = "cpu") -> dict[str, Any]:
+    """All tensors of a safetensors file, {name: torch.Tensor} on `device`; SpecmatchError
+    naming the file and what is wrong (missing, truncated, corrupt header, not safetensors)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    safetensors_header(path)
+    try:
+        return load_file(path, device=str(device))
+    except Exception as e:  # SafetensorError, OSError, RuntimeError: name the file, no traceback
+        raise _fail(path, f"cannot be read as safetensors ({type(e).__name__}: {e})", _HINT) from e
+
+
+def load_torch_weights(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
+    """`torch.load(path, weights_only=True)` of a pretrained weight file (a state dict); a
+    missing, truncated or corrupt file gives a SpecmatchError naming it instead of a traceback."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise _fail(path, "weights file is missing" if not path.exists() else "is not a file (weights expected)")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # UnpicklingError, RuntimeError (bad zip), EOFError: name the file
+        raise _fail(path, f"cannot be read as PyTorch weights with weights_only=True ({type(e).__name__}: {e})",
+                    "the file is truncated or corrupt, or not a plain state dict: replace it "
+                    "(`specmatch resources check` compares it with its checksum)") from e
