@@ -2,7 +2,7 @@
 
 The real `pt_inception-2015-12-05-6726825d.pth` cannot be downloaded here. We build the same
 architecture as pytorch-fid's `fid_inception_v3` (its own blocks) with a seeded random init and
-recalibrate BatchNorm (ENVIRONMENT.md): with untouched running statistics the pool features
+recalibrate BatchNorm (as measured on the offline weights): with untouched running statistics the pool features
 vanish (~1e-8, every FID 0). Calibrated on the kind of images that will be compared (pass them),
 the features have a spread like the real network's and distances land in the usual range (tens
 to hundreds), where an absolute tolerance of 1e-3 is meaningful for float32 features; calibrated

@@ -169,7 +169,7 @@ def slurm_snakemake(repo: Path, args: list[str], env: dict, timeout: int = 3000)
     """`snakemake --profile slurm ARGS` in the copy `repo`, with the recording `apptainer`
     stand-in first on PATH and a fake image where params.yaml's container.image points (its
     .sha256 sidecar is what provenance records). Started as a child (Popen); SLURM jobs have no
-    way to stop a hung Snakemake, so `timeout -s KILL` bounds it (ENVIRONMENT.md)."""
+    way to stop a hung Snakemake, so `timeout -s KILL` bounds it (measured with Snakemake 9 here)."""
     import hashlib
     import os
     import subprocess

@@ -1,4 +1,4 @@
-"""Representation alignment (REPA / iREPA / DoG-REPA, SPEC 7): the DINOv2 loader against an
+"""Representation alignment (REPA / iREPA / DoG-REPA, docs/method.md §7): the DINOv2 loader against an
 independent functional forward, the objectives against numpy, the target cache against the
 encoder run on the (mirrored) images, and the diffusion trainer's alignment branch.
 
@@ -25,7 +25,7 @@ from specmatch.alignment import encoders, objectives, targets
 from specmatch.autoencoder.latents import read_manifest as read_latent_manifest
 from specmatch.data.prepare import prepare
 from specmatch.data.reader import SplitReader
-from specmatch.diffusion import train
+from specmatch.diffusion import artifact, train
 from specmatch.errors import SpecmatchError
 from specmatch.runtime import checkpoint
 from specmatch.runtime.training import batch_indices
@@ -350,7 +350,7 @@ def test_conv_projector_is_a_3x3_conv_on_the_row_major_grid():
 
 
 def np_bin_counts(h: int, w: int, n_bins: int) -> np.ndarray:
-    """Independent count of the DCT cells per radial bin (SPEC 2.4)."""
+    """Independent count of the DCT cells per radial bin (docs/method.md §2.4)."""
     u, v = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
     r = np.sqrt(u ** 2 + v ** 2)
     bins = np.minimum(np.floor(n_bins * r / np.sqrt((h - 1) ** 2 + (w - 1) ** 2)), n_bins - 1).astype(int)
@@ -573,7 +573,7 @@ def test_training_with_alignment(kind, projector, micro, tcache, tmp_path, monke
     assert w and not any(k.startswith("proj.") for k in w)
     net_keys = {k for k in w if k.startswith("net.")}
     assert net_keys and net_keys == {k for k in ck if k.startswith("net.")}
-    net, loaded = train.load_trained(out)
+    net, loaded = artifact.load(out)
     for k, v in net.state_dict().items():
         assert torch.equal(v, w["ema." + k])
     a = loaded["alignment"]
@@ -581,6 +581,9 @@ def test_training_with_alignment(kind, projector, micro, tcache, tmp_path, monke
     assert a["kind"] == kind and a["projector"] == projector and a["encoder"] == ENC and a["depth"] == 2
     assert a["target_grid"] == [8, 8] and a["token_grid"] == [8, 8] and a["resized"] is False
     assert a["target_dim"] == 40 and a["weight"] == 0.5
+    # The filter the targets went through is recorded with the model (the report reads it there).
+    assert {"dog": a.get("dog"), "irepa": a.get("irepa_gamma"), "repa": None}[kind] == {
+        "dog": {"sigma1": 0.8, "sigma2": 2.0}, "irepa": 1.0, "repa": None}[kind]
 
 
 def test_alignment_loss_falls(micro, tcache, tmp_path):

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from specmatch import spectral
-from specmatch.autoencoder import evaluate, latents, train
+from specmatch.autoencoder import artifact, evaluate, latents, train
+from specmatch.autoencoder import model as ae_model
 from specmatch.autoencoder.model import DiagonalGaussian
 from specmatch.data.prepare import prepare
 from specmatch.data.shards import load_split
@@ -42,12 +43,12 @@ def test_eval_metrics_against_independent_recomputation(tmp_path, trained):
     assert sorted(p.name for p in (tmp_path / "ev").iterdir()) == ["latent_spectrum.png", "metrics.json",
                                                                    "provenance.json", "reconstructions.npz",
                                                                    "reconstructions.png"]
-    ae, _ = train.load_trained(ae_dir, use_ema=False)
+    ae, _ = artifact.load(ae_dir, use_ema=False)
     images, _ = load_split(data, "test")
     with torch.no_grad():
         x = evaluate.to_float(images, "cpu")
         mu = ae.encode(x).mean
-        rec = evaluate.to_uint8(ae.decode(mu))
+        rec = ae_model.to_uint8(ae.decode(mu))
     assert res["n"] == 9
     # Batches of 5 there, 9 here: convolution rounding may flip a pixel's uint8 rounding.
     assert res["psnr"] == pytest.approx(float(recon.psnr(images, rec).mean()), rel=1e-4)
@@ -84,7 +85,7 @@ def test_latent_cache_entries_and_flips(tmp_path, trained):
     flip = np.concatenate([p["flip"] for p in parts])
     index = np.concatenate([p["index"] for p in parts])
     assert flip.tolist() == [False] * 12 + [True] * 12 and index.tolist() == list(range(12)) * 2
-    ae, _ = train.load_trained(ae_dir, use_ema=False)
+    ae, _ = artifact.load(ae_dir, use_ema=False)
     images, labels = load_split(data, "train")
     with torch.no_grad():
         x = evaluate.to_float(images, "cpu")
@@ -107,7 +108,7 @@ def test_scale_factor_on_a_known_distribution(tmp_path, trained, monkeypatch):
     data, ae_dir = trained
     summary = json.loads((ae_dir / "autoencoder.json").read_text())
     summary["config"]["channels"] = [8, 16]
-    monkeypatch.setattr(latents, "load_trained", lambda *a, **k: (_KnownPosterior(), summary))
+    monkeypatch.setattr(latents.artifact, "load", lambda *a, **k: (_KnownPosterior(), summary))
     man = latents.extract(RUN, ae_dir, data, "known", tmp_path / "lat")
     n = 24 * 4 * 16 * 16   # elements: std error of the std ~ 2 / sqrt(2n) ~ 0.006
     assert man["scale_elements"] == n

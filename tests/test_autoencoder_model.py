@@ -1,4 +1,4 @@
-"""Tests of the KL autoencoder and PatchGAN discriminator (SPEC.md section 5).
+"""Tests of the KL autoencoder and PatchGAN discriminator (docs/method.md §5).
 
 References are independent of the code under test:
 - parameter counts: the paper's 83.65M (f8d4) and 64.35M (f16d16), and SD kl-f8's well-known
@@ -25,7 +25,7 @@ from specmatch.autoencoder import model as ae
 from specmatch.autoencoder.discriminator import PatchDiscriminator, generator_adv_loss, hinge_d_loss
 from specmatch.errors import SpecmatchError
 
-PAPER_M_PARAMS = {"f8d4": 83.65, "f16d16": 64.35}  # SPEC 5 table
+PAPER_M_PARAMS = {"f8d4": 83.65, "f16d16": 64.35}  # docs/method.md §5 table
 SD_KL_F8_PARAMS = 83_653_863  # SD's AutoencoderKL kl-f8 (the same layout as f8d4)
 LATENT_AT_256 = {"f8d4": (4, 32, 32), "f16d16": (16, 16, 16), "f32d64": (64, 8, 8)}
 

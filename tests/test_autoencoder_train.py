@@ -88,7 +88,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data, mo
 
 def test_dsm_discriminator_sees_lowpassed_real(tmp_path, data, monkeypatch):
     """With k = 8 forced, every image-space target is LP_8(x): the discriminator's real input
-    included (SPEC 4.3)."""
+    included (docs/method.md §4.3)."""
     seen = []
     orig = train.PatchDiscriminator.forward
 

@@ -227,7 +227,7 @@ def test_output_feeds_fid_calc_and_generation_table(tmp_path, models_, uvit_samp
     assert (out / "grid.png").is_file() and (out / "provenance.json").is_file()
     fid_stage.ref(data, METRICS, "ref", tmp_path / "ref")
     m = fid_stage.calc(out, "samples", tmp_path / "ref", METRICS, "gen-u", tmp_path / "m")
-    assert m["metric"] == "FD-EffNetLite0" and np.isfinite(m["FD-EffNetLite0"]) and m["samples"]["n"] == 10
+    assert m.metric == "FD-EffNetLite0" and np.isfinite(m.value) and m.samples["n"] == 10
     saved = json.loads((tmp_path / "m" / "metrics.json").read_text())
     s = saved["sampling"]
     assert (s["sampler"], s["steps"], s["cfg_scale"], s["cfg_interval"]) == ("dpm-solver", 3, 1.0, [0.0, 1.0])
@@ -238,7 +238,7 @@ def test_output_feeds_fid_calc_and_generation_table(tmp_path, models_, uvit_samp
     assert len(csv) == len(df) == 1
     row = csv.iloc[0]
     assert (row["sampler"], int(row["steps"]), row["metric"]) == ("dpm-solver", 3, "FD-EffNetLite0")
-    assert row["value"] == pytest.approx(m["FD-EffNetLite0"], rel=1e-5)
+    assert row["value"] == pytest.approx(m.value, rel=1e-5)
     md = (tmp_path / "table" / "generation.md").read_text()
     assert "FD-EffNetLite0" in md and "dpm-solver" in md
     for text in (md, (tmp_path / "table" / "generation.csv").read_text()):

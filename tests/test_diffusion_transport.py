@@ -1,4 +1,4 @@
-"""Generative paths and samplers (SPEC.md section 6): specmatch.diffusion.transport / samplers.
+"""Generative paths and samplers (docs/method.md §6): specmatch.diffusion.transport / samplers.
 
 Gaussian data x0 ~ N(m, diag(s^2)) makes every quantity exact: with a = alpha(t), b = sigma(t),
 V = a^2 s^2 + b^2,

@@ -14,6 +14,7 @@ import yaml
 
 from conftest import REPO, copy_repo, run_checked
 from specmatch import dvc_stages
+from specmatch.cli import build_parser
 from specmatch.cli import main as cli_main
 from specmatch.metrics import summary
 
@@ -21,13 +22,13 @@ BIN = Path(sys.executable).parent
 
 
 def test_dvc_yaml_deps_are_those_of_the_import_graph():
-    old, new = dvc_stages.check(REPO)
+    old, new = dvc_stages.check(REPO, build_parser())
     diff = dvc_stages.differences(old, new)
     assert not diff, "dvc.yaml is out of date; run `specmatch dvc deps --write`:\n" + "\n".join(diff)
 
 
 def test_stage_deps_follow_commands_imports_and_workflow_files():
-    deps = dvc_stages.stage_deps(REPO)
+    deps = dvc_stages.stage_deps(REPO, build_parser())
     assert set(deps) == set(yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"])
     common = {"Snakefile", "presets/${preset}.yaml", "workflow/rules/common.smk", "src/specmatch/cli.py",
               "src/specmatch/config.py", "src/specmatch/schemas/params.schema.yaml"}

@@ -19,7 +19,7 @@ from specmatch import resources
 from specmatch.cli import main as cli_main
 from specmatch.data.prepare import prepare
 from specmatch.errors import SpecmatchError
-from specmatch.metrics import features, fid, fid_stage
+from specmatch.metrics import features, fid, fid_stage, record
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -263,13 +263,25 @@ def test_fid_ref_and_calc_stages(tmp_path, small_ds):
     assert sorted(p.name for p in (tmp_path / "ref").iterdir()) == ["provenance.json", "stats.json", "stats.npz"]
     same = fid_stage.calc(small_ds, "test", tmp_path / "ref", EFF, "self", tmp_path / "self")
     other = fid_stage.calc(small_ds, "train", tmp_path / "ref", EFF, "train", tmp_path / "train")
-    assert "FID" not in same and same["metric"] == "FD-EffNetLite0"
-    assert abs(same["FD-EffNetLite0"]) < 1e-3 and same["precision"] == 1.0 and same["recall"] == 1.0
-    assert other["FD-EffNetLite0"] > 1.0
-    assert other["samples"]["n"] == 40 and other["reference"]["n"] == 24
-    assert any("feature dimensions" in w for w in other["warnings"])
+    saved = json.loads((tmp_path / "self" / "metrics.json").read_text())
+    assert "FID" not in saved and saved["metric"] == "FD-EffNetLite0" and saved["FD-EffNetLite0"] == same.value
+    assert same.metric == "FD-EffNetLite0"
+    assert record.read(tmp_path / "self") == same  # what consumers read back is what the stage measured
+    assert same.inception_score is None or same.inception_score.name == "IS-EffNetLite0"
+    broken = dict(saved)
+    del broken["FD-EffNetLite0"]  # the value under the metric's name
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "metrics.json").write_text(json.dumps(broken))
+    with pytest.raises(SpecmatchError, match=r"broken/metrics.json: not a generation metrics record.*FD-EffNetLite0"):
+        record.read(tmp_path / "broken")
+    with pytest.raises(SpecmatchError, match="no metrics.json"):
+        record.read(tmp_path / "ref")
+    assert abs(same.value) < 1e-3 and same.precision == 1.0 and same.recall == 1.0
+    assert other.value > 1.0
+    assert other.samples["n"] == 40 and other.reference["n"] == 24
+    assert any("feature dimensions" in w for w in other.warnings)
     rec = json.loads((tmp_path / "train" / "provenance.json").read_text())
-    assert rec["protocol"]["reference_stats_sha256"] == other["reference"]["stats_sha256"]
+    assert rec["protocol"]["reference_stats_sha256"] == other.reference["stats_sha256"]
     assert {i["role"] for i in rec["inputs"]} == {"samples", "reference", "weights:efficientnet-lite0"}
 
 

@@ -20,9 +20,11 @@ from safetensors.torch import load_file
 
 from specmatch import audit, config
 from specmatch.cli import main as cli_main
-from specmatch.diffusion import progress, train
+from specmatch.diffusion import artifact, progress, train
 from specmatch.errors import SpecmatchError
-from specmatch.report import figures, paper
+from specmatch.autoencoder import model as ae_model
+from specmatch.render import figures
+from specmatch.report import paper
 from specmatch.runtime.provenance import Provenance
 
 from conftest import MICRO_AE_RUN, assert_bitwise, weights
@@ -51,10 +53,10 @@ def test_snapshots_hold_the_ema_weights_of_their_step(tmp_path, micro_latents):
     for s in (1, 3):
         short = train.train(uvit(steps=s), lat, tmp_path / f"o{s}", "b", run_dir=tmp_path / f"r{s}")
         assert short["fingerprint"] == full["fingerprint"]  # snapshot_steps do not change the run
-        snap = load_file(train.snapshot_path(tmp_path / "out", s))
+        snap = load_file(artifact.snapshot_path(tmp_path / "out", s))
         assert snap.keys() == _ema(weights(tmp_path / f"o{s}")).keys()
         assert_bitwise(snap, _ema(weights(tmp_path / f"o{s}")))
-        net, _ = train.load_trained(tmp_path / "out", snapshot=s)
+        net, _ = artifact.load(tmp_path / "out", snapshot=s)
         assert all(torch.equal(v, snap["ema." + k]) for k, v in net.state_dict().items())
     # The run's final weights do not depend on whether it saved snapshots.
     train.train(uvit(steps=4), lat, tmp_path / "plain", "c", run_dir=tmp_path / "rplain")
@@ -69,12 +71,12 @@ def test_snapshots_survive_a_resume_and_are_recovered_from_kept_checkpoints(tmp_
     # Interrupted after step 2 (the output of a 2-step run stands in for the kill): its snapshot of
     # step 1 stays in the run folder; step 2's is taken from the step-2 checkpoint; 3 comes later.
     train.train(uvit(steps=2, snapshot_steps=[1]), lat, tmp_path / "part", "p", run_dir=tmp_path / "run")
-    assert train.snapshot_path(tmp_path / "run", 1).is_file() and not train.snapshot_path(tmp_path / "run", 2).exists()
+    assert artifact.snapshot_path(tmp_path / "run", 1).is_file() and not artifact.snapshot_path(tmp_path / "run", 2).exists()
     resumed = train.train(uvit(steps=4, snapshot_steps=[1, 2, 3]), lat, tmp_path / "out", "p", run_dir=tmp_path / "run")
     assert resumed["snapshots"]["steps"] == ref["snapshots"]["steps"] == [1, 2, 3]
     for s in (1, 2, 3):
-        assert_bitwise(load_file(train.snapshot_path(tmp_path / "out", s)),
-                       load_file(train.snapshot_path(tmp_path / "ref", s)))
+        assert_bitwise(load_file(artifact.snapshot_path(tmp_path / "out", s)),
+                       load_file(artifact.snapshot_path(tmp_path / "ref", s)))
     assert_bitwise(weights(tmp_path / "out"), weights(tmp_path / "ref"))
     # A step that neither a snapshot nor a kept checkpoint remembers cannot be made any more.
     train.train(uvit(steps=3, checkpoint_every=100), lat, tmp_path / "x", "x", run_dir=tmp_path / "run3")
@@ -85,7 +87,7 @@ def test_snapshots_survive_a_resume_and_are_recovered_from_kept_checkpoints(tmp_
         train.train(uvit(steps=4, snapshot_steps=[9]), lat, tmp_path / "y", "x", run_dir=tmp_path / "run9")
     assert not (tmp_path / "y").exists()
     with pytest.raises(SpecmatchError, match="no snapshot of step 5"):
-        train.load_trained(tmp_path / "out", snapshot=5)
+        artifact.load(tmp_path / "out", snapshot=5)
 
 
 def test_snapshot_steps_leave_the_run_fingerprint_alone():
@@ -133,10 +135,10 @@ def test_progress_scores_snapshots_and_final_weights_as_fid_calc_does(progress_r
     m = fid_stage.calc(tmp_path / "s", "samples", root / "ref", METRICS, "m", tmp_path / "m")
     pj = json.loads((root / "progress" / "progress.json").read_text())
     final = pj["points"][1]
-    assert final["samples"]["images_sha256"] == m["samples"]["images_sha256"]  # the same images
-    assert final["FD-EffNetLite0-128"] == m["FD-EffNetLite0-128"]  # the same metric code
-    assert (final["precision"], final["recall"]) == (m["precision"], m["recall"])
-    assert df["value"].iloc[1] == pytest.approx(m["FD-EffNetLite0-128"], rel=1e-5)  # the CSV keeps 6 digits
+    assert final["samples"]["images_sha256"] == m.samples["images_sha256"]  # the same images
+    assert final["FD-EffNetLite0-128"] == m.value and m.metric == "FD-EffNetLite0-128"  # the same metric code
+    assert (final["precision"], final["recall"]) == (m.precision, m.recall)
+    assert df["value"].iloc[1] == pytest.approx(m.value, rel=1e-5)  # the CSV keeps 6 digits
     rec = json.loads((root / "progress" / "provenance.json").read_text())
     assert {i["role"] for i in rec["inputs"]} == {"diffusion model", "autoencoder", "reference",
                                                   "weights:efficientnet-lite0-128"}
@@ -163,7 +165,7 @@ def test_progress_bad_inputs(progress_run, micro_latents, tmp_path):
 
 def test_eval_ae_saves_reconstructions_of_the_first_held_out_images(micro_latents, tmp_path):
     from specmatch.autoencoder import evaluate
-    from specmatch.autoencoder.train import load_trained
+    from specmatch.autoencoder.artifact import load as load_trained
     from specmatch.data.shards import iter_image_batches
 
     data, ae_dir, _ = micro_latents
@@ -177,7 +179,7 @@ def test_eval_ae_saves_reconstructions_of_the_first_held_out_images(micro_latent
     np.testing.assert_array_equal(orig, first)
     ae, _ = load_trained(ae_dir, True, "cpu")
     with torch.no_grad():
-        mine = evaluate.to_uint8(ae.decode(ae.encode(evaluate.to_float(first, "cpu")).mean))
+        mine = ae_model.to_uint8(ae.decode(ae.encode(ae_model.to_float(first, "cpu")).mean))
     assert np.abs(mine.astype(int) - rec.astype(int)).max() <= 1  # batches of 3 there, 5 here
     assert (tmp_path / "ev" / "reconstructions.png").read_bytes()[:4] == b"\x89PNG"
     evaluate.evaluate({**run, "eval": {**run["eval"], "n_reconstructions": 0}}, ae_dir, data, "micro",
@@ -245,16 +247,16 @@ def stage_outputs(tmp_path_factory, micro_latents):
         np.savez(d / "reconstructions.npz", originals=originals,
                  reconstructions=np.clip(originals.astype(int) + 20 * (i + 1), 0, 255).astype(np.uint8))
     for diff, (ae, model, kind, samplers) in DIFFS.items():
-        # As train-diffusion writes them: what the alignment resolved to in diffusion.json, its
-        # filter settings in the recorded parameters.
+        # As train-diffusion writes them: the alignment as trained, filter settings included.
         align = {"kind": "none"} if kind == "none" else {
             "kind": kind, "encoder": "enc-s8", "depth": 2, "weight": 0.5, "projector": "conv" if kind == "irepa" else "mlp",
-            "target_grid": [8, 8], "token_grid": [8, 8]}
+            "target_grid": [8, 8], "token_grid": [8, 8],
+            **({"dog": {"sigma1": 0.8, "sigma2": 2.0}} if kind == "dog" else {}),
+            **({"irepa_gamma": 1.0} if kind == "irepa" else {})}
         d = root / "diffusion" / diff
         _jdump(d / "diffusion.json", {"name": diff, "model": model, "steps": 160, "latents": {"autoencoder": ae},
                                       "alignment": align})
-        Provenance("train-diffusion", diff, {"alignment": {"kind": kind, "dog": {"sigma1": 0.8, "sigma2": 2.0},
-                                                           "irepa_gamma": 1.0}}).write(d, d)
+        Provenance("train-diffusion", diff, {"alignment": {"kind": kind}}).write(d, d)
         for s, (value, n, cfg) in samplers.items():
             sampling = {"name": f"{diff}-{s}", "diffusion": diff, "autoencoder": ae, "model": model,
                         "process": "linear" if model.startswith("SiT") else "vp-linear", "trained_steps": 160,
@@ -265,8 +267,9 @@ def stage_outputs(tmp_path_factory, micro_latents):
                         "world_size": 1, "n_samples": n}
             _jdump(root / "gen_metrics" / diff / s / "metrics.json", {
                 "name": f"{diff}-{s}", "metric": METRIC, METRIC: value, "precision": value / 1000,
-                "recall": value / 2000, "IS-EffNetLite0-128": value / 100, "samples": {"n": n},
-                "reference": {"dataset": DS, "split": "train", "n": 1024}, "protocol": {"weights_sha256": W},
+                "recall": value / 2000, "IS-EffNetLite0-128": value / 100,
+                "IS-EffNetLite0-128_std": 0.0, "samples": {"n": n},
+                "reference": {"dataset": DS, "split": "train", "n": 1024}, "protocol": {"weights_sha256": W, "feature_net": "efficientnet-lite0-128"},
                 "sampling": sampling})
             _jdump(root / "samples" / diff / s / "sampling.json", sampling)
             figures.image_grid(originals[:4], root / "samples" / diff / s / "grid.png", title=f"{diff} {s}")
@@ -347,8 +350,10 @@ def test_e3_leaves_out_target_spectra_of_other_filter_settings(stage_outputs, tm
     src = [d for d in stage_outputs["diffusion"] if d.name == "s-dsm-dog"][0]
     dog = tmp_path / "s-dsm-dog"
     dog.mkdir()
-    shutil.copyfile(src / "diffusion.json", dog / "diffusion.json")
-    Provenance("train-diffusion", "s-dsm-dog", {"alignment": {"dog": {"sigma1": 0.8, "sigma2": 3.0}}}).write(dog, dog)
+    summary = json.loads((src / "diffusion.json").read_text())
+    summary["alignment"]["dog"] = {"sigma1": 0.8, "sigma2": 3.0}
+    _jdump(dog / "diffusion.json", summary)
+    Provenance("train-diffusion", "s-dsm-dog", {}).write(dog, dog)
     t = _report(stage_outputs, tmp_path / "r", diffusion=[d for d in stage_outputs["diffusion"] if d != src] + [dog])
     row = t["e3"][t["e3"]["alignment"] == "dog"].iloc[0]
     assert row["dog_sigmas"] == "0.8/3" and pd.isna(row["target_RMSC2"])

@@ -1,8 +1,8 @@
-"""Tests of the spectral core (SPEC.md sections 2, 3, 4 and 7) against independent references.
+"""Tests of the spectral core (docs/method.md §2, 3, 4 and 7) against independent references.
 
 Nothing here compares `specmatch.spectral` with itself. The references are:
 - scipy.fft's DCT and a Makhoul FFT-based DCT-II written below in numpy (transforms, power);
-- the bin formula of SPEC 2.4 recomputed in numpy, and hand counts (bins, DSM masks);
+- the bin formula of docs/method.md §2.4 recomputed in numpy, and hand counts (bins, DSM masks);
 - `bench/_torch_dct_reference.py`, the authors'-style implementation (torch-dct, an explicit
   2-D Gaussian convolution, a real bicubic `F.interpolate`, a python loop over bins), which the
   benchmark times against too. It is run in float64 here so that it is the more exact side;
@@ -78,7 +78,7 @@ def image_batch(img: int) -> torch.Tensor:
 
 
 def _effective_blur(blur: str, size: int) -> str:
-    return {"auto": "off" if size == 32 else "on"}.get(blur, blur)  # SPEC 3.1 [impl]
+    return {"auto": "off" if size == 32 else "on"}.get(blur, blur)  # docs/method.md §3.1 [impl]
 
 
 @functools.lru_cache(maxsize=None)
@@ -266,7 +266,7 @@ def test_empty_bins_on_small_maps():
     # By hand, 8x8: bin m holds the cells with 98 m^2 / 256 <= u^2 + v^2 < 98 (m+1)^2 / 256;
     # every bin is hit (e.g. bin 2 only by (1, 1), bin 7 by r^2 = 20, bin 14 by r^2 = 85,
     # bin 15 only by the corner (7, 7)).
-    # NOTE: SPEC 2.4 says "on small maps (8x8, 4x4) some bins are empty"; with 16 bins that
+    # NOTE: docs/method.md §2.4 says "on small maps (8x8, 4x4) some bins are empty"; with 16 bins that
     # holds for 4x4 only, 8x8 has none.
     counts8 = sp.bin_counts(8, 8).tolist()
     assert counts8 == np.bincount(np_radial_bins(8, 8).ravel(), minlength=16).tolist()
@@ -539,7 +539,7 @@ def test_esm_loss_float32_under_bf16_autocast(ch, size):
     assert abs(auto.item() - plain.item()) <= 1e-6 * abs(plain.item())
 
 
-# Regression test (SPEC 2.2: float32 even under bf16 autocast). It caught a real bug:
+# Regression test (docs/method.md §2.2: float32 even under bf16 autocast). It caught a real bug:
 # `band_energies` did its bin-averaging matmul outside the autocast guard and returned
 # bfloat16 (~3 significant digits), and `spectrum_distribution` with it. esm_loss was not
 # affected: it runs everything inside its own guard.

@@ -129,7 +129,7 @@ def test_skip_option_reads_it_and_provenance_records_the_skip(tmp_path, monkeypa
         (tmp / "x.txt").write_text("x")
         written = prov.write(tmp_path / "out", tmp)
     assert written["environment"]["input_verification"]["sha256"] == "off"
-    on_disk = provenance.read_record(tmp_path / "out")
+    on_disk = json.loads((tmp_path / "out" / provenance.RECORD_NAME).read_text())
     assert on_disk["environment"]["input_verification"]["unchecked_files"] == 3
 
 

@@ -1,5 +1,5 @@
 """`specmatch <stage>`: the command-line contract shared by Snakemake rules, DVC stages,
-SLURM jobs and people (DESIGN.md). Each stage reads explicit inputs and its resolved
+SLURM jobs and people (docs/parameters.md). Each stage reads explicit inputs and its resolved
 parameters (`--params`, a JSON object or a YAML/JSON file) and writes one output folder
 atomically, with a provenance record."""
 
@@ -48,7 +48,8 @@ def _cmd_fid_calc(args) -> None:
 
     result = fid_stage.calc(args.samples, args.split, args.ref, config.parse_params_arg(args.params), args.name,
                             args.out)
-    print(json.dumps({k: result[k] for k in result if k not in ("protocol", "samples", "reference")}))
+    summary = result.to_json()
+    print(json.dumps({k: v for k, v in summary.items() if k not in ("protocol", "samples", "reference", "sampling")}))
 
 
 def _cmd_train_ae(args) -> None:
@@ -79,10 +80,8 @@ def _cmd_train_diffusion(args) -> None:
     from . import config
     from .diffusion import train
 
-    sampler = config.parse_params_arg(args.sampler) if args.sampler else None
     train.train(config.parse_params_arg(args.params), args.latents, args.out, args.name, run_dir=args.run_dir,
-                resume=args.resume, runs_root=args.runs_root, autoencoder=args.autoencoder, ref=args.ref,
-                sampler=sampler, targets=args.targets, dataset=args.dataset)
+                resume=args.resume, runs_root=args.runs_root, targets=args.targets, dataset=args.dataset)
 
 
 def _cmd_extract_targets(args) -> None:
@@ -148,7 +147,7 @@ def _cmd_data_add(args) -> None:
 def _cmd_dvc_deps(args) -> None:
     from . import dvc_stages
 
-    old, new = dvc_stages.check(args.root)
+    old, new = dvc_stages.check(args.root, build_parser())
     diff = dvc_stages.differences(old, new)
     if args.write and diff:
         from .runtime import atomic
@@ -160,7 +159,7 @@ def _cmd_dvc_deps(args) -> None:
         if diff:
             raise SpecmatchError("dvc.yaml: the code deps differ from the import graph; run `specmatch dvc deps --write`")
     else:
-        for stage, deps in dvc_stages.stage_deps(args.root).items():
+        for stage, deps in dvc_stages.stage_deps(args.root, build_parser()).items():
             print(f"{stage}:\n" + "".join(f"  {d}\n" for d in deps), end="")
 
 
@@ -312,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     _stage_io(p, _cmd_data_spectra, "dataset name, recorded in the outputs")
 
     p = sub.add_parser("train-ae", help="train an autoencoder (SD-VAE, ESM-AE, DSM-AE, ...)",
-                       description="Train one autoencoder run (SPEC 5) on a prepared dataset's train split, "
+                       description="Train one autoencoder run (docs/method.md §5) on a prepared dataset's train split, "
                                    "in one process or under torchrun (one process per GPU; gloo on CPU). "
                                    "Checkpoints go to RUN_DIR/checkpoints every train.checkpoint_every "
                                    "steps, on SIGTERM/SIGUSR1 (then exit status 3) and at the end; the "
@@ -342,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     _autoencoder_stage_io(p, _cmd_extract_latents)
 
     p = sub.add_parser("train-diffusion", help="train a latent diffusion model (U-ViT, SiT) on a latent cache",
-                       description="Train one diffusion run (SPEC 6) on an `extract-latents` cache (scaled by its "
+                       description="Train one diffusion run (docs/method.md §6) on an `extract-latents` cache (scaled by its "
                                    "scale factor), in one process or under torchrun. Checkpoints, signals and "
                                    "--resume as in train-ae. The finished model (model.safetensors with the raw "
                                    "and EMA weights, diffusion.json, metrics.jsonl, provenance.json) is written "
@@ -350,9 +349,6 @@ def build_parser() -> argparse.ArgumentParser:
                                    "show --key ...`; schema $defs/diff_run).")
     p.add_argument("--latents", required=True, help="latent cache folder (from extract-latents)")
     _run_dir_args(p)
-    p.add_argument("--autoencoder", default=None, help="train-ae folder (only for the periodic small-N distance)")
-    p.add_argument("--ref", default=None, help="`fid ref` folder (only for the periodic small-N distance)")
-    p.add_argument("--sampler", default=None, help="sampling settings of the periodic small-N distance (JSON or file)")
     p.add_argument("--targets", default=None, help="extract-targets folder (alignment with targets: cached)")
     p.add_argument("--dataset", default=None, help="prepared dataset of the latents (alignment with targets: on-the-fly)")
     _stage_io(p, _cmd_train_diffusion, params_required=True)
@@ -436,7 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True, help="output folder (replaced atomically)")
     q.set_defaults(func=_cmd_report_generation)
     q = rsub.add_parser("paper", help="the paper's tables (E1-E4) and figures, and the report page",
-                        description="Collect the stage outputs of the grid into the paper's experiments (SPEC 9; "
+                        description="Collect the stage outputs of the grid into the paper's experiments (docs/method.md §9; "
                                     "which runs form E1-E4: the `report` parameters, docs/report.md) and write OUT: "
                                     "index.md (what each experiment is, its protocol, links), tables/ (e1, e2, e3, "
                                     "e4_data, e4_latents, fid_over_training as .csv and .md, protocol columns beside "

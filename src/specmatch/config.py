@@ -264,7 +264,7 @@ def sampler(resolved: Mapping[str, Any], name: str) -> dict[str, Any]:
 
 
 _DIFF_BOOKKEEPING = ("steps", "checkpoint_every", "keep_checkpoints", "log_every", "device",
-                     "fid_every", "fid_samples", "fid_sampler", "snapshot_steps")
+                     "snapshot_steps")
 
 
 def diffusion_fingerprint(run: Mapping[str, Any], latents_identity: str, targets_identity: str | None = None) -> str:

@@ -1,7 +1,7 @@
 """`specmatch container check`: validate Apptainer definition files before a build.
 
 spython parses definition files but does not validate them: a misspelled section parses
-silently and is then ignored by the build (ENVIRONMENT.md). So the file is parsed twice: by
+silently and is then ignored by the build (as measured with Apptainer 1.3). So the file is parsed twice: by
 spython (what the ecosystem reads: its recipe must have the base image we read) and by the
 section grammar of Apptainer's definition files, on which our own rules run:
 

@@ -136,10 +136,9 @@ class Package:
 
 # --- commands of the CLI -------------------------------------------------------------------------
 
-def _command_handlers() -> dict[tuple[str, ...], str]:
-    """(sub)command words -> name of its handler function in cli.py, from the real parser."""
-    from . import cli
-
+def command_handlers(parser: argparse.ArgumentParser) -> dict[tuple[str, ...], str]:
+    """(sub)command words -> name of its handler function in cli.py, from the CLI's real parser
+    (`cli.build_parser()`, handed in by the caller: the CLI imports this module, not the reverse)."""
     handlers: dict[tuple[str, ...], str] = {}
 
     def walk(parser: argparse.ArgumentParser, words: tuple[str, ...]) -> None:
@@ -151,13 +150,13 @@ def _command_handlers() -> dict[tuple[str, ...], str]:
                 for word, sub in action.choices.items():
                     walk(sub, words + (word,))
 
-    walk(cli.build_parser(), ())
+    walk(parser, ())
     return handlers
 
 
-def command_modules(pkg: Package, commands: Iterable[tuple[str, ...]]) -> set[str]:
+def command_modules(pkg: Package, commands: Iterable[tuple[str, ...]], handlers: dict[tuple[str, ...], str]
+                    ) -> set[str]:
     """Modules a run of each of `commands` (word tuples) imports, starting at cli.py."""
-    handlers = _command_handlers()
     chosen = set()
     for words in commands:
         if words not in handlers:
@@ -175,10 +174,9 @@ def command_modules(pkg: Package, commands: Iterable[tuple[str, ...]]) -> set[st
 _COMMAND = re.compile(r"(?:(?<![\w.])specmatch|\{params\.launch\})[ \t]+([a-z][\w-]*(?:[ \t]+[a-z][\w-]*)*)")
 
 
-def commands_in(text: str) -> list[tuple[str, ...]]:
+def commands_in(text: str, handlers: dict[tuple[str, ...], str]) -> list[tuple[str, ...]]:
     """`specmatch` command words in a shell text: up to the first option or argument that is not
     a (sub)command of the CLI."""
-    handlers = _command_handlers()
     out = []
     for m in _COMMAND.finditer(text):
         words = tuple(m.group(1).split())
@@ -273,8 +271,11 @@ def allowed_rules(cmd: str) -> list[str]:
     return out
 
 
-def stage_deps(root: str | Path = ".", dvc_yaml: str = "dvc.yaml") -> dict[str, list[str]]:
-    """Stage name -> its generated code dependencies (paths relative to `root`, sorted)."""
+def stage_deps(root: str | Path, parser: argparse.ArgumentParser, dvc_yaml: str = "dvc.yaml"
+               ) -> dict[str, list[str]]:
+    """Stage name -> its generated code dependencies (paths relative to `root`, sorted); `parser`:
+    the CLI's parser."""
+    handlers = command_handlers(parser)
     root = Path(root).resolve()
     stages = (yaml.safe_load((root / dvc_yaml).read_text("utf-8")) or {}).get("stages") or {}
     pkg, wf = Package(root), Workflow(root)
@@ -284,7 +285,7 @@ def stage_deps(root: str | Path = ".", dvc_yaml: str = "dvc.yaml") -> dict[str, 
         cmd = _cmd_text(st.get("cmd", ""))
         files: set[Path] = set()
         modules: set[str] = set()
-        commands = commands_in(cmd)
+        commands = commands_in(cmd, handlers)
         rules = allowed_rules(cmd)
         if rules or "snakemake" in cmd:
             files.add(wf.snakefile.resolve())
@@ -293,13 +294,13 @@ def stage_deps(root: str | Path = ".", dvc_yaml: str = "dvc.yaml") -> dict[str, 
             for r in rules:
                 f = wf.rule_file(r)
                 rule_files[id(f)] = f
-                commands += commands_in(f.rules.get(r, ""))
+                commands += commands_in(f.rules.get(r, ""), handlers)
             for f in rule_files.values():
                 files.add(f.path.resolve())
                 files |= f.named_files()
                 modules |= f.modules()
         if commands:
-            modules |= command_modules(pkg, commands)
+            modules |= command_modules(pkg, commands, handlers)
             files.add((pkg.pkg / "cli.py").resolve())
         files |= pkg.closure(modules - {f"{PACKAGE}.cli"})
         rel = set()
@@ -358,11 +359,11 @@ def render(text: str, deps: dict[str, list[str]]) -> str:
     return "".join(out)
 
 
-def check(root: str | Path = ".", dvc_yaml: str = "dvc.yaml") -> tuple[str, str]:
+def check(root: str | Path, parser: argparse.ArgumentParser, dvc_yaml: str = "dvc.yaml") -> tuple[str, str]:
     """(current text of dvc.yaml, the text with generated deps)."""
     path = Path(root) / dvc_yaml
     text = path.read_text("utf-8")
-    return text, render(text, stage_deps(root, dvc_yaml))
+    return text, render(text, stage_deps(root, parser, dvc_yaml))
 
 
 def differences(old: str, new: str) -> list[str]:

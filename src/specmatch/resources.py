@@ -1,5 +1,5 @@
-"""Pretrained files: where they are looked for, and their checksums (DESIGN.md, "Offline by
-construction").
+"""Pretrained files: where they are looked for, and their checksums: offline by
+construction.
 
 The manifest (`resource_manifest.yaml`, linked as `resources/manifest.yaml`) lists every file a
 stage may load. `require(name)` returns the path of a present file whose checksum matches, or

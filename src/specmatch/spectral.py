@@ -1,4 +1,4 @@
-"""Spectral core of Spectrum Matching (SPEC.md sections 2-4 and 7).
+"""Spectral core of Spectrum Matching (docs/method.md §2-4 and 7).
 
 Everything here is computed in float32, with autocast switched off, whatever the caller's
 dtype: the quantities are logs of band energies that span many decades, which bf16 cannot
@@ -29,12 +29,12 @@ __all__ = [
     "dog_filter", "psd_slope",
 ]
 
-# Named settings of SPEC section 2: what ESM trains with, and what the analysis figures show.
+# Named settings of docs/method.md §2: what ESM trains with, and what the analysis figures show.
 TRAINING = {"center": "mean", "remove_dc": True}
 ANALYSIS = {"center": "none", "remove_dc": False}
 
-POWER_FLOOR = 1e-12  # SPEC 2.3: P clamped at >= 1e-12 before the optional DC removal
-KL_EPS = 1e-8  # SPEC 3.5: inside both logs
+POWER_FLOOR = 1e-12  # docs/method.md §2.3: P clamped at >= 1e-12 before the optional DC removal
+KL_EPS = 1e-8  # docs/method.md §3.5: inside both logs
 
 
 class _no_autocast:
@@ -112,7 +112,7 @@ def _check_center(center: str) -> None:
 
 
 def power_spectrum(s: torch.Tensor, center: Center = "none", remove_dc: bool = False) -> torch.Tensor:
-    """Channel-aggregated DCT power `P(u, v) = mean_c DCT(s_c)(u, v)^2` (SPEC 2.1-2.3).
+    """Channel-aggregated DCT power `P(u, v) = mean_c DCT(s_c)(u, v)^2` (docs/method.md §2.1-2.3).
 
     (B, C, h, w) -> (B, h, w), clamped at >= 1e-12; `remove_dc` then sets P(0, 0) = 0.
     """
@@ -139,7 +139,7 @@ def _radial_bins_cpu(h: int, w: int, n_bins: int) -> torch.Tensor:
 
 
 def radial_bins(h: int, w: int, n_bins: int = 16, device: torch.device | str | None = None) -> torch.Tensor:
-    """Bin index of every DCT cell (SPEC 2.4): `min(floor(n_bins * r / r_max), n_bins - 1)`."""
+    """Bin index of every DCT cell (docs/method.md §2.4): `min(floor(n_bins * r / r_max), n_bins - 1)`."""
     if h < 2 or w < 2:
         raise ValueError(f"radial_bins: maps must be at least 2x2, got {h}x{w}")
     if n_bins < 1:
@@ -170,7 +170,7 @@ def _band_energies_from_power(p: torch.Tensor, n_bins: int) -> torch.Tensor:
 
 
 def band_energies(s: torch.Tensor, n_bins: int = 16, center: Center = "none", remove_dc: bool = False) -> torch.Tensor:
-    """Radial band energies `E_k` (B, n_bins): the mean of P over the cells of bin k (SPEC 2.4).
+    """Radial band energies `E_k` (B, n_bins): the mean of P over the cells of bin k (docs/method.md §2.4).
 
     The DC cell belongs to bin 0 (with `remove_dc` it counts as a zero). Empty bins are 0;
     `bin_counts` tells which they are.
@@ -179,7 +179,7 @@ def band_energies(s: torch.Tensor, n_bins: int = 16, center: Center = "none", re
 
 
 def delta_tilt(e: torch.Tensor, delta: float) -> torch.Tensor:
-    """Flatten an image power law: `E_k * (k + 1)^delta` (SPEC 3.3)."""
+    """Flatten an image power law: `E_k * (k + 1)^delta` (docs/method.md §3.3)."""
     if delta == 0:
         return e
     k = torch.arange(e.shape[-1], device=e.device, dtype=e.dtype)
@@ -187,14 +187,14 @@ def delta_tilt(e: torch.Tensor, delta: float) -> torch.Tensor:
 
 
 def distribution_from_energies(e: torch.Tensor) -> torch.Tensor:
-    """`q_k = log(1 + E_k)`, `p_k = q_k / sum_j q_j` (SPEC 2.5). Empty bins (E = 0) get p = 0."""
+    """`q_k = log(1 + E_k)`, `p_k = q_k / sum_j q_j` (docs/method.md §2.5). Empty bins (E = 0) get p = 0."""
     q = torch.log1p(e)
     return q / q.sum(dim=-1, keepdim=True)
 
 
 def spectrum_distribution(s: torch.Tensor, n_bins: int = 16, center: Center = "none",
                           remove_dc: bool = False, delta: float = 0.0) -> torch.Tensor:
-    """Spectrum distribution (B, n_bins) of maps (B, C, h, w), SPEC section 2 step 5.
+    """Spectrum distribution (B, n_bins) of maps (B, C, h, w), docs/method.md §2 step 5.
 
     `delta` applies the image-side tilt `(k+1)^delta` to the band energies before the log.
     Empty bins are 0; since they are 0 on both sides of any comparison on the same grid,
@@ -205,7 +205,7 @@ def spectrum_distribution(s: torch.Tensor, n_bins: int = 16, center: Center = "n
 
 
 def kl_divergence(p: torch.Tensor, q: torch.Tensor, valid: torch.Tensor | None = None, eps: float = KL_EPS) -> torch.Tensor:
-    """Per-sample `sum_k p_k (log(p_k + eps) - log(q_k + eps))` over the valid bins (SPEC 3.5)."""
+    """Per-sample `sum_k p_k (log(p_k + eps) - log(q_k + eps))` over the valid bins (docs/method.md §3.5)."""
     term = p * (torch.log(p + eps) - torch.log(q + eps))
     if valid is not None:
         term = term * valid.to(term.dtype)
@@ -216,7 +216,7 @@ def kl_divergence(p: torch.Tensor, q: torch.Tensor, valid: torch.Tensor | None =
 
 
 def gaussian_kernel1d(kernel: int, sigma: float, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """Normalised 1-D Gaussian taps; the 2-D blur of SPEC 3.1 is their outer product."""
+    """Normalised 1-D Gaussian taps; the 2-D blur of docs/method.md §3.1 is their outer product."""
     if kernel < 1 or kernel % 2 == 0:
         raise ValueError(f"blur kernel must be a positive odd size, got {kernel}")
     if sigma <= 0:
@@ -236,7 +236,7 @@ def _use_blur(blur: str, latent_h: int) -> bool:
 
 def image_to_latent_grid(x: torch.Tensor, size: tuple[int, int], blur: Blur = "auto",
                          blur_kernel: int = 7, blur_sigma: float = 1.2) -> torch.Tensor:
-    """SPEC 3.1 done literally: depthwise Gaussian blur (zero padding) then bicubic resize
+    """docs/method.md §3.1 done literally: depthwise Gaussian blur (zero padding) then bicubic resize
     (align_corners=False, no antialias) of images (B, 3, H, W) to the latent grid `size`."""
     _check_maps(x, "image_to_latent_grid")
     h, w = size
@@ -272,7 +272,7 @@ def _image_dct_operator(n_in: int, n_out: int, use_blur: bool, kernel: int, sigm
 
 def image_band_energies(x: torch.Tensor, size: tuple[int, int], n_bins: int = 16, blur: Blur = "auto",
                         blur_kernel: int = 7, blur_sigma: float = 1.2) -> torch.Tensor:
-    """Band energies (B, n_bins) of images brought to the latent grid `size` (SPEC 3.1-3.2),
+    """Band energies (B, n_bins) of images brought to the latent grid `size` (docs/method.md §3.1-3.2),
     with the training setting (centre = mean, remove DC): the ESM target before the tilt.
 
     Equal to `band_energies(image_to_latent_grid(x, size, ...), **TRAINING)`, computed with
@@ -299,7 +299,7 @@ def image_band_energies(x: torch.Tensor, size: tuple[int, int], n_bins: int = 16
 
 def esm_loss(x: torch.Tensor, z: torch.Tensor, delta: float = 1.0, n_bins: int = 16,
              blur: Blur = "auto", blur_kernel: int = 7, blur_sigma: float = 1.2) -> torch.Tensor:
-    """Encoding Spectrum Matching loss, SPEC section 3 steps 1-5.
+    """Encoding Spectrum Matching loss, docs/method.md §3 steps 1-5.
 
     x: images in [-1, 1] (B, 3, H, W); z: sampled latents (B, C, h, w). Returns the batch mean
     of KL(p^x || p^z), each image against its own latent. Gradients flow only into z. Bins
@@ -364,7 +364,7 @@ def _block_lowpass_operator(k: int, blk: int, device: str) -> torch.Tensor:
 
 
 def block_lowpass(s: torch.Tensor, k: int, blk: int = 8) -> torch.Tensor:
-    """DSM low-pass LP_k (SPEC 4.1-4.2) of images or latents (B, C, H, W); k = 0 returns `s`.
+    """DSM low-pass LP_k (docs/method.md §4.1-4.2) of images or latents (B, C, H, W); k = 0 returns `s`.
 
     Blockwise orthonormal DCT, zero the coefficients outside `dsm_keep_mask(k, blk)`, inverse
     DCT, reassemble; no clamping. Returns float32 (gradients flow into `s`).
@@ -413,7 +413,7 @@ def direction_field(tokens: torch.Tensor) -> torch.Tensor:
 
 
 def rmsc2(tokens: torch.Tensor) -> torch.Tensor:
-    """Directional spectral energy (SPEC 7): `mean_t ||u_t - mean(u)||^2` of the unit-length
+    """Directional spectral energy (docs/method.md §7): `mean_t ||u_t - mean(u)||^2` of the unit-length
     tokens u. By Parseval it equals the non-DC DCT energy of the direction field divided by
     the number of tokens. (B, N, D) -> (B,)."""
     u = direction_field(tokens)
@@ -436,7 +436,7 @@ def _gaussian_blur_reflect(y: torch.Tensor, sigma: float, truncate: float) -> to
 
 def dog_filter(y: torch.Tensor, sigma1: float = 0.8, sigma2: float = 2.0, truncate: float = 3.0,
                normalize: bool = True, eps: float = 1e-6) -> torch.Tensor:
-    """Difference-of-Gaussians band-pass on a token grid (B, D, h, w), per channel (SPEC 7):
+    """Difference-of-Gaussians band-pass on a token grid (B, D, h, w), per channel (docs/method.md §7):
     `G_sigma1 * Y - G_sigma2 * Y` with reflect padding, then divided by its spatial std
     (per sample and channel) when `normalize`. sigma in tokens; sigma1 = 0 means no blur."""
     if y.dim() != 4:

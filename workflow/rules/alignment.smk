@@ -1,4 +1,4 @@
-# Alignment phase (SPEC 7): the target encoder's token grids of every training image, computed
+# Alignment phase (docs/method.md §7): the target encoder's token grids of every training image, computed
 # once per (dataset, encoder, input size) that an aligned diffusion run of the grid uses
 # (train_diffusion reads them), and their spectral diagnostics (RMSC^2 and spectrum
 # distribution of the repa, irepa and dog targets) in one table and figure.

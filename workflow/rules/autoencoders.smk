@@ -1,4 +1,4 @@
-# Autoencoder phase (SPEC 5): train each autoencoder run of grid.autoencoders whose dataset is
+# Autoencoder phase (docs/method.md §5): train each autoencoder run of grid.autoencoders whose dataset is
 # in grid.datasets, evaluate it on the held-out split, and cache its latents for diffusion.
 # A run's working folder (checkpoints, live log) is keyed by the fingerprint of its parameters
 # and its data and lives outside the rule's outputs: Snakemake deletes the outputs of a failed or

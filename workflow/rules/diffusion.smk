@@ -1,4 +1,4 @@
-# Diffusion phase (SPEC 6): train each diffusion run of grid.diffusions on its autoencoder's
+# Diffusion phase (docs/method.md §6): train each diffusion run of grid.diffusions on its autoencoder's
 # latent cache, sample it with every sampler it lists, score the samples against the dataset's
 # reference statistics, and collect the scores in one table with their protocol.
 # Trainer and sampler keep their working folders (checkpoints, finished shards) under

@@ -1,4 +1,4 @@
-# Report phase (SPEC 9; docs/report.md): the generation metric over training of the runs listed
+# Report phase (docs/method.md §9; docs/report.md): the generation metric over training of the runs listed
 # in report.progress (fid_progress: their EMA snapshots, train.snapshot_steps, sampled with the
 # run's first sampler), then the DAG's final rule, `report`: the paper's tables (E1-E4), figures
 # and one page, results/<preset>/report/index.md, from every output it reads.

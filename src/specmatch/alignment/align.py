@@ -1,4 +1,4 @@
-"""The alignment term of a diffusion training run (REPA / iREPA / DoG-REPA, SPEC 7).
+"""The alignment term of a diffusion training run (REPA / iREPA / DoG-REPA, docs/method.md §7).
 
 `Alignment.for_run` binds a run's `alignment` parameters to its target source, either a target
 cache (`extract-targets`, entries in the latent cache's order, checked to correspond) or the
@@ -51,7 +51,17 @@ class Alignment:
         self.info = {"kind": self.kind, "encoder": p["encoder"], "depth": self.depth, "weight": self.weight,
                      "projector": self.projector_kind, "targets": p["targets"], "target_grid": [source_grid] * 2,
                      "token_grid": list(self.token_grid), "resized": self.resized, "target_dim": dim,
-                     "targets_identity": identity, **describe}
+                     "targets_identity": identity, **self.filter_settings(p), **describe}
+
+    @staticmethod
+    def filter_settings(p: dict[str, Any]) -> dict[str, Any]:
+        """The target transform's own settings (DoG sigmas, iREPA gamma), recorded with the model so
+        that its readers (the report) need nothing else."""
+        if p["kind"] == "dog":
+            return {"dog": dict(p["dog"])}
+        if p["kind"] == "irepa":
+            return {"irepa_gamma": float(p["irepa_gamma"])}
+        return {}
 
     @classmethod
     def for_run(cls, p: dict[str, Any], net: nn.Module, latent_manifest: dict[str, Any], latents: Path,

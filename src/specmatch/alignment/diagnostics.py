@@ -1,11 +1,11 @@
-"""`specmatch target-spectra`: spectral diagnostics of alignment targets (SPEC 7; the paper's
+"""`specmatch target-spectra`: spectral diagnostics of alignment targets (docs/method.md §7; the paper's
 DINOv2 curve).
 
 For each target cache (one encoder each) and each target kind (repa = raw, irepa, dog), over
 the first `max_images` entries (originals, no mirror images):
 - the directional spectral energy RMSC^2 = mean_t ||u_t - mean(u)||^2 of the unit-length tokens
   (equal, by Parseval, to the non-DC DCT energy of the direction field per token);
-- the spectrum distribution p_k of the target field (SPEC 2 analysis setting: no centring, DC
+- the spectrum distribution p_k of the target field (docs/method.md §2 analysis setting: no centring, DC
   kept, `n_bins` radial bins; empty bins on small grids are left out of the table and plot);
 - the PSD exponent (slope of log E_k against log(k + 1)) of the mean band energies.
 Writes target_spectra.csv / .md (one row per encoder and kind, with the protocol),
@@ -26,7 +26,7 @@ from .. import config as config_mod
 from .. import spectral
 from ..errors import SpecmatchError
 from ..runtime import atomic
-from ..report.tables import write_table
+from ..render.tables import write_table
 from ..runtime.provenance import Provenance
 from . import objectives
 from .targets import TargetReader
@@ -89,9 +89,9 @@ def run(target_dirs: list[str | Path], params: dict[str, Any], name: str, out: s
     df = pd.DataFrame(rows)
     with atomic.atomic_dir(out) as tmp:
         write_table(df, tmp, "target_spectra", "Spectral diagnostics of the alignment targets",
-                    "RMSC2: directional spectral energy of the unit-length target tokens (SPEC 7), mean over images "
+                    "RMSC2: directional spectral energy of the unit-length target tokens (docs/method.md §7), mean over images "
                     "(0 = every token points the same way; at most 1). psd_exponent: slope of log band energy "
-                    f"against log(k + 1) of the target field (SPEC 2, DC kept, {p['n_bins']} bins, empty bins "
+                    f"against log(k + 1) of the target field (docs/method.md §2, DC kept, {p['n_bins']} bins, empty bins "
                     "excluded).")
         pd.DataFrame(bins).to_csv(tmp / "distributions.csv", index=False, float_format="%.6g")
         _figure(curves, df, tmp / "target_spectra.png")
@@ -101,7 +101,7 @@ def run(target_dirs: list[str | Path], params: dict[str, Any], name: str, out: s
 
 
 def _figure(curves, df: pd.DataFrame, path: Path) -> None:
-    from ..report.figures import plt, save_figure
+    from ..render.figures import plt, save_figure
 
     encs = list(dict.fromkeys(e for e, _ in curves))
     fig, axes = plt.subplots(1, len(encs), figsize=(4.4 * len(encs), 3.6), squeeze=False)

@@ -1,4 +1,4 @@
-"""Frozen target encoders for representation alignment (SPEC 7), a registry keyed by name.
+"""Frozen target encoders for representation alignment (docs/method.md §7), a registry keyed by name.
 
 - `dinov2-vitb14`: DINOv2 ViT-B/14, built with timm's `VisionTransformer` and loaded from Meta's
   official checkpoint file (`dinov2_vitb14_pretrain.pth`, in `resources/`). Images are resized
@@ -8,7 +8,7 @@
   DINOv2 resamples it at run time (bicubic with its scale factor (g + 0.1) / 37, no antialias),
   so the features equal DINOv2's own forward at that size.
 - `efficientnet-lite0`: the final 1280-channel feature map of EfficientNet-Lite0 (weights ship in
-  a PyPI package), on 256 px inputs: an 8x8 grid, the embedded default's target (DESIGN.md).
+  a PyPI package), on 256 px inputs: an 8x8 grid, the embedded default's target.
 - `efficientnet-lite0-s16` and `-s8`: the maps at stride 16 (112 channels, on 128 px inputs) and
   stride 8 (40 channels, on 64 px inputs): also 8x8 grids, at about 1/6 and 1/40 of the cost.
   The 256 px net costs ~0.2 s per image on one CPU thread, too much for the tiny preset's 8192

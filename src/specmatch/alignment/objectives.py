@@ -1,4 +1,4 @@
-"""REPA, iREPA and DoG-REPA (SPEC 7): target transforms, projectors and the alignment loss.
+"""REPA, iREPA and DoG-REPA (docs/method.md §7): target transforms, projectors and the alignment loss.
 
 A target is a token grid (B, D, h, w) of a frozen encoder on the clean image. The diffusion
 network's hidden tokens (B, N, width) after block `depth` go through a projector to D channels
@@ -113,7 +113,7 @@ def alignment_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def target_spectrum(y: torch.Tensor, n_bins: int = 16) -> dict[str, torch.Tensor]:
     """Spectral diagnostics of target grids (B, D, h, w): the directional spectral energy RMSC^2
-    per sample (SPEC 7) and the spectrum distribution of the field (SPEC 2, analysis setting:
+    per sample (docs/method.md §7) and the spectrum distribution of the field (docs/method.md §2, analysis setting:
     no centring, DC kept), with the mask of non-empty bins."""
     tokens = y.float().flatten(2).transpose(1, 2)
     e = spectral.band_energies(y.float(), n_bins=n_bins, center="none", remove_dc=False)

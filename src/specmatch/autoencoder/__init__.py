@@ -1,1 +1,1 @@
-"""SD-VAE-style KL autoencoder and its PatchGAN discriminator (SPEC.md section 5)."""
+"""SD-VAE-style KL autoencoder and its PatchGAN discriminator (docs/method.md §5)."""

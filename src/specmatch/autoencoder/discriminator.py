@@ -1,4 +1,4 @@
-"""PatchGAN discriminator and hinge losses for the autoencoder's GAN term (SPEC.md section 5).
+"""PatchGAN discriminator and hinge losses for the autoencoder's GAN term (docs/method.md §5).
 
 The pix2pix / taming-transformers "NLayerDiscriminator" layout: a stack of 4x4 convs (stride 2,
 then one stride 1) with BatchNorm and LeakyReLU(0.2), ending in a 1-channel map of patch logits
@@ -22,7 +22,7 @@ class PatchDiscriminator(nn.Module):
 
     Convs followed by BatchNorm have no bias (BN's shift replaces it). `init_std` is exposed
     because the authors' implementation initialises with N(0, 0.2), most likely a typo for the
-    standard 0.02 (SPEC 5); the default is 0.02. Only conv *weights* and BN affine parameters are
+    standard 0.02 (docs/method.md §5); the default is 0.02. Only conv *weights* and BN affine parameters are
     re-initialised, as in the reference; the two biased convs keep torch's default bias init.
     """
 

@@ -1,4 +1,4 @@
-"""`specmatch eval-ae`: reconstruction and spectral metrics of a trained autoencoder (SPEC 4, 5, 8).
+"""`specmatch eval-ae`: reconstruction and spectral metrics of a trained autoencoder (docs/method.md §4, 5, 8).
 
 One pass over the held-out split with deterministic reconstructions (the posterior mean):
 - rFID (FD with the configured feature net: "rFD-EffNetLite0" on the embedded default), PSNR on
@@ -35,14 +35,10 @@ from ..metrics.recon import ReconAccumulator, load_lpips
 from ..runtime import atomic
 from ..runtime.hashing import ImageStreamHash
 from ..runtime.provenance import Provenance
-from .train import load_trained, to_float
+from . import artifact
+from .model import to_float, to_uint8
 
 log = logging.getLogger(__name__)
-
-
-def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """[-1, 1] NCHW -> uint8 NHWC, as a saved image would be."""
-    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def evaluate(run: dict[str, Any], ae_dir: str | Path, dataset: str | Path, name: str, out: str | Path) -> dict[str, Any]:
@@ -53,7 +49,7 @@ def evaluate(run: dict[str, Any], ae_dir: str | Path, dataset: str | Path, name:
     man = read_manifest(dataset)
     if e["split"] not in man["splits"] or man["splits"][e["split"]]["count"] < 2:
         raise SpecmatchError(f"{dataset}: eval.split {e['split']!r} needs at least 2 images")
-    ae, summary = load_trained(ae_dir, e["use_ema"], dev)
+    ae, summary = artifact.load(ae_dir, e["use_ema"], dev)
     net = features.load(e["net"], dev, run["resources_dir"])
     lpips = load_lpips(dev, run["resources_dir"]) if e["lpips"] else None
     acc = ReconAccumulator(lpips, net, dev)
@@ -149,7 +145,7 @@ RECONSTRUCTIONS = "reconstructions.npz"
 def _reconstructions(arrays: dict[str, np.ndarray], result: dict[str, Any], tmp: Path) -> None:
     """reconstructions.npz (uint8 originals and reconstructions, in the split's evaluation order)
     and reconstructions.png: rows of originals, each above the row of their reconstructions."""
-    from ..report.figures import image_grid
+    from ..render.figures import image_grid
 
     np.savez(tmp / RECONSTRUCTIONS, **arrays)
     cols = min(8, len(arrays["originals"]))
@@ -164,6 +160,6 @@ def _reconstructions(arrays: dict[str, np.ndarray], result: dict[str, Any], tmp:
 
 
 def _figure(result: dict[str, Any], path: Path) -> None:
-    from ..report.figures import latent_spectrum_figure
+    from ..render.figures import latent_spectrum_figure
 
     latent_spectrum_figure(result, path)

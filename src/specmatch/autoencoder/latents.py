@@ -1,4 +1,4 @@
-"""`specmatch extract-latents`: the latent cache that diffusion trains on (SPEC 5).
+"""`specmatch extract-latents`: the latent cache that diffusion trains on (docs/method.md §5).
 
 Entries are the train images, then (with `hflip`) their mirror images as separate entries, so a
 diffusion trainer samples flips as data, not as an augmentation of its own. Each entry stores
@@ -33,7 +33,8 @@ from ..errors import SpecmatchError
 from ..runtime import distributed, seeding
 from ..runtime.hashing import sha256_file
 from ..runtime.provenance import Provenance
-from .train import load_trained, to_float
+from . import artifact
+from .model import to_float
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ def extract(run: dict[str, Any], ae_dir: str | Path, dataset: str | Path, name: 
 def _extract(run, p, info, ae_dir, dataset, name, out):
     dev = info.device
     reader = SplitReader(dataset, "train")
-    ae, summary = load_trained(ae_dir, p["use_ema"], dev)
+    ae, summary = artifact.load(ae_dir, p["use_ema"], dev)
     n = len(reader)
     if n == 0:
         raise SpecmatchError(f"{dataset}: the train split is empty")

@@ -1,6 +1,6 @@
-"""The KL autoencoder of SPEC.md section 5: an SD "AutoencoderKL" clone in plain torch.
+"""The KL autoencoder of docs/method.md §5: an SD "AutoencoderKL" clone in plain torch.
 
-Layout (per SPEC 5): conv_in; per level `num_res_blocks` ResBlocks and a stride-2 down-sampling
+Layout (docs/method.md §5): conv_in; per level `num_res_blocks` ResBlocks and a stride-2 down-sampling
 conv except at the last level; a mid block (ResBlock, single-head self-attention, ResBlock);
 GN, SiLU, conv to 2*z (mean, logvar); a 1x1 `quant_conv`. The decoder mirrors it with one more
 ResBlock per level and nearest x2 up-sampling, and has no output activation (images live in
@@ -24,6 +24,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -35,8 +36,8 @@ __all__ = [
     "LOGVAR_MIN", "LOGVAR_MAX",
 ]
 
-LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0  # SPEC 5: logvar clamp, as in SD
-GN_EPS = 1e-6  # SPEC 5 / SD; torch's default 1e-5 would change the numbers of a loaded SD-VAE
+LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0  # docs/method.md §5: logvar clamp, as in SD
+GN_EPS = 1e-6  # docs/method.md §5 / SD; torch's default 1e-5 would change the numbers of a loaded SD-VAE
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,7 @@ class AEConfig:
     name: str
     channels: tuple[int, ...]
     z_channels: int
-    num_res_blocks: int = 2  # encoder; the decoder uses num_res_blocks + 1 (SPEC 5)
+    num_res_blocks: int = 2  # encoder; the decoder uses num_res_blocks + 1 (docs/method.md §5)
     in_channels: int = 3
     attn_in_mid: bool = True
     norm_groups: int = 32
@@ -356,7 +357,7 @@ class AutoencoderKL(nn.Module):
 
     @property
     def last_layer(self) -> torch.Tensor:
-        """The decoder's final conv weight: where SPEC 5's adaptive GAN weight takes its norms."""
+        """The decoder's final conv weight: where docs/method.md §5's adaptive GAN weight takes its norms."""
         return self.decoder.conv_out.weight
 
 
@@ -366,3 +367,13 @@ def build(cfg_or_name: str | Mapping[str, Any] | AEConfig) -> AutoencoderKL:
 
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+def to_float(images: np.ndarray, device) -> torch.Tensor:
+    """uint8 images (B, H, W, 3) -> float NCHW in [-1, 1], the autoencoder's input."""
+    return torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """[-1, 1] NCHW -> uint8 NHWC, as a saved image would be."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()

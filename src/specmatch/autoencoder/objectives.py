@@ -1,4 +1,4 @@
-"""Autoencoder objectives as named variants (SPEC sections 3-5).
+"""Autoencoder objectives as named variants (docs/method.md §3-5).
 
 One generator step of every variant is the same computation with different switches:
 
@@ -6,7 +6,7 @@ One generator step of every variant is the same computation with different switc
           + [from gan_start] gan * lambda * (-mean D(x^))
 
 where x' is the step's image target and x^ the decoded latent. The variants differ in how a
-step picks its "shared mask" (the spectral view of the paper, SPEC 4):
+step picks its "shared mask" (the spectral view of the paper, docs/method.md §4):
 - `sdvae`: none (x' = x, decode z), KL 1e-6.
 - `esm`: none; ESM loss on the sampled latent against the image's delta-tilted spectrum, KL 0.
 - `dsm`: k drawn per step from `dsm_ks`; k > 0 low-passes image and latent with the same block

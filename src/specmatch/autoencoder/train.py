@@ -1,4 +1,4 @@
-"""`specmatch train-ae`: the autoencoder trainer (SPEC section 5), for one process or torchrun.
+"""`specmatch train-ae`: the autoencoder trainer (docs/method.md §5), for one process or torchrun.
 
 Runtime guarantees:
 - Data order, flips, the DSM/scale mask and the posterior noise of step s are functions of
@@ -31,7 +31,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors.torch import save_file
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
@@ -45,23 +44,20 @@ from ..runtime.signals import StopRequest
 from ..runtime.training import (AttemptLog, Interrupted, NonFiniteLoss, batch_indices, check_finite, end_of_step,  # noqa: F401
                                 load_packed, make_ema, pack_state, prepare_rank, resume_point, run_folder,
                                 read_attempts, save_checkpoint, warmup)
+from . import artifact
 from . import model as ae_model
+from .model import to_float
 from .discriminator import PatchDiscriminator, generator_adv_loss, hinge_d_loss
 from .objectives import Mask, Objective, adaptive_weight, draw_mask, objective
 
 log = logging.getLogger(__name__)
 
-KIND = "autoencoder"
+KIND = artifact.KIND
 STAGE = "train-ae"
 
 
 def fingerprint(run: dict[str, Any], images_sha256: str) -> str:
     return config_mod.ae_fingerprint(run, images_sha256)
-
-
-def to_float(images: np.ndarray, device) -> torch.Tensor:
-    """uint8 images (B, H, W, 3) -> float NCHW in [-1, 1], the autoencoder's input."""
-    return torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
 def load_batch(reader: SplitReader, idx: np.ndarray, hflip: float, seed: int, step: int,
@@ -270,36 +266,9 @@ def _write_final(run, cfg, obj, fp, ae, ema, dataset, reader, run_dir, out, name
                "ema": ema is not None, "dataset_images_sha256": reader.images_sha256,
                "parameters": ae_model.count_parameters(ae)}
     with atomic.atomic_dir(out) as tmp:
-        save_file(weights, tmp / "model.safetensors", metadata={"kind": KIND, "fingerprint": fp})
-        (tmp / "autoencoder.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
+        artifact.write(tmp, weights, summary, fp)
         if (run_dir / "metrics.jsonl").exists():
             (tmp / "metrics.jsonl").write_bytes((run_dir / "metrics.jsonl").read_bytes())
         prov.write(out, tmp)
     log.info("autoencoder %s: %d steps, weights in %s", name, g_step, out)
     return summary
-
-
-def load_trained(folder: str | Path, use_ema: bool = True, device="cpu") -> tuple[ae_model.AutoencoderKL, dict]:
-    """The autoencoder of a finished `train-ae` output folder (EMA weights when present and
-    asked for), in eval mode, with its summary."""
-    from ..runtime.weights import load_safetensors
-
-    folder = Path(folder)
-    meta_path, w_path = folder / "autoencoder.json", folder / "model.safetensors"
-    for p in (meta_path, w_path):
-        if not p.is_file():
-            raise SpecmatchError(f"{folder}: not a trained autoencoder (no {p.name}); run `specmatch train-ae`")
-    summary = json.loads(meta_path.read_text())
-    cfg = ae_model.config({k: (tuple(v) if k == "channels" else v) for k, v in summary["config"].items()})
-    tensors = load_safetensors(w_path, device=str(device))
-    prefix = "ema." if use_ema and summary.get("ema") else "ae."
-    state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-    ae = ae_model.build(cfg).to(device)
-    missing, unexpected = ae.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise SpecmatchError(f"{w_path}: weights do not fit config {cfg.name} (missing {missing[:3]}, "
-                             f"unexpected {unexpected[:3]})")
-    ae.eval()
-    for p in ae.parameters():
-        p.requires_grad_(False)
-    return ae, summary

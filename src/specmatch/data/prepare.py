@@ -1,4 +1,4 @@
-"""`specmatch prepare-data`: build a dataset's uint8 shards and manifest (DESIGN.md).
+"""`specmatch prepare-data`: build a dataset's uint8 shards and manifest (docs/parameters.md, `datasets.<name>`).
 
 Sources: `embedded` (crops of bundled images), `folder` (a flat folder of images, the
 CelebA-HQ 256 layout) and `imagenet` (one sub-folder per class). Folder and ImageNet images

@@ -1,1 +1,1 @@
-"""Latent diffusion (SPEC.md sections 6-7): the denoising networks U-ViT and SiT."""
+"""Latent diffusion (docs/method.md §6-7): the denoising networks U-ViT and SiT."""

@@ -1,4 +1,4 @@
-"""The two latent-diffusion networks of SPEC.md section 6 and their registry.
+"""The two latent-diffusion networks of docs/method.md §6 and their registry.
 
 * `UViT` (Bao et al. 2023, "All are worth words"): every input is a token -- [time, (class),
   patches] -- with a learned absolute position embedding over all of them, pre-norm transformer

@@ -24,13 +24,13 @@ import numpy as np
 import pandas as pd
 
 from .. import config as config_mod
-from ..autoencoder.train import load_trained as load_autoencoder
+from ..autoencoder import artifact as ae_artifact
 from ..errors import SpecmatchError
 from ..metrics.fid_stage import Reference
 from ..runtime import atomic, distributed
 from ..runtime.provenance import Provenance
+from . import artifact
 from .sample import check_compatible, generate
-from .train import load_trained, snapshot_path
 
 log = logging.getLogger(__name__)
 
@@ -59,18 +59,15 @@ def run(model_dir: str | Path, ae_dir: str | Path, ref_dir: str | Path, p: dict[
     p = params(p, name)
     s = p["sampler"]
     model_dir, ae_dir, out = Path(model_dir), Path(ae_dir), Path(out)
-    summary_path = model_dir / "diffusion.json"
-    if not summary_path.is_file():
-        raise SpecmatchError(f"{model_dir}: not a trained diffusion model (no diffusion.json)")
-    summary = json.loads(summary_path.read_text())
+    summary = artifact.read_summary(model_dir)
     steps = list((summary.get("snapshots") or {}).get("steps") or [])
     if not steps:
         raise SpecmatchError(f"{model_dir}: the run saved no snapshots; list the steps in its train.snapshot_steps "
                              "(params.yaml) and train it again")
     for step in steps:
-        if not snapshot_path(model_dir, step).is_file():
+        if not artifact.snapshot_path(model_dir, step).is_file():
             raise SpecmatchError(f"{model_dir}: diffusion.json lists a snapshot of step {step}, but "
-                                 f"{snapshot_path(model_dir, step)} is missing")
+                                 f"{artifact.snapshot_path(model_dir, step)} is missing")
     # The final weights close the curve, unless the last snapshot is of the final step already.
     points = [(int(step), step) for step in sorted(steps)]
     if points[-1][0] != int(summary["steps"]):
@@ -85,13 +82,13 @@ def run(model_dir: str | Path, ae_dir: str | Path, ref_dir: str | Path, p: dict[
 def _run(p, info, model_dir, ae_dir, ref_dir, summary, points, name, out):
     s, n = p["sampler"], p["n_samples"]
     dev = info.device
-    ae, ae_summary = load_autoencoder(ae_dir, True, dev)
+    ae, ae_summary = ae_artifact.load(ae_dir, True, dev)
     path = check_compatible(s, model_dir, summary, ae_dir, ae_summary)
     reference = Reference(ref_dir, p["metrics"])
     scale = float(summary["latents"]["scale_factor"])
     rows, results = [], []
     for step, snap in points:
-        net, _ = load_trained(model_dir, s["use_ema"], dev, snapshot=snap)
+        net, _ = artifact.load(model_dir, s["use_ema"], dev, snapshot=snap)
         t0 = time.perf_counter()
         mine = list(range(info.rank, n, info.world_size))
         images, _, nfe = generate(net, path, ae, scale, s, mine, n, dev)
@@ -100,19 +97,18 @@ def _run(p, info, model_dir, ae_dir, ref_dir, summary, points, name, out):
         images = np.concatenate([im for _, im in parts])[order]
         seconds = time.perf_counter() - t0
         m = reference.measure(images, f"samples of {model_dir} at step {step}")
-        is_key = next((k for k in m if k == "IS" or (k.startswith("IS-") and not k.endswith("_std"))), None)
         source = "final weights" if snap is None else "snapshot"
         rows.append({"diffusion": summary["name"], "autoencoder": summary["latents"]["autoencoder"], "step": step,
-                     "source": source, "metric": m["metric"], "value": m[m["metric"]], "precision": m["precision"],
-                     "recall": m["recall"], "inception_score": m.get(is_key) if is_key else None, "n_samples": n,
+                     "source": source, "metric": m.metric, "value": m.value, "precision": m.precision,
+                     "recall": m.recall, "inception_score": m.inception_score.mean if m.inception_score else None,
+                     "n_samples": n,
                      "sampler": s["method"], "steps": s["steps"], "nfe": nfe, "cfg_scale": s["cfg_scale"],
                      "cfg_interval": "-".join(f"{v:g}" for v in s["cfg_interval"]),
-                     "reference": f"{m['reference']['dataset']}/{m['reference']['split']} (n={m['reference']['n']})",
-                     "feature_weights_sha256": m["protocol"]["weights_sha256"][:16], "seed": s["seed"],
+                     "reference": m.reference_label, "feature_weights_sha256": m.feature_weights_sha256[:16],
+                     "seed": s["seed"],
                      "weights": "ema" if (s["use_ema"] and summary.get("ema")) else "raw"})
-        results.append({"step": step, "source": source, "seconds_sampling": seconds, **m})
-        log.info("fid-progress %s: step %d (%s): %s = %.4f over %d samples", name, step, source, m["metric"],
-                 m[m["metric"]], n)
+        results.append({"step": step, "source": source, "seconds_sampling": seconds, **m.to_json()})
+        log.info("fid-progress %s: step %d (%s): %s = %.4f over %d samples", name, step, source, m.metric, m.value, n)
     df = pd.DataFrame(rows)
     if info.is_main:
         _write(p, summary, model_dir, ae_dir, reference, df, results, name, out, info.world_size)

@@ -26,16 +26,15 @@ import torch
 from tqdm import tqdm
 
 from .. import config as config_mod
-from ..autoencoder.evaluate import to_uint8
-from ..autoencoder.train import load_trained as load_autoencoder
+from ..autoencoder import artifact as ae_artifact
+from ..autoencoder.model import to_uint8
 from ..data.shards import MANIFEST_SCHEMA, ShardWriter, write_manifest, write_npz
 from ..errors import SpecmatchError
 from ..runtime import atomic, distributed, seeding
 from ..runtime.hashing import sha256_file, sha256_json
 from ..runtime.provenance import Provenance
 from ..runtime.training import run_folder
-from . import samplers
-from .train import build_path, load_trained
+from . import artifact, samplers, transport
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +112,7 @@ def check_compatible(p: dict[str, Any], model_dir: Path, summary: dict[str, Any]
                              f"{ae_summary['config']['z_channels']}")
     if p["cfg_scale"] != 1.0 and not summary["num_classes"]:
         raise SpecmatchError(f"cfg_scale={p['cfg_scale']} but {model_dir} is unconditional; use cfg_scale 1")
-    path = build_path(summary["process"])
+    path = transport.from_params(summary["process"])
     samplers.check(p["method"], path)  # e.g. DPM-Solver needs the VP path
     return path
 
@@ -131,12 +130,12 @@ def sample(model_dir: str | Path, ae_dir: str | Path, params: dict[str, Any], na
 
 def _sample(p, info, model_dir, ae_dir, name, out, work_dir, work_root):
     dev = info.device
-    net, summary = load_trained(model_dir, p["use_ema"], dev)
-    ae, ae_summary = load_autoencoder(ae_dir, True, dev)
+    net, summary = artifact.load(model_dir, p["use_ema"], dev)
+    ae, ae_summary = ae_artifact.load(ae_dir, True, dev)
     path = check_compatible(p, model_dir, summary, ae_dir, ae_summary)
     scale = float(summary["latents"]["scale_factor"])
     fp = sha256_json({"settings": {k: v for k, v in p.items() if k not in _SETTINGS_NOT_IN_FINGERPRINT},
-                      "model": sha256_file(model_dir / "model.safetensors"),
+                      "model": sha256_file(model_dir / artifact.WEIGHTS),
                       "autoencoder": sha256_file(ae_dir / "model.safetensors")})
     work = run_folder(work_dir, work_root, fp)
     n, size = int(p["n_samples"]), int(p["shard_size"])
@@ -196,7 +195,7 @@ def _finished(shard: Path, count: int) -> bool:
 
 
 def _merge(p, fp, summary, ae_summary, model_dir, ae_dir, work, n, n_shards, name, out, rates, world):
-    from ..report.figures import image_grid
+    from ..render.figures import image_grid
 
     made = sum(r[0] for r in rates)
     busy = max(r[1] for r in rates)

@@ -1,4 +1,4 @@
-"""Samplers for the paths of :mod:`specmatch.diffusion.transport` (SPEC.md section 6), and
+"""Samplers for the paths of :mod:`specmatch.diffusion.transport` (docs/method.md §6), and
 classifier-free guidance.
 
 Time runs from t = 1 (noise) down to t = 0 (data). A model is any callable

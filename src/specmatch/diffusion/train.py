@@ -1,4 +1,4 @@
-"""`specmatch train-diffusion`: latent diffusion on an autoencoder's latent cache (SPEC 6).
+"""`specmatch train-diffusion`: latent diffusion on an autoencoder's latent cache (docs/method.md §6).
 
 The network (`models`, a registry keyed like `SiT-B/2`) and the process (`transport`: the VP
 path with epsilon prediction of the U-ViT recipe, or the linear interpolant with velocity
@@ -12,8 +12,6 @@ Runtime guarantees, as in the autoencoder trainer (`runtime.training`):
 - torch.distributed via torchrun (DDP; NCCL on GPU, gloo on CPU), bf16 autocast on GPU.
 - Checkpoints every `checkpoint_every` steps, on SIGTERM/SIGUSR1 (exit status 3) and at the end;
   `--resume auto`; a non-finite loss stops every rank and keeps the last good checkpoint.
-- Optional periodic small-N Fréchet distance (`fid_every`), logged under a name that says
-  "small-N" so it is never mistaken for the final FID.
 - Optional EMA snapshots at `snapshot_steps` (the weights sampling uses, at those steps), for the
   metric over training (`specmatch fid-progress`): written atomically into the run folder when
   the step is reached, so an interrupted run keeps them, and copied into the output at the end.
@@ -27,14 +25,12 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save, save_file
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
@@ -45,36 +41,18 @@ from ..errors import SpecmatchError
 from ..runtime import atomic, checkpoint, distributed, seeding
 from ..runtime.hashing import sha256_file
 from ..runtime.provenance import Provenance
-from ..runtime.weights import load_safetensors
 from ..runtime.signals import StopRequest
 from ..runtime.training import (AttemptLog, Interrupted, NonFiniteLoss, batch_indices, check_finite, end_of_step,
-                                load_packed, make_ema, pack_state, prepare_rank, resume_point, run_folder,
+                                RankSetup, load_packed, make_ema, pack_state, prepare_rank, resume_point, run_folder,
                                 read_attempts, save_checkpoint, warmup)
-from . import models, transport
+from . import artifact, models, transport
 
 log = logging.getLogger(__name__)
 
-KIND = "diffusion"
+KIND = artifact.KIND
 STAGE = "train-diffusion"
-SUMMARY = "diffusion.json"
-WEIGHTS = "model.safetensors"
-SNAPSHOTS = "snapshots"
 
-__all__ = ["train", "load_trained", "build_path", "snapshot_path", "Interrupted", "NonFiniteLoss"]
-
-
-def snapshot_path(folder: str | Path, step: int) -> Path:
-    """`<folder>/snapshots/step-<step:08d>.safetensors` (a run folder or a train-diffusion output)."""
-    return Path(folder) / SNAPSHOTS / f"{checkpoint.step_dir_name(step)}.safetensors"
-
-
-def build_path(process: dict[str, Any]) -> transport.Path:
-    """The generative process of a run's `process` parameters."""
-    kind = process["kind"]
-    if kind == "vp-linear":
-        return transport.make_path(kind, beta_min=process["beta_min"], beta_max=process["beta_max"],
-                                   t_eps=process["t_eps"])
-    return transport.make_path(kind)
+__all__ = ["train", "Interrupted", "NonFiniteLoss"]
 
 
 def latents_identity(latents: str | Path) -> str:
@@ -100,21 +78,16 @@ def _build_net(run: dict[str, Any], cache: LatentReader) -> torch.nn.Module:
 
 
 def train(run: dict[str, Any], latents: str | Path, out: str | Path, name: str, run_dir: str | Path | None = None,
-          resume: str = "auto", runs_root: str | Path | None = None, autoencoder: str | Path | None = None,
-          ref: str | Path | None = None, sampler: dict[str, Any] | None = None, targets: str | Path | None = None,
+          resume: str = "auto", runs_root: str | Path | None = None, targets: str | Path | None = None,
           dataset: str | Path | None = None) -> dict[str, Any]:
     """Train one diffusion run. `run`: resolved parameters (schema `$defs/diff_run`); `latents`:
-    an `extract-latents` folder. `autoencoder`, `ref` and `sampler` serve the optional periodic
-    small-N distance only; `targets` (an `extract-targets` folder) or `dataset` (on-the-fly
+    an `extract-latents` folder; `targets` (an `extract-targets` folder) or `dataset` (on-the-fly
     targets) serve alignment only."""
     run = config_mod.validate(run, "diff_run", where="diffusion run", source=f"parameters of {name}")
     t = run["train"]
     late = [s for s in t["snapshot_steps"] if s > t["steps"]]
     if late:
         raise SpecmatchError(f"train.snapshot_steps {late} of {name} lie beyond train.steps={t['steps']}")
-    if t["fid_every"] and (autoencoder is None or ref is None or sampler is None):
-        raise SpecmatchError(f"train.fid_every={t['fid_every']} needs --autoencoder, --ref and --sampler "
-                             "(or set fid_every: 0)")
     latents = Path(latents)
     cache = LatentReader(latents)
     info = distributed.setup(t["device"])
@@ -127,8 +100,9 @@ def train(run: dict[str, Any], latents: str | Path, out: str | Path, name: str, 
 
             align = Alignment.for_run(run["alignment"], net, cache.manifest, latents, info.device, targets, dataset)
         fp = config_mod.diffusion_fingerprint(run, latents_identity(latents), align.identity if align else None)
-        return _train(run, t, cache, fp, info, latents, run_folder(run_dir, runs_root, fp), Path(out), name, resume,
-                      autoencoder, ref, sampler, net, align, rank_setup)
+        job = _Job(run=run, name=name, latents=latents, cache=cache, fp=fp, info=info,
+                   run_dir=run_folder(run_dir, runs_root, fp), out=Path(out), resume=resume, rank=rank_setup)
+        return _train(job, net, align)
     finally:
         distributed.teardown()
 
@@ -148,11 +122,28 @@ def draw_batch(cache: LatentReader, path: transport.Path, global_batch: int, see
     return idx, x0, y, tt, noise, drop
 
 
-def _train(run, t, cache, fp, info, latents, run_dir, out, name, resume, autoencoder, ref, sampler, net, align,
-           rank_setup):
+@dataclass(frozen=True)
+class _Job:
+    """One training run as the loop sees it: its validated parameters and where it reads and writes."""
+
+    run: dict[str, Any]  # validated `diff_run` parameters
+    name: str
+    latents: Path
+    cache: LatentReader
+    fp: str  # the run's fingerprint: keys its run folder and checkpoints
+    info: distributed.DistInfo
+    run_dir: Path
+    out: Path
+    resume: str
+    rank: RankSetup
+
+
+def _train(job: _Job, net: torch.nn.Module, align) -> dict[str, Any]:
+    run, t, cache, fp, info, run_dir = job.run, job.run["train"], job.cache, job.fp, job.info, job.run_dir
+    name, resume = job.name, job.resume
     dev = info.device
-    seed, global_batch, rows, use_bf16 = rank_setup
-    path = build_path(run["process"])
+    seed, global_batch, rows, use_bf16 = job.rank.seed, job.rank.global_batch, job.rank.rows, job.rank.bf16
+    path = transport.from_params(run["process"])
 
     proj = align.projector.to(dev) if align is not None else None
     ema = make_ema(net, t["ema_decay"])
@@ -184,7 +175,6 @@ def _train(run, t, cache, fp, info, latents, run_dir, out, name, resume, autoenc
     projector = (DDP(proj) if info.world_size > 1 else proj) if proj is not None else None
     run_dir.mkdir(parents=True, exist_ok=True)
     log_path = run_dir / "metrics.jsonl"
-    probe = _SmallNDistance(run, t, sampler, autoencoder, ref, cache, info, name) if t["fid_every"] else None
 
     def save_ckpt() -> Path | None:
         return save_checkpoint(info, run_dir, step, lambda: pack_state(net=net, ema=ema, proj=proj),
@@ -195,7 +185,7 @@ def _train(run, t, cache, fp, info, latents, run_dir, out, name, resume, autoenc
         if info.is_main:
             src = ema.module if ema is not None else net
             prefix = "ema." if ema is not None else "net."
-            _write_snapshot(run_dir, step, {f"{prefix}{k}": v for k, v in src.state_dict().items()}, fp)
+            artifact.write_snapshot(run_dir, step, {f"{prefix}{k}": v for k, v in src.state_dict().items()}, fp)
 
     def write_log(record: dict[str, Any]) -> None:
         with open(log_path, "a", encoding="utf-8") as f:
@@ -249,10 +239,6 @@ def _train(run, t, cache, fp, info, latents, run_dir, out, name, resume, autoenc
                 bar.set_postfix(loss=f"{rec['loss']:.4f}")
             if step in snapshot_steps:
                 save_snapshot()
-            if probe is not None and step % t["fid_every"] == 0:
-                rec = probe(ema.module if ema is not None else net, step)
-                if info.is_main:
-                    write_log(rec)
             end_of_step(step, steps, t["checkpoint_every"], stop, info, save_ckpt, bar)
     bar.close()
     if steps > 0:
@@ -260,70 +246,10 @@ def _train(run, t, cache, fp, info, latents, run_dir, out, name, resume, autoenc
     distributed.barrier()
     result: dict[str, Any] = {"steps": step}
     if info.is_main:
-        result = _write_final(run, fp, net, ema, cache, latents, run_dir, out, name, step, info.world_size, align,
+        result = _write_final(run, fp, net, ema, cache, job.latents, run_dir, job.out, name, step, info.world_size, align,
                               snapshot_steps)
     distributed.barrier()
     return result
-
-
-class _SmallNDistance:
-    """Periodic Fréchet distance of a few samples of the EMA model, for watching training: the
-    same sampler and feature net as the final evaluation, but few samples, hence biased upwards
-    and labelled `small-N` in the log."""
-
-    def __init__(self, run, t, sampler, autoencoder, ref, cache, info, name, resources_dir=None):
-        from ..autoencoder.train import load_trained as load_ae
-        from ..metrics.fid_stage import load_ref
-
-        self.sampler = config_mod.validate(sampler, "diff_sampler", where="sampler", source="--sampler settings")
-        self.n = int(t["fid_samples"])
-        self.ae, _ = load_ae(autoencoder, True, info.device)
-        self.ref_info, self.ref_stats = load_ref(ref)
-        self.cache, self.info, self.run, self.name = cache, info, run, name
-        self.resources_dir = resources_dir
-
-    def __call__(self, net: torch.nn.Module, step: int) -> dict[str, Any]:
-        import numpy as np
-
-        from ..metrics import features, fid
-        from .sample import generate
-
-        was_training = net.training
-        net.eval()
-        images, _, _ = generate(net, build_path(self.run["process"]), self.ae, self.cache.scale_factor, self.sampler,
-                          range(self.info.rank, self.n, self.info.world_size), self.n, self.info.device)
-        gathered = distributed.all_gather_object(images) if self.info.world_size > 1 else [images]
-        net.train(was_training)
-        if not self.info.is_main:
-            return {}
-        imgs = np.concatenate([g for g in gathered if len(g)])
-        feat_net = features.load(self.ref_info["protocol"]["feature_net"], self.info.device, self.resources_dir)
-        if feat_net.weights_sha256 != self.ref_info["protocol"]["weights_sha256"]:
-            raise SpecmatchError("--ref statistics were made with other feature-net weights "
-                                 f"({self.ref_info['protocol']['weights_sha256']}, found {feat_net.weights_sha256})")
-        stats = fid.feature_statistics(imgs, feat_net, batch_size=100, device=self.info.device, progress=False)
-        d = fid.frechet_distance(stats.mu, stats.sigma, self.ref_stats["mu"], self.ref_stats["sigma"])
-        metric = f"{feat_net.spec.metric} small-N ({len(imgs)} samples; not comparable to the final metric)"
-        return {"step": step, "small_n_distance": d, "metric": metric, "n_samples": int(len(imgs))}
-
-
-def _write_snapshot(run_dir: Path, step: int, tensors: dict[str, torch.Tensor], fp: str) -> None:
-    path = snapshot_path(run_dir, step)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic.atomic_file(path) as f:
-        f.write(save(_detached(tensors), metadata={"kind": KIND, "fingerprint": fp, "step": str(step)}))
-
-
-def _detached(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-
-
-def _snapshot_ok(path: Path, fp: str) -> bool:
-    """A snapshot file of this run (its fingerprint), complete (written atomically)."""
-    if not path.is_file():
-        return False
-    with safe_open(path, "pt") as f:
-        return (f.metadata() or {}).get("fingerprint") == fp
 
 
 def _recover_snapshots(run_dir: Path, steps: list[int], fp: str, has_ema: bool) -> None:
@@ -333,7 +259,7 @@ def _recover_snapshots(run_dir: Path, steps: list[int], fp: str, has_ema: bool) 
     kept = dict(checkpoint.list_checkpoints(run_dir))
     missing = []
     for s in steps:
-        if _snapshot_ok(snapshot_path(run_dir, s), fp):
+        if artifact.snapshot_ok(artifact.snapshot_path(run_dir, s), fp):
             continue
         if s not in kept:
             missing.append(s)
@@ -341,7 +267,7 @@ def _recover_snapshots(run_dir: Path, steps: list[int], fp: str, has_ema: bool) 
         tensors, _, _ = checkpoint.load(kept[s], KIND, fp)
         # The checkpoint holds the AveragedModel's state ("ema.module.<k>", "ema.n_averaged").
         prefix = "ema.module." if has_ema else "net."
-        _write_snapshot(run_dir, s, {("ema." if has_ema else "net.") + k[len(prefix):]: v
+        artifact.write_snapshot(run_dir, s, {("ema." if has_ema else "net.") + k[len(prefix):]: v
                                      for k, v in tensors.items() if k.startswith(prefix)}, fp)
         log.info("snapshot of step %d recovered from checkpoint %s", s, kept[s])
     if missing:
@@ -375,55 +301,11 @@ def _write_final(run, fp, net, ema, cache, latents, run_dir, out, name, steps, w
                "alignment": align.info if align is not None else {"kind": "none"}}
     if snapshot_steps:
         summary["snapshots"] = {"steps": list(snapshot_steps), "weights": "ema" if ema is not None else "raw",
-                                "files": [snapshot_path(Path(), s).as_posix() for s in snapshot_steps]}
+                                "files": [artifact.snapshot_path(Path(), s).as_posix() for s in snapshot_steps]}
     with atomic.atomic_dir(out) as tmp:
-        save_file(weights, tmp / WEIGHTS, metadata={"kind": KIND, "fingerprint": fp})
-        for s in snapshot_steps:
-            src = snapshot_path(run_dir, s)
-            if not _snapshot_ok(src, fp):
-                raise SpecmatchError(f"{src}: the snapshot of step {s} is missing or belongs to another run")
-            snapshot_path(tmp, s).parent.mkdir(exist_ok=True)
-            shutil.copyfile(src, snapshot_path(tmp, s))
-        (tmp / SUMMARY).write_text(json.dumps(summary, indent=1, default=str) + "\n")
+        artifact.write(tmp, weights, summary, fp, run_dir, snapshot_steps)
         if (run_dir / "metrics.jsonl").exists():
             (tmp / "metrics.jsonl").write_bytes((run_dir / "metrics.jsonl").read_bytes())
         prov.write(out, tmp)
     log.info("diffusion %s: %s, %d steps, weights in %s", name, run["model"], steps, out)
     return summary
-
-
-def load_trained(folder: str | Path, use_ema: bool = True, device="cpu",
-                 snapshot: int | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The network of a finished `train-diffusion` folder (EMA weights when present and asked
-    for), in eval mode, with its summary. Only the network's own weights are read: anything a
-    training run carried besides them (e.g. an alignment projector) is not needed to sample.
-    `snapshot`: the weights of that step's snapshot instead of the final ones (snapshots hold
-    the EMA weights only, or the raw ones of a run without EMA)."""
-    folder = Path(folder)
-    meta_path, w_path = folder / SUMMARY, folder / WEIGHTS
-    for p in (meta_path, w_path):
-        if not p.is_file():
-            raise SpecmatchError(f"{folder}: not a trained diffusion model (no {p.name}); run `specmatch train-diffusion`")
-    summary = json.loads(meta_path.read_text())
-    net = models.build(summary["model"], in_channels=summary["in_channels"], input_size=summary["input_size"],
-                       num_classes=summary["num_classes"])
-    prefix = "ema." if use_ema and summary.get("ema") else "net."
-    if snapshot is not None:
-        w_path = snapshot_path(folder, snapshot)
-        if not w_path.is_file():
-            have = (summary.get("snapshots") or {}).get("steps", [])
-            raise SpecmatchError(f"{folder}: no snapshot of step {snapshot} ({w_path.name}; the run has snapshots of "
-                                 f"steps {have}: train.snapshot_steps)")
-        if use_ema != bool(summary.get("ema")):
-            raise SpecmatchError(f"{w_path}: snapshots hold the {'EMA' if summary.get('ema') else 'raw'} weights "
-                                 f"only, but use_ema is {use_ema}")
-    tensors = load_safetensors(w_path, device=str(device))
-    state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-    missing, unexpected = net.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise SpecmatchError(f"{w_path}: weights do not fit {summary['model']} (missing {missing[:3]}, "
-                             f"unexpected {unexpected[:3]})")
-    net.to(device).eval()
-    for p in net.parameters():
-        p.requires_grad_(False)
-    return net, summary

@@ -1,4 +1,4 @@
-"""Generative processes of the latent diffusion models (SPEC.md section 6), kept apart from the
+"""Generative processes of the latent diffusion models (docs/method.md §6), kept apart from the
 networks and from the samplers.
 
 Both processes are Gaussian paths on t in [0, 1] with **t = 0 the data and t = 1 the noise**:
@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -301,3 +301,11 @@ def make_path(kind: str, **params) -> Path:
         raise SpecmatchError(
             f"path {kind}: unknown parameter(s) {unknown}; expected a subset of {allowed}")
     return cls(**params)
+
+
+def from_params(process: dict[str, Any]) -> Path:
+    """The path of a run's validated `process` parameters (as recorded in its diffusion.json)."""
+    kind = process["kind"]
+    if kind == "vp-linear":
+        return make_path(kind, beta_min=process["beta_min"], beta_max=process["beta_max"], t_eps=process["t_eps"])
+    return make_path(kind)

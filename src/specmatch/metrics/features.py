@@ -1,4 +1,4 @@
-"""Feature networks for Fréchet distances, a registry keyed by name (DESIGN.md).
+"""Feature networks for Fréchet distances, a registry keyed by name.
 
 `inception-fid` is the standard: pytorch-fid's `InceptionV3` (2048-d pool3, its bilinear
 resize to 299 and [0, 1] -> [-1, 1] scaling) with the TF-ported weights; distances with it are

@@ -131,7 +131,7 @@ def statistics(features: np.ndarray) -> Statistics:
 
 def feature_statistics(images, net: LoadedNet, batch_size: int = 200, device: str | torch.device = "cpu",
                        progress: bool = True) -> Statistics:
-    """DESIGN.md's statistics function: uint8 images (N, H, W, 3) -> float64 mean, covariance."""
+    """The statistics function: uint8 images (N, H, W, 3) -> float64 mean, covariance."""
     return statistics(extract(images, net, batch_size, device, progress).pool)
 
 

@@ -10,6 +10,7 @@ recall, and the full protocol, which the provenance record repeats.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -26,13 +27,12 @@ from ..runtime.atomic import atomic_dir
 from ..runtime.hashing import ImageStreamHash, sha256_file
 from ..runtime.provenance import Provenance
 from . import features as feature_nets
-from . import fid
+from . import fid, record
 
 log = logging.getLogger(__name__)
 
 STATS_NAME = "stats.npz"
 STATS_JSON = "stats.json"
-METRICS_JSON = "metrics.json"
 
 
 def resolve_device(device: str) -> torch.device:
@@ -133,7 +133,7 @@ class Reference:
         prov.add_input(self.dir, "reference")
         prov.add_input(self.net.weights_path, f"weights:{self.net.spec.name}", sha256=self.net.weights_sha256)
 
-    def measure(self, images, where: str) -> dict[str, Any]:
+    def measure(self, images, where: str) -> record.GenerationMetrics:
         """The metrics of `fid calc` for uint8 images ((N, H, W, 3) or an iterable of such
         batches; every image counts): the distance under its metric name, precision, recall,
         IS (when the net has logits and N >= is_splits), the samples' and reference's
@@ -143,27 +143,23 @@ class Reference:
         stats = fid.statistics(feats.pool)
         distance = fid.frechet_distance(stats.mu, stats.sigma, self.arrays["mu"], self.arrays["sigma"])
         precision, recall = fid.precision_recall(self.arrays["features"], feats.pool, k=p["pr_k"])
-        result: dict[str, Any] = {
-            "metric": net.spec.metric,
-            net.spec.metric: distance,
-            "precision": precision,
-            "recall": recall,
-            "samples": {"n": stats.n, "images_sha256": images_sha},
-            "reference": {"path": str(self.dir), "stats_sha256": sha256_file(self.dir / STATS_NAME),
-                          "dataset": self.info["dataset"], "split": self.info["split"],
-                          "n": self.info["protocol"]["n_samples"], "images_sha256": self.info["images_sha256"]},
-            "protocol": _protocol(net, p, stats.n),
-            "warnings": stats.warnings + self.info.get("warnings", []),
-        }
+        score = None
         if feats.logits is not None and stats.n >= p["is_splits"]:
             is_mean, is_std = fid.inception_score(feats.logits, p["is_splits"])
-            key = "IS" if net.spec.name == "inception-fid" else f"IS-{net.spec.metric.removeprefix('FD-')}"
-            result.update({key: is_mean, f"{key}_std": is_std})
-        return result
+            score = record.InceptionScore(record.inception_score_name(net.spec.name, net.spec.metric), is_mean,
+                                          is_std)
+        return record.GenerationMetrics(
+            metric=net.spec.metric, value=distance, precision=precision, recall=recall,
+            samples={"n": stats.n, "images_sha256": images_sha},
+            reference={"path": str(self.dir), "stats_sha256": sha256_file(self.dir / STATS_NAME),
+                       "dataset": self.info["dataset"], "split": self.info["split"],
+                       "n": self.info["protocol"]["n_samples"], "images_sha256": self.info["images_sha256"]},
+            protocol=_protocol(net, p, stats.n), inception_score=score,
+            warnings=stats.warnings + self.info.get("warnings", []))
 
 
 def calc(samples: str | Path, split: str, ref_dir: str | Path, params: dict[str, Any], name: str,
-         out: str | Path) -> dict[str, Any]:
+         out: str | Path) -> record.GenerationMetrics:
     """Fréchet distance (and IS, precision/recall) of a sample set against reference statistics."""
     p = _params(params)
     reference = Reference(ref_dir, p)
@@ -172,15 +168,14 @@ def calc(samples: str | Path, split: str, ref_dir: str | Path, params: dict[str,
     prov.add_input(folder, "samples")
     reference.add_inputs(prov)
     batches = iter_image_batches(folder, split, p["batch_size"], None, p["seed"])
-    result: dict[str, Any] = {"name": name, **reference.measure(batches, f"{folder} ({split})")}
-    result["samples"] = {"path": str(folder), "split": split, **result["samples"]}
+    m = reference.measure(batches, f"{folder} ({split})")
     sampling = folder / "sampling.json"
-    if sampling.is_file():  # samples from `specmatch sample`: their protocol goes with the metric
-        result["sampling"] = json.loads(sampling.read_text())
-    prov.protocol = {**result["protocol"], "reference_stats_sha256": result["reference"]["stats_sha256"]}
+    # Samples from `specmatch sample`: their protocol goes with the metric.
+    m = dataclasses.replace(m, name=name, samples={"path": str(folder), "split": split, **m.samples},
+                            sampling=json.loads(sampling.read_text()) if sampling.is_file() else None)
+    prov.protocol = {**m.protocol, "reference_stats_sha256": m.reference["stats_sha256"]}
     with atomic_dir(out) as tmp:
-        atomic.write_text(tmp / METRICS_JSON, json.dumps(result, indent=1) + "\n")
+        record.write(tmp, m)
         prov.write(out, tmp)
-    log.info("fid calc %s: %s = %.4f over %d samples", name, result["metric"], result[result["metric"]],
-             result["samples"]["n"])
-    return result
+    log.info("fid calc %s: %s = %.4f over %d samples", name, m.metric, m.value, m.samples["n"])
+    return m

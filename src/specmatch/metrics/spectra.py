@@ -1,4 +1,4 @@
-"""Spectral statistics of image sets (SPEC sections 2, 3 and 8) and the `data-spectra` stage.
+"""Spectral statistics of image sets (docs/method.md §2, 3 and 8) and the `data-spectra` stage.
 
 For every latent grid size of the grid, the images are brought to that grid exactly as ESM
 does, and their spectrum distributions are summarised with both named settings: `training`
@@ -147,7 +147,7 @@ def dataset_spectra(folder: Path, grids: list[int], p: dict[str, Any]) -> dict[s
 
 def run(dataset_dir: str | Path, params: dict[str, Any], grids: list[int], name: str, out: str | Path) -> dict[str, Any]:
     """The `data-spectra` stage: spectra JSON + figure + provenance in the folder `out`."""
-    from ..report.figures import spectrum_distribution_figure
+    from ..render.figures import spectrum_distribution_figure
 
     p = config.validate(params, ref="spectra", where="spectra", source="spectra parameters")
     if not grids:
@@ -168,7 +168,7 @@ def run(dataset_dir: str | Path, params: dict[str, Any], grids: list[int], name:
 def compare_to_real(x: torch.Tensor, real: dict[str, Any], grid: int | None = None, delta: float = 1.0,
                     setting: str = "analysis") -> dict[str, Any]:
     """Spectral metrics of generated images (in [-1, 1]) or latents against a dataset's
-    `spectra.json` summary (`real`, from `data-spectra`), SPEC sections 2-3 and 8:
+    `spectra.json` summary (`real`, from `data-spectra`), docs/method.md §2-3 and 8:
     - `kl_to_real`: KL(mean distribution of x || the real mean distribution), same setting
       (`analysis`: the paper's spectrum plot; `training`: centred, DC removed);
     - `kl_to_target`: KL(x || the delta-tilted image target of ESM), `training` setting; this

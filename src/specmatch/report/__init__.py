@@ -1,1 +1,1 @@
-"""Tables, figures and (later) the audit."""
+"""The top-level aggregators: the generation table and the paper report."""

@@ -1,4 +1,4 @@
-"""`specmatch report paper`: the paper's tables and figures (SPEC 9, experiments E1-E4) from the
+"""`specmatch report paper`: the paper's tables and figures (docs/method.md §9, experiments E1-E4) from the
 DAG's stage outputs, and one report page linking them.
 
 Inputs are stage output folders given explicitly (data spectra, autoencoder evaluations,
@@ -17,7 +17,6 @@ any table or figure back to the raw data.
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from dataclasses import dataclass, field
@@ -28,30 +27,32 @@ import numpy as np
 import pandas as pd
 
 from .. import config as config_mod
+from ..diffusion import artifact as diffusion_artifact
 from ..errors import SpecmatchError
 from ..runtime import atomic
+from ..runtime.jsonfile import read_json
 from ..runtime.provenance import Provenance
-from . import figures
-from .tables import generation_row, markdown, write_table
+from ..render import figures
+from ..render.tables import markdown, write_table
+from .tables import align_order, generation_row
 
 log = logging.getLogger(__name__)
 
 INDEX = "index.md"
-ALIGN_ORDER = {"none": 0, "repa": 1, "irepa": 2, "dog": 3}
 EXPERIMENTS = {
     "E1": ("Autoencoders and diffusability (U-ViT)",
-           "SPEC 9, E1: SD-VAE, ESM-AE and DSM-AE (f8d4 and f16d16 at paper scale) on CelebA-HQ 256, each with an "
+           "docs/method.md §9, E1: SD-VAE, ESM-AE and DSM-AE (f8d4 and f16d16 at paper scale) on CelebA-HQ 256, each with an "
            "unconditional U-ViT trained on its latents: reconstruction (rFID, PSNR, SSIM on the held-out split) and "
            "generation (gFID-10k) per autoencoder."),
     "E2": ("Autoencoders and diffusability (SiT)",
-           "SPEC 9, E2: SD-VAE, DSM-AE and ESM-AE (f16d16) on ImageNet 256, each with a class-conditional SiT: "
+           "docs/method.md §9, E2: SD-VAE, DSM-AE and ESM-AE (f16d16) on ImageNet 256, each with a class-conditional SiT: "
            "reconstruction and generation (gFID-50k, without and with guidance) per autoencoder."),
     "E3": ("Representation alignment: none vs REPA vs iREPA vs DoG-REPA",
-           "SPEC 9, E3: the same SiT on the best latents, trained without alignment and with REPA, iREPA and "
+           "docs/method.md §9, E3: the same SiT on the best latents, trained without alignment and with REPA, iREPA and "
            "DoG-REPA at equal steps; each aligned row carries the directional spectral energy (RMSC^2) and PSD "
            "exponent of its target (`target-spectra`)."),
     "E4": ("Spectral diagnostics",
-           "SPEC 9, E4: PSD exponents of the images (full size and on each latent grid) and of each autoencoder's "
+           "docs/method.md §9, E4: PSD exponents of the images (full size and on each latent grid) and of each autoencoder's "
            "latents, the KL divergence of the latent spectrum distribution to the image's delta-tilted target "
            "(ESM's objective), and the low-pass reconstruction distance per k (DSM's diagnostic: LP_k(x) against "
            "Dec(LP_k(z)); k = 0 is the plain reconstruction distance)."),
@@ -62,12 +63,7 @@ EXPERIMENTS = {
 
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:
-    if not path.is_file():
-        raise SpecmatchError(f"{path}: missing (expected {what})")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise SpecmatchError(f"{path}: not valid JSON ({e})") from None
+    return read_json(path, f"{path}: missing (expected {what})")
 
 
 def _get(d: dict[str, Any], keys: str, path: Path) -> Any:
@@ -125,15 +121,14 @@ class Inputs:
         self.folders["ae_eval"] = _unique("--ae-eval", named)
         named = []
         for d in map(Path, diffusion):
-            s = _read_json(d / "diffusion.json", "a `specmatch train-diffusion` output")
+            s = diffusion_artifact.read_summary(d)
             for key in ("name", "model", "steps", "latents.autoencoder", "alignment.kind"):
-                _get(s, key, d / "diffusion.json")
-            # diffusion.json records what the alignment resolved to (encoder, grids, projector);
-            # its filter settings (DoG sigmas, iREPA gamma) are in the run's recorded parameters.
-            record = d / "provenance.json"
-            params = json.loads(record.read_text()).get("params", {}) if record.is_file() else {}
-            if s["alignment"]["kind"] != "none":
-                s["alignment"] = {**(params.get("alignment") or {}), **s["alignment"]}
+                _get(s, key, d / diffusion_artifact.SUMMARY)
+            # The alignment as it was trained: encoder, grids, projector and filter settings.
+            if s["alignment"]["kind"] == "dog":
+                _get(s, "alignment.dog.sigma2", d / diffusion_artifact.SUMMARY)
+            if s["alignment"]["kind"] == "irepa":
+                _get(s, "alignment.irepa_gamma", d / diffusion_artifact.SUMMARY)
             named.append((s["name"], d))
             self.diffusion[s["name"]] = {**s, "_folder": d}
         self.folders["diffusion"] = _unique("--diffusion", named)
@@ -274,7 +269,7 @@ def _fmt(v) -> str:
     return v if isinstance(v, str) else f"{v:g}"
 
 
-def alignment_table(runs: dict[str, list[str]], inputs: Inputs) -> pd.DataFrame:
+def e3_table(runs: dict[str, list[str]], inputs: Inputs) -> pd.DataFrame:
     """E3: one row per (diffusion run, sampler): its alignment settings, the metric, and the
     spectral diagnostics of its target kind (from the target-spectra table)."""
     gen = [r for d in runs["diffusions"] for r in inputs.generation[d]]
@@ -311,7 +306,7 @@ def alignment_table(runs: dict[str, list[str]], inputs: Inputs) -> pd.DataFrame:
             g = _gen_cols(r)
             g.pop("alignment")
             rows.append({"diffusion": d, "autoencoder": r["autoencoder"], **align, **g, **target, "_cfg": _cfg(r),
-                         "_o": ALIGN_ORDER.get(kind, 9)})
+                         "_o": align_order(kind)})
     if not rows:
         return pd.DataFrame()
     return pd.DataFrame(rows).sort_values(["_cfg", "_o"], kind="stable").drop(columns=["_cfg", "_o"]).reset_index(
@@ -570,7 +565,7 @@ def write(params: dict[str, Any], inputs: Inputs, name: str, out: str | Path) ->
     runs = experiments(p, inputs)
     t = {"e1": autoencoder_table("E1", runs["E1"], inputs) if runs["E1"]["autoencoders"] else pd.DataFrame(),
          "e2": autoencoder_table("E2", runs["E2"], inputs) if runs["E2"]["autoencoders"] else pd.DataFrame(),
-         "e3": alignment_table(runs["E3"], inputs),
+         "e3": e3_table(runs["E3"], inputs),
          "e4_data": data_spectra_table(runs["E4"], inputs),
          "e4_latents": latent_spectra_table(runs["E4"], inputs) if runs["E4"]["autoencoders"] else pd.DataFrame()}
     points, finals = progress_tables(p, inputs)

@@ -4,52 +4,54 @@ name (FID, FD-EffNetLite0), so numbers of different feature nets never share a c
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from ..errors import SpecmatchError
+from ..metrics import record
+from ..render.tables import write_table
 from ..runtime import atomic
 from ..runtime.provenance import Provenance
 
-METRICS_JSON = "metrics.json"
+# Table order of the alignment kinds: the baseline first, then REPA and its two variants.
+ALIGN_ORDER = {"none": 0, "repa": 1, "irepa": 2, "dog": 3}
+
+
+def align_order(label: str) -> int:
+    """Sort key of an alignment kind or table label ('dog (encoder, depth 2, ...)')."""
+    return ALIGN_ORDER.get(str(label).split(" ")[0], len(ALIGN_ORDER))
 
 
 def generation_row(folder: Path) -> dict[str, Any]:
     """One scored sample set (a `fid calc` output of `sample` images): the run, the sampling
     protocol, the metric by name and its value, precision/recall, IS, reference, feature weights."""
     folder = Path(folder)
-    path = folder / METRICS_JSON
-    if not path.is_file():
-        raise SpecmatchError(f"{folder}: no {METRICS_JSON} (expected a `specmatch fid calc` output)")
-    m = json.loads(path.read_text())
-    s = m.get("sampling")
+    m = record.read(folder)
+    s = m.sampling
     if s is None:
-        raise SpecmatchError(f"{path}: these metrics are not of `specmatch sample` outputs (no sampling protocol)")
+        raise SpecmatchError(f"{folder / record.FILE}: these metrics are not of `specmatch sample` outputs (no "
+                             "sampling protocol)")
     try:
         return _generation_row(m, s)
     except KeyError as e:
-        raise SpecmatchError(f"{path}: no key {e} (expected a `specmatch fid calc` output of `specmatch sample` "
-                             "images)") from None
+        raise SpecmatchError(f"{folder / record.FILE}: its sampling protocol has no key {e} (expected the "
+                             "`sampling.json` of `specmatch sample`)") from None
 
 
-def _generation_row(m: dict[str, Any], s: dict[str, Any]) -> dict[str, Any]:
-    metric = m["metric"]
-    is_key = next((k for k in m if k == "IS" or (k.startswith("IS-") and not k.endswith("_std"))), None)
+def _generation_row(m: record.GenerationMetrics, s: dict[str, Any]) -> dict[str, Any]:
     return {
         "diffusion": s["diffusion"], "autoencoder": s["autoencoder"], "model": s["model"],
         "process": s["process"], "alignment": s.get("alignment", "none"), "trained_steps": s["trained_steps"],
         "weights": s["weights"],
         "sampler": s["sampler"], "steps": s["steps"], "nfe": s["nfe_per_sample"],
         "cfg_scale": s["cfg_scale"], "cfg_interval": "-".join(f"{v:g}" for v in s["cfg_interval"]),
-        "n_samples": m["samples"]["n"], "metric": metric, "value": m[metric],
-        "precision": m["precision"], "recall": m["recall"],
-        "inception_score": m.get(is_key) if is_key else None,
-        "reference": f"{m['reference']['dataset']}/{m['reference']['split']} (n={m['reference']['n']})",
-        "feature_weights_sha256": m["protocol"]["weights_sha256"][:16],
-        "seed": s["seed"], "world_size": s["world_size"], "samples": m["name"],
+        "n_samples": m.samples["n"], "metric": m.metric, "value": m.value,
+        "precision": m.precision, "recall": m.recall,
+        "inception_score": m.inception_score.mean if m.inception_score else None,
+        "reference": m.reference_label, "feature_weights_sha256": m.feature_weights_sha256[:16],
+        "seed": s["seed"], "world_size": s["world_size"], "samples": m.name,
     }
 
 
@@ -60,8 +62,8 @@ def generation_table(metric_dirs: list[str | Path]) -> pd.DataFrame:
     return pd.DataFrame(rows).sort_values(["metric", "diffusion", "sampler"], kind="stable").reset_index(drop=True)
 
 
-def alignment_table(gen: pd.DataFrame) -> pd.DataFrame:
-    """The REPA comparison (SPEC 9, E3): the runs that differ only in their alignment (same
+def alignment_comparison(gen: pd.DataFrame) -> pd.DataFrame:
+    """The REPA comparison of `report generation`: the runs that differ only in their alignment (same
     autoencoder, network, process and training steps), one row per alignment, with the metric,
     IS, precision and recall of every sampler side by side (column labels carry the sampler and
     its guidance). Empty when no such group exists."""
@@ -83,29 +85,16 @@ def alignment_table(gen: pd.DataFrame) -> pd.DataFrame:
             rows.append(row)
     if not rows:
         return pd.DataFrame()
-    order = {"none": 0, "repa": 1, "irepa": 2, "dog": 3}
     df = pd.DataFrame(rows)
-    df["_o"] = df["alignment"].map(lambda v: order.get(str(v).split(" ")[0], 9))
+    df["_o"] = df["alignment"].map(align_order)
     return df.sort_values(keys + ["_o"], kind="stable").drop(columns="_o").reset_index(drop=True)
-
-
-def markdown(df: pd.DataFrame) -> str:
-    """A Markdown table, 4 significant digits, missing values as empty cells."""
-    return df.astype(object).where(df.notna(), None).to_markdown(index=False, floatfmt=".4g", missingval="")
-
-
-def write_table(df: pd.DataFrame, folder: Path, stem: str, title: str, intro: str) -> None:
-    """`<stem>.csv` (for analysis) and `<stem>.md` (title, what the rows are, the table) in `folder`."""
-    df.to_csv(folder / f"{stem}.csv", index=False, float_format="%.6g")
-    md = [f"# {title}", "", intro, "", markdown(df), ""]
-    (folder / f"{stem}.md").write_text("\n".join(md))
 
 
 def write_generation(metric_dirs: list[str | Path], name: str, out: str | Path) -> pd.DataFrame:
     """`specmatch report generation`: generation.csv and generation.md in `out` (atomic), and
     alignment.csv / alignment.md when the runs include an alignment comparison."""
     df = generation_table(metric_dirs)
-    comparison = alignment_table(df)
+    comparison = alignment_comparison(df)
     prov = Provenance("report-generation", name, {"inputs": [str(d) for d in metric_dirs]})
     for d in metric_dirs:
         prov.add_input(Path(d), "metrics")

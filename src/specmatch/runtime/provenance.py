@@ -1,4 +1,4 @@
-"""Provenance records: one `provenance.json` in every stage output folder (DESIGN.md).
+"""Provenance records: one `provenance.json` in every stage output folder (README, "Auditing a result").
 
 A record names the stage and run, the resolved parameters and their hash, every input (with
 its content hash and, for outputs of earlier stages, the hash of their own record, which is
@@ -191,8 +191,3 @@ class Provenance:
         rec = self.record(Path(out_dir), Path(tmp_dir))
         atomic.write_text(Path(tmp_dir) / RECORD_NAME, json.dumps(rec, indent=2, sort_keys=False) + "\n")
         return rec
-
-
-def read_record(folder: str | os.PathLike) -> dict[str, Any]:
-    with open(Path(folder) / RECORD_NAME, encoding="utf-8") as f:
-        return json.load(f)
