@@ -55,6 +55,7 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from specmatch import config as config_mod
 from specmatch.alignment import encoders, objectives
 from specmatch.alignment.targets import MANIFEST as TARGETS_MANIFEST
 from specmatch.alignment.targets import SCHEMA as TARGETS_SCHEMA
@@ -66,7 +67,7 @@ from specmatch.data.reader import SplitReader
 from specmatch.data.shards import MANIFEST_SCHEMA as DATASET_SCHEMA
 from specmatch.data.shards import write_manifest, write_npz
 from specmatch.diffusion import models, transport
-from specmatch.diffusion.train import draw_batch
+from specmatch.diffusion.train import DiffusionTrainSettings, draw_batch
 from specmatch.errors import SpecmatchError
 from specmatch.runtime import distributed
 from specmatch.runtime.hashing import sha256_file
@@ -328,8 +329,9 @@ def main() -> None:
         torch.backends.cudnn.allow_tf32 = True
     info = distributed.setup(args.device)
     dev = info.device
-    t = {"seed": args.seed, "deterministic": not args.no_deterministic, "batch_size": args.batch,
-         "precision": args.precision}
+    t = DiffusionTrainSettings.from_params(config_mod.validate(
+        {"seed": args.seed, "deterministic": not args.no_deterministic, "batch_size": args.batch,
+         "precision": args.precision}, "diff_train"))
     _, _, _, use_bf16 = prepare_rank(t, info)
     dtype = "bfloat16 autocast" if use_bf16 else "float32"
 

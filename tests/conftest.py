@@ -46,6 +46,17 @@ def weights(folder) -> dict:
     return load_file(Path(folder) / "model.safetensors")
 
 
+def load_split(folder, split: str):
+    """All uint8 images and int64 labels of a dataset-format split, through the product's reader
+    (which checks every shard's sha256 against the manifest)."""
+    import numpy as np
+
+    from specmatch.data.reader import SplitReader
+
+    r = SplitReader(folder, split)
+    return r.get(np.arange(len(r)))
+
+
 def assert_bitwise(a: dict, b: dict) -> None:
     import torch
 

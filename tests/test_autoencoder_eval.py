@@ -14,9 +14,10 @@ from specmatch.autoencoder import artifact, evaluate, latents, train
 from specmatch.autoencoder import model as ae_model
 from specmatch.autoencoder.model import DiagonalGaussian
 from specmatch.data.prepare import prepare
-from specmatch.data.shards import load_split
 from specmatch.errors import SpecmatchError
 from specmatch.metrics import recon
+
+from conftest import load_split
 
 MICRO = {"name": "micro", "channels": [8, 16], "z_channels": 4, "num_res_blocks": 1, "norm_groups": 4}
 RUN = {"dataset": "embedded", "config": MICRO, "variant": "sdvae",

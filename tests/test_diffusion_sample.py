@@ -20,11 +20,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from specmatch.data.shards import load_split
-from specmatch.diffusion import sample, train
+from specmatch.diffusion import sample, sampling_record, train
 from specmatch.errors import SpecmatchError
 from specmatch.metrics import fid_stage
 from specmatch.report import tables
+
+from conftest import load_split
 
 UVIT = {"autoencoder": "micro", "model": "UViT-tiny/2", "process": {"kind": "vp-linear"},
         "train": {"steps": 2, "batch_size": 8, "device": "cpu", "lr": 1e-3, "ema_decay": 0.5,
@@ -79,7 +80,7 @@ def _sample_args(model, ae, params, out, work):
 
 
 def _protocol(out: Path) -> dict:
-    return json.loads((out / sample.PROTOCOL).read_text())
+    return json.loads((out / sampling_record.FILE).read_text())
 
 
 # --------------------------------------------------------------------------- per-index draws
@@ -168,11 +169,11 @@ def test_resumes_missing_and_damaged_shards(tmp_path, models_, uvit_samples):
     ref_images, ref_labels = load_split(out0, "samples")
     assert _protocol(out0)["generated_now"] == 10
     # Nothing missing: only the merge runs.
-    assert sample.sample(uvit, ae, DPM, "u-dpm", out, work_dir=work)["generated_now"] == 0
+    assert sample.sample(uvit, ae, DPM, "u-dpm", out, work_dir=work).generated_now == 0
     # A lost shard (3 samples) is made again; the output is the same.
     (work / "shard-00001.npz").unlink()
     shutil.rmtree(out)
-    assert sample.sample(uvit, ae, DPM, "u-dpm", out, work_dir=work)["generated_now"] == 3
+    assert sample.sample(uvit, ae, DPM, "u-dpm", out, work_dir=work).generated_now == 3
     images, labels = load_split(out, "samples")
     assert images.tobytes() == ref_images.tobytes() and labels.tolist() == ref_labels.tolist()
     assert _protocol(out)["generated_now"] == 3
@@ -181,7 +182,7 @@ def test_resumes_missing_and_damaged_shards(tmp_path, models_, uvit_samples):
         shard = work / f"shard-{j:05d}.npz"
         data = shard.read_bytes()
         shard.write_bytes(data[: len(data) // 2])
-        assert sample.sample(uvit, ae, DPM, "u-dpm", out, work_dir=work)["generated_now"] == size
+        assert sample.sample(uvit, ae, DPM, "u-dpm", out, work_dir=work).generated_now == size
         images, labels = load_split(out, "samples")
         assert images.tobytes() == ref_images.tobytes() and labels.tolist() == ref_labels.tolist()
 
@@ -191,8 +192,8 @@ def test_resumed_run_keeps_the_nfe_in_its_protocol(tmp_path, models_, uvit_sampl
     work0, out0 = uvit_samples
     shutil.copytree(work0, tmp_path / "work")
     res = sample.sample(uvit, ae, DPM, "u-dpm", tmp_path / "out", work_dir=tmp_path / "work")
-    assert res["generated_now"] == 0
-    assert res["nfe_per_sample"] == _protocol(out0)["nfe_per_sample"] > 0
+    assert res.generated_now == 0
+    assert res.nfe_per_sample == _protocol(out0)["nfe_per_sample"] > 0
 
 
 def test_work_dir_of_other_settings_is_not_reused(tmp_path, models_, uvit_samples):
@@ -206,15 +207,15 @@ def test_work_dir_of_other_settings_is_not_reused(tmp_path, models_, uvit_sample
         assert "fingerprint" in str(e) or "settings" in str(e)
         assert not (tmp_path / "out").exists()
     else:
-        assert res["seed"] == 5 and res["generated_now"] == 10
+        assert res.seed == 5 and res.generated_now == 10
         assert load_split(tmp_path / "out", "samples")[0].tobytes() != load_split(out0, "samples")[0].tobytes()
 
 
 def test_work_root_keys_the_work_folder_by_settings(tmp_path, models_, uvit_samples):
     _, ae, uvit, _ = models_
     res = sample.sample(uvit, ae, DPM, "u-dpm", tmp_path / "out", work_root=tmp_path / "root")
-    assert [p.name for p in (tmp_path / "root").iterdir()] == [res["fingerprint"][:12]]
-    assert res["fingerprint"] == _protocol(uvit_samples[1])["fingerprint"]
+    assert [p.name for p in (tmp_path / "root").iterdir()] == [res.fingerprint[:12]]
+    assert res.fingerprint == _protocol(uvit_samples[1])["fingerprint"]
     assert load_split(tmp_path / "out", "samples")[0].tobytes() == load_split(uvit_samples[1], "samples")[0].tobytes()
 
 
@@ -275,7 +276,7 @@ def test_guidance_wiring(tmp_path, models_):
         p = {**base, "cfg_scale": scale, "cfg_interval": interval}
         tag = f"{scale}-{interval[0]}-{interval[1]}"
         res = sample.sample(sit, ae, p, "g", tmp_path / f"out-{tag}", work_dir=tmp_path / f"work-{tag}")
-        assert res["cfg_scale"] == scale and res["cfg_interval"] == interval
+        assert res.cfg_scale == scale and list(res.cfg_interval) == interval
         return load_split(tmp_path / f"out-{tag}", "samples")
 
     plain, labels = images(1.0, [0.0, 1.0])

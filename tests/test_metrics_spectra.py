@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
 from specmatch import spectral
 from specmatch.data.prepare import prepare
-from specmatch.data.shards import load_split
 from specmatch.errors import SpecmatchError
 from specmatch.metrics import spectra
+
+from conftest import load_split
 
 P = {"split": "train", "max_images": 10000, "batch_size": 64, "n_bins": 16, "deltas": [1.0], "blur": "auto",
      "blur_kernel": 7, "blur_sigma": 1.2, "seed": 0}
@@ -23,7 +23,7 @@ def real(tmp_path_factory):
             "embedded", out)
     images, _ = load_split(out, "train")
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
-    return spectra.dataset_spectra(out, [8], P), x
+    return spectra.DataSpectra.from_json(spectra.dataset_spectra(out, [8], P)), x
 
 
 def test_real_images_match_their_own_summary(real):

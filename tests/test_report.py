@@ -27,7 +27,7 @@ from specmatch.render import figures
 from specmatch.report import paper
 from specmatch.runtime.provenance import Provenance
 
-from conftest import MICRO_AE_RUN, assert_bitwise, weights
+from conftest import MICRO_AE_RUN, assert_bitwise, load_split, weights
 
 
 def uvit(steps=4, **train_kw):
@@ -216,6 +216,18 @@ def _jdump(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=1))
 
 
+def _sample_set(folder: Path, images: np.ndarray) -> None:
+    """A dataset-format `samples` split holding `images`, as `specmatch sample` writes it."""
+    from specmatch.data.shards import MANIFEST_SCHEMA, ShardWriter, write_manifest
+
+    w = ShardWriter(folder, "samples", images.shape[1], shard_size=len(images))
+    for i, im in enumerate(images):
+        w.add(im, 0, i)
+    write_manifest(folder, {"schema": MANIFEST_SCHEMA, "name": folder.name, "source": "samples",
+                            "resolution": images.shape[1], "classes": [], "num_classes": 0,
+                            "splits": {"samples": w.close()}, "files": [], "skipped": [], "params_sha256": "0" * 64})
+
+
 def _dist(seed: int, valid) -> list[float]:
     p = np.random.default_rng(seed).random(len(valid)) * np.asarray(valid)
     return (p / p.sum()).tolist()
@@ -233,6 +245,7 @@ def stage_outputs(tmp_path_factory, micro_latents):
     valid = json.loads((root / "spectra" / DS / "spectra.json").read_text())["grids"]["16"]["valid_bins"]
     rng = np.random.default_rng(0)
     originals = rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
+    real, _ = load_split(micro_latents[0], "train")
     for i, (ae, (variant, psnr, ssim, rfd, lp, kl, pe)) in enumerate(AES.items()):
         d = root / "ae_eval" / ae
         _jdump(d / "metrics.json", {
@@ -264,7 +277,9 @@ def stage_outputs(tmp_path_factory, micro_latents):
                         "weights": "ema", "sampler": "dpm-solver" if s == "dpm" else "euler-maruyama",
                         "steps": 20 if s == "dpm" else 30, "nfe_per_sample": 21 if s == "dpm" else 30,
                         "cfg_scale": cfg, "cfg_interval": [0.0, 0.7] if cfg != 1 else [0.0, 1.0], "seed": 0,
-                        "world_size": 1, "n_samples": n}
+                        "world_size": 1, "n_samples": n, "fingerprint": "f" * 64, "scale_factor": 0.5, "order": 2,
+                        "t_min": None, "class_balanced": True if model.startswith("SiT") else None, "batch_size": 16,
+                        "generated_now": n, "seconds": 1.0, "images_per_s": float(n)}
             _jdump(root / "gen_metrics" / diff / s / "metrics.json", {
                 "name": f"{diff}-{s}", "metric": METRIC, METRIC: value, "precision": value / 1000,
                 "recall": value / 2000, "IS-EffNetLite0-128": value / 100,
@@ -272,18 +287,23 @@ def stage_outputs(tmp_path_factory, micro_latents):
                 "reference": {"dataset": DS, "split": "train", "n": 1024}, "protocol": {"weights_sha256": W, "feature_net": "efficientnet-lite0-128"},
                 "sampling": sampling})
             _jdump(root / "samples" / diff / s / "sampling.json", sampling)
+            # u-sdvae "samples" the real training images (the spectra's own set); the others are noise.
+            _sample_set(root / "samples" / diff / s, real if diff == "u-sdvae" else
+                        rng.integers(0, 256, real.shape, dtype=np.uint8))
             figures.image_grid(originals[:4], root / "samples" / diff / s / "grid.png", title=f"{diff} {s}")
     ts = root / "target_spectra"
     ts.mkdir()
-    pd.DataFrame([{"encoder": "enc-s8", "kind": k, "RMSC2": r, "psd_exponent": e, "grid": "8x8", "n_images": 1024,
-                   "dog_sigmas": "0.8/2", "irepa_gamma": 1.0}
+    pd.DataFrame([{"encoder": "enc-s8", "kind": k, "RMSC2": r, "RMSC2_std": 0.01, "psd_exponent": e, "grid": "8x8",
+                   "dim": 40, "image_size": 64, "n_images": 1024, "n_bins": 16, "dog_sigmas": "0.8/2",
+                   "irepa_gamma": 1.0, "weights_sha256": W[:16], "targets": "enc-s8"}
                   for k, (r, e) in TARGETS.items()]).to_csv(ts / "target_spectra.csv", index=False)
     figures.image_grid(originals[:2], ts / "target_spectra.png")
     for diff in PARAMS["progress"]["diffusions"]:
         d = root / "progress" / diff
         rows = [{"diffusion": diff, "autoencoder": DIFFS[diff][0], "step": st, "source": src, "metric": METRIC,
                  "value": v, "n_samples": 64, "sampler": "dpm-solver", "steps": 20, "nfe": 21, "cfg_scale": 1.0,
-                 "cfg_interval": "0-1", "reference": f"{DS}/train (n=1024)", "feature_weights_sha256": W[:16]}
+                 "cfg_interval": "0-1", "reference": f"{DS}/train (n=1024)", "feature_weights_sha256": W[:16],
+                 "precision": 0.5, "recall": 0.5, "inception_score": 2.0, "seed": 0, "weights": "ema"}
                 for st, src, v in ((40, "snapshot", 300.0), (80, "snapshot", 250.0), (160, "final weights", 180.0))]
         d.mkdir(parents=True)
         pd.DataFrame(rows).to_csv(d / "progress.csv", index=False)
@@ -375,6 +395,16 @@ def test_e4_tables_and_progress_table(report, stage_outputs):
         assert (r[f"r{METRIC} LP k=8"], r[f"r{METRIC} LP k=12"]) == (lp["8"], lp["12"])
         assert r["image_psd_exponent_on_grid"] == pytest.approx(sj["grids"]["16"]["psd_exponent"]["of_mean_energy"],
                                                                  rel=1e-5)
+    # Generated images: the set that holds the real training images (those data-spectra summarised)
+    # has their spectrum (KL 0, the same PSD exponent); uniform noise is flat and far from it.
+    e4s = pd.read_csv(out / "tables" / "e4_samples.csv").set_index("samples")
+    assert len(e4s) == len(stage_outputs["samples"])
+    same = e4s.loc["u-sdvae-dpm"]
+    assert same["KL(samples||real)"] == pytest.approx(0.0, abs=1e-6) and same["n_images"] == 24
+    assert same["psd_exponent"] == pytest.approx(sj["full_resolution"]["psd_exponent"]["of_mean_energy"], rel=1e-5)
+    noise = e4s.drop(index="u-sdvae-dpm")
+    assert (noise["KL(samples||real)"] > 0.01).all() and (noise["psd_exponent"].abs() < 0.3).all()
+    assert (noise["real_psd_exponent"] < -1.0).all()
     pr = pd.read_csv(out / "tables" / "fid_over_training.csv")
     main = pr[pr["source"] == "generation table"]
     assert sorted(main["diffusion"]) == ["u-dsm", "u-sdvae"] and (main["n_samples"] == 128).all()

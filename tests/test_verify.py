@@ -20,12 +20,16 @@ from specmatch.errors import SpecmatchError
 from specmatch.runtime import atomic, hashing, integrity, provenance, weights
 
 
+def _forget_checks(monkeypatch):
+    """A new process's state of the checks: no file hashed, checked or skipped yet."""
+    for name in ("_memo", "_checked", "_unchecked"):
+        monkeypatch.setattr(integrity, name, type(getattr(integrity, name))())
+
+
 @pytest.fixture(autouse=True)
 def _fresh_integrity(monkeypatch):
     monkeypatch.delenv(integrity.ENV, raising=False)
-    integrity.reset(memo=True)
-    yield
-    integrity.reset(memo=True)
+    _forget_checks(monkeypatch)
 
 
 def _dataset(tmp_path: Path, n=7, shard_size=3) -> Path:
@@ -156,7 +160,7 @@ def test_memo_hashes_each_file_once_per_process(tmp_path, monkeypatch):
     list(shards.iter_shards(folder, "train"))
     assert sorted(calls) == ["train-00000.npz", "train-00001.npz", "train-00002.npz"]
     # deflated shards are evicted from the LRU and opened again: still hashed once
-    integrity.reset(memo=True)
+    _forget_checks(monkeypatch)
     calls.clear()
     for j in range(2):
         shards.write_npz(tmp_path / f"d{j}.npz", {"a": np.full((2,), j)}, compression="deflate")
@@ -189,7 +193,7 @@ def test_load_safetensors_names_file_and_problem(tmp_path):
     good = _safetensors(tmp_path / "model.safetensors")
     t = weights.load_safetensors(good)
     assert sorted(t) == ["a", "b"] and float(t["a"][999]) == 999.0
-    assert weights.safetensors_metadata(good) == {"fingerprint": "fp"}
+    assert weights.safetensors_header(good)["__metadata__"] == {"fingerprint": "fp"}
     data = good.read_bytes()
     cases = {
         "cut": (data[: len(data) - 100], "truncated safetensors file: its tensors need"),

@@ -105,9 +105,9 @@ def _cmd_sample(args) -> None:
 
     result = sample.sample(args.model, args.autoencoder, config.parse_params_arg(args.params), args.name, args.out,
                            work_dir=args.work_dir, work_root=args.work_root)
-    if result:
-        print(json.dumps({k: result[k] for k in ("name", "n_samples", "sampler", "steps", "nfe_per_sample",
-                                                 "images_per_s")}))
+    if result is not None:
+        print(json.dumps({k: getattr(result, k) for k in ("name", "n_samples", "sampler", "steps", "nfe_per_sample",
+                                                          "images_per_s")}))
 
 
 def _cmd_report_generation(args) -> None:

@@ -34,6 +34,25 @@ from .targets import TargetReader
 log = logging.getLogger(__name__)
 
 KINDS = ("repa", "irepa", "dog")
+TABLE = "target_spectra"  # .csv and .md
+FIGURE = "target_spectra.png"
+COLUMNS = ("encoder", "kind", "RMSC2", "RMSC2_std", "psd_exponent", "grid", "dim", "image_size", "n_images", "n_bins",
+           "dog_sigmas", "irepa_gamma", "weights_sha256", "targets")
+
+
+def read(folder: str | Path) -> pd.DataFrame:
+    """The table of a `target-spectra` output folder (one row per encoder and kind, the columns of
+    COLUMNS); an error names the file and what is missing."""
+    folder = Path(folder)
+    csv = folder / f"{TABLE}.csv"
+    for f in (csv, folder / FIGURE):
+        if not f.is_file():
+            raise SpecmatchError(f"{f}: missing (expected a `specmatch target-spectra` output)")
+    df = pd.read_csv(csv)
+    missing = [c for c in COLUMNS if c not in df]
+    if missing:
+        raise SpecmatchError(f"{csv}: no columns {missing} (an output of an older or another stage?)")
+    return df
 
 
 def cache_spectra(reader: TargetReader, p: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -88,13 +107,13 @@ def run(target_dirs: list[str | Path], params: dict[str, Any], name: str, out: s
                                            if ok]
     df = pd.DataFrame(rows)
     with atomic.atomic_dir(out) as tmp:
-        write_table(df, tmp, "target_spectra", "Spectral diagnostics of the alignment targets",
+        write_table(df[list(COLUMNS)], tmp, TABLE, "Spectral diagnostics of the alignment targets",
                     "RMSC2: directional spectral energy of the unit-length target tokens (docs/method.md §7), mean over images "
                     "(0 = every token points the same way; at most 1). psd_exponent: slope of log band energy "
                     f"against log(k + 1) of the target field (docs/method.md §2, DC kept, {p['n_bins']} bins, empty bins "
                     "excluded).")
         pd.DataFrame(bins).to_csv(tmp / "distributions.csv", index=False, float_format="%.6g")
-        _figure(curves, df, tmp / "target_spectra.png")
+        _figure(curves, df, tmp / FIGURE)
         prov.write(out, tmp)
     log.info("target-spectra %s: %d encoders x %d kinds", name, len(target_dirs), len(KINDS))
     return df

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +35,96 @@ from ..metrics.fid_stage import resolve_device
 from ..metrics.recon import ReconAccumulator, load_lpips
 from ..runtime import atomic
 from ..runtime.hashing import ImageStreamHash
+from ..runtime.jsonfile import get_key, read_json
 from ..runtime.provenance import Provenance
 from . import artifact
 from .model import to_float, to_uint8
 
 log = logging.getLogger(__name__)
+
+FILE = "metrics.json"
+RECONSTRUCTIONS = "reconstructions.npz"
+RECONSTRUCTIONS_FIGURE = "reconstructions.png"
+SPECTRUM_FIGURE = "latent_spectrum.png"
+
+
+@dataclass(frozen=True)
+class LatentSpectrum:
+    """The latents' spectrum distribution (training setting: centred, DC removed) against the
+    image's delta-tilted target on the latent grid, over the evaluated images."""
+
+    grid: tuple[int, int]
+    n_bins: int
+    delta: float
+    valid_bins: list[bool]
+    latent_distribution: list[float]
+    target_distribution: list[float]
+    kl_target_to_latent: float
+    esm_loss_mean: float
+    psd_exponent: float
+
+
+@dataclass(frozen=True)
+class AEEvaluation:
+    """An `eval-ae` output, read back. `distance_name` is the reconstruction distance's metric
+    (`rFID` for the standard Inception, `rFD-<net>` otherwise), `distance` its value; `lowpass`
+    maps each k > 0 to the distance between LP_k(x) and Dec(LP_k(mu)); `protocol`: split,
+    n_images, images_sha256, weights (ema/raw), feature_net, metric, weights_sha256, lpips."""
+
+    name: str
+    autoencoder: str
+    variant: str
+    config: str
+    dataset: str
+    n: int
+    psnr: float
+    ssim: float
+    lpips: float | None
+    distance_name: str
+    distance: float
+    lowpass: dict[int, float]
+    latent_spectrum: LatentSpectrum
+    protocol: dict[str, Any]
+    folder: Path
+
+    @property
+    def reconstructions(self) -> Path:
+        return self.folder / RECONSTRUCTIONS
+
+
+def distance_name(metric: str) -> str:
+    """The reconstruction distance's key: `r` + the feature net's metric name (rFID, rFD-...)."""
+    return "r" + metric
+
+
+def read(folder: str | Path) -> AEEvaluation:
+    """The record of an `eval-ae` output folder; an error names the file and the missing key."""
+    folder = Path(folder)
+    path = folder / FILE
+    what = "a `specmatch eval-ae` output"
+    m = read_json(path, f"{path}: missing (expected {what})")
+
+    def get(key: str):
+        return get_key(m, key, path, what)
+
+    key = distance_name(get("protocol.metric"))
+    try:
+        return AEEvaluation(
+            name=get("name"), autoencoder=get("autoencoder"), variant=get("variant"), config=get("config"),
+            dataset=get("dataset"), n=int(get("n")), psnr=float(get("psnr")), ssim=float(get("ssim")),
+            lpips=None if m.get("lpips") is None else float(m["lpips"]), distance_name=key,
+            distance=float(get(key)), lowpass={int(k): float(v) for k, v in get("lowpass").items()},
+            latent_spectrum=LatentSpectrum(
+                grid=tuple(int(v) for v in get("latent_spectrum.grid")), n_bins=int(get("latent_spectrum.n_bins")),
+                delta=float(get("latent_spectrum.delta")), valid_bins=list(get("latent_spectrum.valid_bins")),
+                latent_distribution=list(get("latent_spectrum.latent_distribution")),
+                target_distribution=list(get("latent_spectrum.target_distribution")),
+                kl_target_to_latent=float(get("latent_spectrum.kl_target_to_latent")),
+                esm_loss_mean=float(get("latent_spectrum.esm_loss_mean")),
+                psd_exponent=float(get("latent_spectrum.psd_exponent"))),
+            protocol=dict(get("protocol")), folder=folder)
+    except (TypeError, ValueError) as e:
+        raise SpecmatchError(f"{path}: not {what} ({type(e).__name__}: {e})") from None
 
 
 def evaluate(run: dict[str, Any], ae_dir: str | Path, dataset: str | Path, name: str, out: str | Path) -> dict[str, Any]:
@@ -125,8 +211,8 @@ def evaluate(run: dict[str, Any], ae_dir: str | Path, dataset: str | Path, name:
     prov.add_input(net.weights_path, f"weights:{net.spec.name}", net.weights_sha256)
     prov.protocol = result["protocol"]
     with atomic.atomic_dir(out) as tmp:
-        (tmp / "metrics.json").write_text(json.dumps(result, indent=1) + "\n")
-        _figure(result, tmp / "latent_spectrum.png")
+        (tmp / FILE).write_text(json.dumps(result, indent=1) + "\n")
+        _figure(result, tmp / SPECTRUM_FIGURE)
         if n_shown:
             _reconstructions({k: np.concatenate(v) for k, v in shown.items()}, result, tmp)
         prov.write(out, tmp)
@@ -138,8 +224,6 @@ def _stats(chunks: list[np.ndarray]):
     s = statistics(np.concatenate(chunks))
     return s.mu, s.sigma
 
-
-RECONSTRUCTIONS = "reconstructions.npz"
 
 
 def _reconstructions(arrays: dict[str, np.ndarray], result: dict[str, Any], tmp: Path) -> None:
@@ -155,7 +239,7 @@ def _reconstructions(arrays: dict[str, np.ndarray], result: dict[str, Any], tmp:
             row = arrays[key][i:i + cols]
             blank = np.full((cols - len(row),) + row.shape[1:], 255, np.uint8)  # keep the pairs aligned
             rows.append(np.concatenate([row, blank]))
-    image_grid(np.concatenate(rows), tmp / "reconstructions.png", columns=cols,
+    image_grid(np.concatenate(rows), tmp / RECONSTRUCTIONS_FIGURE, columns=cols,
                title=f"{result['name']} ({result['variant']}): originals above reconstructions (posterior mean)")
 
 

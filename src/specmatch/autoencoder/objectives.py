@@ -57,10 +57,6 @@ class Objective:
     gan_weight: float = 0.5
     adaptive_weight_max: float = 1e4
 
-    @property
-    def uses_mask(self) -> bool:
-        return bool(self.dsm_ks) or bool(self.scale_factors)
-
 
 def objective(variant: str, loss: dict[str, Any] | None = None) -> Objective:
     """The variant's defaults overlaid with the `loss` parameters of a run (any field)."""

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,22 +39,49 @@ from .. import config as config_mod
 from .. import spectral
 from ..data.reader import SplitReader
 from ..errors import SpecmatchError
-from ..runtime import atomic, distributed, seeding
+from ..runtime import distributed, seeding
 from ..runtime.provenance import Provenance
 from ..runtime.signals import StopRequest
-from ..runtime.training import (AttemptLog, Interrupted, NonFiniteLoss, batch_indices, check_finite, end_of_step,  # noqa: F401
+from ..runtime.training import (AttemptLog, NonFiniteLoss, TrainSettings, batch_indices, check_finite, end_of_step, final_weights,
                                 load_packed, make_ema, pack_state, prepare_rank, resume_point, run_folder,
-                                read_attempts, save_checkpoint, warmup)
+                                save_checkpoint, warmup, write_output)
 from . import artifact
 from . import model as ae_model
-from .model import to_float
 from .discriminator import PatchDiscriminator, generator_adv_loss, hinge_d_loss
+from .model import to_float
 from .objectives import Mask, Objective, adaptive_weight, draw_mask, objective
 
 log = logging.getLogger(__name__)
 
 KIND = artifact.KIND
 STAGE = "train-ae"
+
+__all__ = ["train", "AETrainSettings", "NonFiniteLoss"]
+
+
+@dataclass(frozen=True)
+class AETrainSettings(TrainSettings):
+    """`train` of an autoencoder run (schema `$defs/ae_train`): the shared settings and these."""
+
+    disc_lr: float | None  # None = lr
+    hflip: float  # probability of a horizontal flip
+
+
+@dataclass(frozen=True)
+class _Job:
+    """One autoencoder run as the loop sees it: its parameters, typed, and where it reads and writes."""
+
+    params: dict[str, Any]  # the validated `ae_run` parameters, as provenance records them
+    name: str
+    train: AETrainSettings
+    cfg: ae_model.AEConfig
+    obj: Objective
+    fp: str  # the run's fingerprint: keys its run folder and checkpoints
+    info: distributed.DistInfo
+    dataset: Path
+    run_dir: Path
+    out: Path
+    resume: str
 
 
 def fingerprint(run: dict[str, Any], images_sha256: str) -> str:
@@ -100,12 +128,12 @@ def _flat_all_reduce_grads(params: list[torch.nn.Parameter], world: int) -> None
         offset += g.numel()
 
 
-def _lpips_model(obj: Objective, params: dict[str, Any], device):
+def _lpips_model(obj: Objective, resources_dir: str | None, device):
     if obj.lpips_weight <= 0:
         return None
     from ..metrics.recon import load_lpips
 
-    return load_lpips(device=device, resources_dir=params.get("resources_dir")).model
+    return load_lpips(device=device, resources_dir=resources_dir).model
 
 
 def train(run: dict[str, Any], dataset: str | Path, run_dir: str | Path | None, out: str | Path, name: str,
@@ -113,38 +141,38 @@ def train(run: dict[str, Any], dataset: str | Path, run_dir: str | Path | None, 
     """Train one autoencoder. `run`: the resolved run parameters (schema `$defs/ae_run`).
     Working folder: `run_dir`, or `runs_root/<fingerprint[:12]>` (`runtime.training.run_folder`)."""
     run = config_mod.validate(run, "ae_run", where="autoencoder run", source=f"parameters of {name}")
-    t = run["train"]
-    cfg = ae_model.config(run["config"])
-    obj = objective(run["variant"], run.get("loss"))
     fp = fingerprint(run, SplitReader(dataset, "train").images_sha256)
-    run_dir, out = run_folder(run_dir, runs_root, fp), Path(out)
-    info = distributed.setup(t["device"])
+    t = AETrainSettings.from_params(run["train"], f"train of {name}")
+    info = distributed.setup(t.device)
     try:
-        return _train(run, t, cfg, obj, fp, info, Path(dataset), run_dir, out, name, resume)
+        return _train(_Job(params=run, name=name, train=t, cfg=ae_model.config(run["config"]),
+                           obj=objective(run["variant"], run.get("loss")), fp=fp, info=info, dataset=Path(dataset),
+                           run_dir=run_folder(run_dir, runs_root, fp), out=Path(out), resume=resume))
     finally:
         distributed.teardown()
 
 
-def _train(run, t, cfg, obj, fp, info, dataset, run_dir, out, name, resume):
+def _train(job: _Job) -> dict[str, Any]:
+    t, cfg, obj, info, run_dir = job.train, job.cfg, job.obj, job.info, job.run_dir
     dev = info.device
     seed, global_batch, rows, use_bf16 = prepare_rank(t, info)
-    reader = SplitReader(dataset, "train")
+    reader = SplitReader(job.dataset, "train")
     if reader.resolution % (cfg.down_factor * (obj.dsm_block if obj.dsm_ks else 1)):
-        raise SpecmatchError(f"{dataset}: {reader.resolution} px images do not tile into the {cfg.down_factor}x "
+        raise SpecmatchError(f"{job.dataset}: {reader.resolution} px images do not tile into the {cfg.down_factor}x "
                              f"down-sampling of config {cfg.name} and DSM blocks of {obj.dsm_block}")
 
     ae = ae_model.build(cfg).to(dev)
-    disc = PatchDiscriminator(3, run["disc"]["channels"], run["disc"]["n_layers"], run["disc"]["init_std"]).to(dev)
-    ema = make_ema(ae, t["ema_decay"])
-    opt_g = torch.optim.AdamW(ae.parameters(), lr=t["lr"], betas=tuple(t["betas"]), weight_decay=t["weight_decay"])
-    opt_d = torch.optim.AdamW(disc.parameters(), lr=t["disc_lr"] or t["lr"], betas=tuple(t["betas"]),
-                              weight_decay=t["weight_decay"])
-    sched_g = torch.optim.lr_scheduler.LambdaLR(opt_g, warmup(t["warmup_steps"]))
-    sched_d = torch.optim.lr_scheduler.LambdaLR(opt_d, warmup(t["warmup_steps"]))
-    lpips = _lpips_model(obj, run, dev)
+    d = job.params["disc"]
+    disc = PatchDiscriminator(3, d["channels"], d["n_layers"], d["init_std"]).to(dev)
+    ema = make_ema(ae, t.ema_decay)
+    opt_g = torch.optim.AdamW(ae.parameters(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
+    opt_d = torch.optim.AdamW(disc.parameters(), lr=t.disc_lr or t.lr, betas=t.betas, weight_decay=t.weight_decay)
+    sched_g = torch.optim.lr_scheduler.LambdaLR(opt_g, warmup(t.warmup_steps))
+    sched_d = torch.optim.lr_scheduler.LambdaLR(opt_d, warmup(t.warmup_steps))
+    lpips = _lpips_model(obj, job.params["resources_dir"], dev)
 
     g_step = d_step = 0
-    resumed = resume_point(run_dir, resume, KIND, fp, info)
+    resumed = resume_point(run_dir, job.resume, KIND, job.fp, info)
     if resumed:
         start, tensors, state = resumed
         load_packed(tensors, ae=ae, disc=disc, ema=ema)
@@ -165,15 +193,15 @@ def _train(run, t, cfg, obj, fp, info, dataset, run_dir, out, name, resume):
                                lambda: {"opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
                                         "sched_g": sched_g.state_dict(), "sched_d": sched_d.state_dict(),
                                         "g_step": g_step, "d_step": d_step},
-                               KIND, fp, t["keep_checkpoints"])
+                               KIND, job.fp, t.keep_checkpoints)
 
-    steps = int(t["steps"])
-    bar = tqdm(total=steps, initial=g_step, desc=f"train-ae {name}", unit="step", disable=not info.is_main)
+    steps = t.steps
+    bar = tqdm(total=steps, initial=g_step, desc=f"train-ae {job.name}", unit="step", disable=not info.is_main)
     t_last, n_last = time.perf_counter(), g_step
     with StopRequest() as stop, AttemptLog(run_dir, info, g_step, lambda: g_step):
         while g_step < steps:
             idx = batch_indices(len(reader), global_batch, seed, g_step)
-            x = load_batch(reader, idx, t["hflip"], seed, g_step, dev, rows)
+            x = load_batch(reader, idx, t.hflip, seed, g_step, dev, rows)
             mask = draw_mask(obj, seed, g_step)
             # Posterior noise drawn for the global batch and sliced, like the images: the run
             # does not depend on how many processes share the batch.
@@ -207,7 +235,7 @@ def _train(run, t, cfg, obj, fp, info, dataset, run_dir, out, name, resume):
             check_finite(terms, g_step, info, run_dir, "generator step")
             opt_g.zero_grad(set_to_none=True)
             loss.backward()
-            terms["grad_norm"] = torch.nn.utils.clip_grad_norm_(ae.parameters(), t["grad_clip"])
+            terms["grad_norm"] = torch.nn.utils.clip_grad_norm_(ae.parameters(), t.grad_clip)
             opt_g.step()
             sched_g.step()
             if ema is not None:
@@ -222,7 +250,7 @@ def _train(run, t, cfg, obj, fp, info, dataset, run_dir, out, name, resume):
                 opt_d.zero_grad(set_to_none=True)
                 d_loss.backward()
                 _flat_all_reduce_grads(disc_params, info.world_size)
-                torch.nn.utils.clip_grad_norm_(disc_params, t["grad_clip"])
+                torch.nn.utils.clip_grad_norm_(disc_params, t.grad_clip)
                 opt_d.step()
                 sched_d.step()
                 d_step += 1
@@ -230,7 +258,7 @@ def _train(run, t, cfg, obj, fp, info, dataset, run_dir, out, name, resume):
             g_step += 1
             bar.update(1)
 
-            if info.is_main and (g_step % t["log_every"] == 0 or g_step == steps):
+            if info.is_main and (g_step % t.log_every == 0 or g_step == steps):
                 now = time.perf_counter()
                 rec_ = {"step": g_step, "d_step": d_step, "k": mask.k, "factor": mask.factor,
                         "lr": sched_g.get_last_lr()[0],
@@ -240,35 +268,29 @@ def _train(run, t, cfg, obj, fp, info, dataset, run_dir, out, name, resume):
                 with open(log_path, "a", encoding="utf-8") as f:
                     f.write(json.dumps(rec_) + "\n")
                 bar.set_postfix(loss=f"{rec_['loss']:.4f}", l1=f"{rec_['l1']:.4f}")
-            end_of_step(g_step, steps, t["checkpoint_every"], stop, info, save_ckpt, bar)
+            end_of_step(g_step, steps, t.checkpoint_every, stop, info, save_ckpt, bar)
     bar.close()
     save_ckpt()
     distributed.barrier()
     result = {"steps": g_step, "d_steps": d_step}
     if info.is_main:
-        result = _write_final(run, cfg, obj, fp, ae, ema, dataset, reader, run_dir, out, name, g_step, d_step,
-                              info.world_size)
+        result = _write_final(job, ae, ema, reader, g_step, d_step)
     distributed.barrier()
     return result
 
 
-def _write_final(run, cfg, obj, fp, ae, ema, dataset, reader, run_dir, out, name, g_step, d_step, world):
-    prov = Provenance(STAGE, name, run, seeds={"train": int(run["train"]["seed"])})
-    prov.extra["attempts"] = read_attempts(run_dir)  # each start and resumption of this run
-    prov.add_input(dataset, "dataset")
-    weights = {f"ae.{k}": v.detach().cpu().contiguous() for k, v in ae.state_dict().items()}
-    if ema is not None:
-        weights.update({f"ema.{k}": v.detach().cpu().contiguous() for k, v in ema.module.state_dict().items()})
-    summary = {"name": name, "kind": KIND, "fingerprint": fp, "config": cfg.__dict__ | {"channels": list(cfg.channels)},
+def _write_final(job: _Job, ae, ema, reader: SplitReader, g_step: int, d_step: int) -> dict[str, Any]:
+    cfg, obj = job.cfg, job.obj
+    prov = Provenance(STAGE, job.name, job.params, seeds={"train": job.train.seed})
+    prov.add_input(job.dataset, "dataset")
+    summary = {"name": job.name, "kind": KIND, "fingerprint": job.fp,
+               "config": cfg.__dict__ | {"channels": list(cfg.channels)},
                "variant": obj.variant, "objective": {**obj.__dict__, "dsm_ks": list(obj.dsm_ks),
                                                      "scale_factors": list(obj.scale_factors)},
-               "generator_steps": g_step, "discriminator_steps": d_step, "world_size": world,
+               "generator_steps": g_step, "discriminator_steps": d_step, "world_size": job.info.world_size,
                "ema": ema is not None, "dataset_images_sha256": reader.images_sha256,
                "parameters": ae_model.count_parameters(ae)}
-    with atomic.atomic_dir(out) as tmp:
-        artifact.write(tmp, weights, summary, fp)
-        if (run_dir / "metrics.jsonl").exists():
-            (tmp / "metrics.jsonl").write_bytes((run_dir / "metrics.jsonl").read_bytes())
-        prov.write(out, tmp)
-    log.info("autoencoder %s: %d steps, weights in %s", name, g_step, out)
+    weights = final_weights("ae", ae, ema)
+    write_output(job.out, job.run_dir, prov, lambda tmp: artifact.write(tmp, weights, summary, job.fp))
+    log.info("autoencoder %s: %d steps, weights in %s", job.name, g_step, job.out)
     return summary

@@ -26,8 +26,6 @@ from .shards import MANIFEST_SCHEMA, ShardWriter, write_manifest
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "test")
-
 
 def _folder(root: str, name: str, key: str) -> Path:
     path = Path(root)

@@ -19,7 +19,7 @@ import numpy as np
 
 from ..errors import SpecmatchError
 from ..runtime import atomic, integrity
-from ..runtime.hashing import ImageStreamHash, sha256_file, sha256_images
+from ..runtime.hashing import ImageStreamHash, sha256_file
 
 MANIFEST = "manifest.json"
 MANIFEST_SCHEMA = "specmatch.dataset/1"
@@ -116,23 +116,6 @@ def iter_shards(folder: str | os.PathLike, split: str, verify: bool | None = Non
         integrity.check_file(path, shard.get("sha256"), folder / MANIFEST, verify)
         with np.load(path, allow_pickle=False) as z:
             yield {k: z[k] for k in z.files}
-
-
-def load_split(folder: str | os.PathLike, split: str, verify: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """All images (N, H, W, 3) uint8 and labels (N,) of a split, checked against the manifest."""
-    folder = Path(folder)
-    verify = integrity.resolve(verify)
-    parts = list(iter_shards(folder, split, verify))
-    man = read_manifest(folder)
-    entry = _split_entry(man, split, folder)
-    if not parts:
-        res = man["resolution"]
-        return np.zeros((0, res, res, 3), np.uint8), np.zeros((0,), np.int64)
-    images = np.concatenate([p["images"] for p in parts])
-    labels = np.concatenate([p["labels"] for p in parts])
-    if verify and sha256_images(images) != entry["images_sha256"]:
-        raise SpecmatchError(f"{folder}: images of split {split!r} do not match images_sha256 in the manifest")
-    return images, labels
 
 
 def subset_indices(total: int, max_images: int | None, seed: int) -> np.ndarray | None:

@@ -28,6 +28,7 @@ from ..autoencoder import artifact as ae_artifact
 from ..errors import SpecmatchError
 from ..metrics.fid_stage import Reference
 from ..runtime import atomic, distributed
+from ..runtime.jsonfile import read_json
 from ..runtime.provenance import Provenance
 from . import artifact
 from .sample import check_compatible, generate
@@ -36,6 +37,26 @@ log = logging.getLogger(__name__)
 
 PROGRESS_JSON = "progress.json"
 PROGRESS_CSV = "progress.csv"
+COLUMNS = ("diffusion", "autoencoder", "step", "source", "metric", "value", "precision", "recall", "inception_score",
+           "n_samples", "sampler", "steps", "nfe", "cfg_scale", "cfg_interval", "reference", "feature_weights_sha256",
+           "seed", "weights")
+
+
+def read(folder: str | Path) -> tuple[str, pd.DataFrame]:
+    """(the diffusion run, its points: one row per evaluated weights, the columns of COLUMNS) of a
+    `fid-progress` output folder; an error names the file and what is missing."""
+    folder = Path(folder)
+    info = read_json(folder / PROGRESS_JSON, f"{folder / PROGRESS_JSON}: missing (expected a `specmatch "
+                                              "fid-progress` output)")
+    csv = folder / PROGRESS_CSV
+    if not csv.is_file():
+        raise SpecmatchError(f"{csv}: missing (expected a `specmatch fid-progress` output)")
+    df = pd.read_csv(csv)
+    missing = [c for c in COLUMNS if c not in df]
+    if missing or "diffusion" not in info:
+        raise SpecmatchError(f"{folder}: no {'columns ' + str(missing) if missing else 'key diffusion'} (an output "
+                             "of an older or another stage?)")
+    return info["diffusion"], df
 
 
 def params(p: dict[str, Any], name: str) -> dict[str, Any]:
@@ -109,7 +130,7 @@ def _run(p, info, model_dir, ae_dir, ref_dir, summary, points, name, out):
                      "weights": "ema" if (s["use_ema"] and summary.get("ema")) else "raw"})
         results.append({"step": step, "source": source, "seconds_sampling": seconds, **m.to_json()})
         log.info("fid-progress %s: step %d (%s): %s = %.4f over %d samples", name, step, source, m.metric, m.value, n)
-    df = pd.DataFrame(rows)
+    df = pd.DataFrame(rows, columns=list(COLUMNS))
     if info.is_main:
         _write(p, summary, model_dir, ae_dir, reference, df, results, name, out, info.world_size)
     distributed.barrier()

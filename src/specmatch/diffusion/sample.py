@@ -34,12 +34,12 @@ from ..runtime import atomic, distributed, seeding
 from ..runtime.hashing import sha256_file, sha256_json
 from ..runtime.provenance import Provenance
 from ..runtime.training import run_folder
-from . import artifact, samplers, transport
+from . import artifact, samplers, sampling_record, transport
+from .sampling_record import SamplingProtocol
 
 log = logging.getLogger(__name__)
 
 SPLIT = "samples"
-PROTOCOL = "sampling.json"
 _SETTINGS_NOT_IN_FINGERPRINT = ("device",)
 
 
@@ -118,7 +118,9 @@ def check_compatible(p: dict[str, Any], model_dir: Path, summary: dict[str, Any]
 
 
 def sample(model_dir: str | Path, ae_dir: str | Path, params: dict[str, Any], name: str, out: str | Path,
-           work_dir: str | Path | None = None, work_root: str | Path | None = None) -> dict[str, Any]:
+           work_dir: str | Path | None = None, work_root: str | Path | None = None) -> SamplingProtocol | None:
+    """Sample `n_samples` images of a trained model (`params`: the sampler's settings, schema
+    `$defs/diff_sampler`) into `out`; the protocol on the main rank, None on the others."""
     p = config_mod.validate(params, "diff_sampler", where="sampler", source=f"sampling settings of {name}")
     model_dir, ae_dir, out = Path(model_dir), Path(ae_dir), Path(out)
     info = distributed.setup(p["device"])
@@ -158,7 +160,7 @@ def _sample(p, info, model_dir, ae_dir, name, out, work_dir, work_root):
     elapsed = time.perf_counter() - t0
     rates = distributed.all_gather_object((made, elapsed)) if info.world_size > 1 else [(made, elapsed)]
     distributed.barrier()
-    result: dict[str, Any] = {}
+    result = None
     if info.is_main:
         result = _merge(p, fp, summary, ae_summary, model_dir, ae_dir, work, n, n_shards, name, out, rates,
                         info.world_size)
@@ -218,23 +220,21 @@ def _merge(p, fp, summary, ae_summary, model_dir, ae_dir, work, n, n_shards, nam
         write_manifest(tmp, {"schema": MANIFEST_SCHEMA, "name": name, "source": "samples", "resolution": res,
                              "classes": [], "num_classes": int(summary["num_classes"]), "splits": {SPLIT: entry},
                              "files": [], "skipped": [], "params_sha256": sha256_json(p)})
-        protocol = {
-            "name": name, "fingerprint": fp, "model": summary["model"], "diffusion": summary["name"],
-            "process": summary["process"]["kind"], "trained_steps": summary["steps"],
-            "alignment": _alignment_label(summary.get("alignment")),
-            "weights": "ema" if (p["use_ema"] and summary.get("ema")) else "raw",
-            "autoencoder": ae_summary["name"], "scale_factor": summary["latents"]["scale_factor"],
-            "sampler": p["method"], "steps": p["steps"], "nfe_per_sample": nfe, "order": p["order"],
-            "t_min": p["t_min"], "cfg_scale": p["cfg_scale"], "cfg_interval": p["cfg_interval"],
-            "class_balanced": p["class_balanced"] if summary["num_classes"] else None,
-            "n_samples": n, "seed": p["seed"], "batch_size": p["batch_size"], "world_size": world,
-            "generated_now": made, "seconds": busy,
-            "images_per_s": made / busy if made and busy > 0 else None,
-        }
-        (tmp / PROTOCOL).write_text(json.dumps(protocol, indent=1) + "\n")
+        protocol = SamplingProtocol(
+            name=name, fingerprint=fp, model=summary["model"], diffusion=summary["name"],
+            process=summary["process"]["kind"], trained_steps=summary["steps"],
+            alignment=_alignment_label(summary.get("alignment")),
+            weights="ema" if (p["use_ema"] and summary.get("ema")) else "raw",
+            autoencoder=ae_summary["name"], scale_factor=summary["latents"]["scale_factor"],
+            sampler=p["method"], steps=p["steps"], nfe_per_sample=nfe, order=p["order"],
+            t_min=p["t_min"], cfg_scale=p["cfg_scale"], cfg_interval=tuple(p["cfg_interval"]),
+            class_balanced=p["class_balanced"] if summary["num_classes"] else None,
+            n_samples=n, seed=p["seed"], batch_size=p["batch_size"], world_size=world,
+            generated_now=made, seconds=busy, images_per_s=made / busy if made and busy > 0 else None)
+        sampling_record.write(tmp, protocol)
         with np.load(tmp / entry["shards"][0]["file"], allow_pickle=False) as z:
             image_grid(z["images"][:64], tmp / "grid.png", title=f"{name}: {p['method']} {p['steps']} steps")
-        prov.protocol = protocol
+        prov.protocol = protocol.to_json()
         prov.write(out, tmp)
     log.info("sample %s: %d images (%d made now) in %s", name, n, made, out)
     return protocol

@@ -38,13 +38,13 @@ from .. import config as config_mod
 from ..alignment import objectives
 from ..autoencoder.latents import LatentReader
 from ..errors import SpecmatchError
-from ..runtime import atomic, checkpoint, distributed, seeding
+from ..runtime import checkpoint, distributed, seeding
 from ..runtime.hashing import sha256_file
 from ..runtime.provenance import Provenance
 from ..runtime.signals import StopRequest
-from ..runtime.training import (AttemptLog, Interrupted, NonFiniteLoss, batch_indices, check_finite, end_of_step,
-                                RankSetup, load_packed, make_ema, pack_state, prepare_rank, resume_point, run_folder,
-                                read_attempts, save_checkpoint, warmup)
+from ..runtime.training import (AttemptLog, Interrupted, NonFiniteLoss, RankSetup, TrainSettings, batch_indices,
+                                check_finite, end_of_step, final_weights, load_packed, make_ema, pack_state,
+                                prepare_rank, resume_point, run_folder, save_checkpoint, warmup, write_output)
 from . import artifact, models, transport
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,15 @@ log = logging.getLogger(__name__)
 KIND = artifact.KIND
 STAGE = "train-diffusion"
 
-__all__ = ["train", "Interrupted", "NonFiniteLoss"]
+__all__ = ["train", "DiffusionTrainSettings", "Interrupted", "NonFiniteLoss"]
+
+
+@dataclass(frozen=True)
+class DiffusionTrainSettings(TrainSettings):
+    """`train` of a diffusion run (schema `$defs/diff_train`): the shared settings and these."""
+
+    label_dropout: float  # conditional runs: probability of the null label
+    snapshot_steps: tuple[int, ...]  # EMA snapshots for the metric over training
 
 
 def latents_identity(latents: str | Path) -> str:
@@ -84,13 +92,13 @@ def train(run: dict[str, Any], latents: str | Path, out: str | Path, name: str, 
     an `extract-latents` folder; `targets` (an `extract-targets` folder) or `dataset` (on-the-fly
     targets) serve alignment only."""
     run = config_mod.validate(run, "diff_run", where="diffusion run", source=f"parameters of {name}")
-    t = run["train"]
-    late = [s for s in t["snapshot_steps"] if s > t["steps"]]
+    t = DiffusionTrainSettings.from_params(run["train"], f"train of {name}")
+    late = [s for s in t.snapshot_steps if s > t.steps]
     if late:
-        raise SpecmatchError(f"train.snapshot_steps {late} of {name} lie beyond train.steps={t['steps']}")
+        raise SpecmatchError(f"train.snapshot_steps {late} of {name} lie beyond train.steps={t.steps}")
     latents = Path(latents)
     cache = LatentReader(latents)
-    info = distributed.setup(t["device"])
+    info = distributed.setup(t.device)
     try:
         rank_setup = prepare_rank(t, info)  # seeds this process: before the network is built
         net = _build_net(run, cache).to(info.device)
@@ -100,8 +108,9 @@ def train(run: dict[str, Any], latents: str | Path, out: str | Path, name: str, 
 
             align = Alignment.for_run(run["alignment"], net, cache.manifest, latents, info.device, targets, dataset)
         fp = config_mod.diffusion_fingerprint(run, latents_identity(latents), align.identity if align else None)
-        job = _Job(run=run, name=name, latents=latents, cache=cache, fp=fp, info=info,
-                   run_dir=run_folder(run_dir, runs_root, fp), out=Path(out), resume=resume, rank=rank_setup)
+        job = _Job(params=run, name=name, train=t, path=transport.from_params(run["process"]), latents=latents,
+                   cache=cache, fp=fp, info=info, run_dir=run_folder(run_dir, runs_root, fp), out=Path(out),
+                   resume=resume, rank=rank_setup)
         return _train(job, net, align)
     finally:
         distributed.teardown()
@@ -124,10 +133,12 @@ def draw_batch(cache: LatentReader, path: transport.Path, global_batch: int, see
 
 @dataclass(frozen=True)
 class _Job:
-    """One training run as the loop sees it: its validated parameters and where it reads and writes."""
+    """One training run as the loop sees it: its parameters, typed, and where it reads and writes."""
 
-    run: dict[str, Any]  # validated `diff_run` parameters
+    params: dict[str, Any]  # the validated `diff_run` parameters, as provenance and the summary record them
     name: str
+    train: DiffusionTrainSettings
+    path: transport.Path  # the generative process
     latents: Path
     cache: LatentReader
     fp: str  # the run's fingerprint: keys its run folder and checkpoints
@@ -139,20 +150,18 @@ class _Job:
 
 
 def _train(job: _Job, net: torch.nn.Module, align) -> dict[str, Any]:
-    run, t, cache, fp, info, run_dir = job.run, job.run["train"], job.cache, job.fp, job.info, job.run_dir
-    name, resume = job.name, job.resume
+    t, cache, fp, info, run_dir, path = job.train, job.cache, job.fp, job.info, job.run_dir, job.path
     dev = info.device
-    seed, global_batch, rows, use_bf16 = job.rank.seed, job.rank.global_batch, job.rank.rows, job.rank.bf16
-    path = transport.from_params(run["process"])
+    seed, global_batch, rows, use_bf16 = job.rank
 
     proj = align.projector.to(dev) if align is not None else None
-    ema = make_ema(net, t["ema_decay"])
+    ema = make_ema(net, t.ema_decay)
     params = list(net.parameters()) + (list(proj.parameters()) if proj is not None else [])
-    opt = torch.optim.AdamW(params, lr=t["lr"], betas=tuple(t["betas"]), weight_decay=t["weight_decay"])
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup(t["warmup_steps"]))
+    opt = torch.optim.AdamW(params, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup(t.warmup_steps))
 
     step = 0
-    resumed = resume_point(run_dir, resume, KIND, fp, info)
+    resumed = resume_point(run_dir, job.resume, KIND, fp, info)
     if resumed:
         start, tensors, state = resumed
         load_packed(tensors, net=net, ema=ema, proj=proj)
@@ -160,7 +169,7 @@ def _train(job: _Job, net: torch.nn.Module, align) -> dict[str, Any]:
         sched.load_state_dict(state["sched"])
         step = int(state["step"])
         log.info("resumed from %s (step %d)", start, step)
-    snapshot_steps = sorted(int(s) for s in t["snapshot_steps"])
+    snapshot_steps = sorted(t.snapshot_steps)
     problem = None
     if info.is_main and step:
         try:
@@ -179,7 +188,7 @@ def _train(job: _Job, net: torch.nn.Module, align) -> dict[str, Any]:
     def save_ckpt() -> Path | None:
         return save_checkpoint(info, run_dir, step, lambda: pack_state(net=net, ema=ema, proj=proj),
                                lambda: {"opt": opt.state_dict(), "sched": sched.state_dict(), "step": step},
-                               KIND, fp, t["keep_checkpoints"])
+                               KIND, fp, t.keep_checkpoints)
 
     def save_snapshot() -> None:
         if info.is_main:
@@ -191,13 +200,13 @@ def _train(job: _Job, net: torch.nn.Module, align) -> dict[str, Any]:
         with open(log_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 
-    steps = int(t["steps"])
+    steps = t.steps
     null = getattr(net, "null_label", 0)
-    bar = tqdm(total=steps, initial=step, desc=f"train-diffusion {name}", unit="step", disable=not info.is_main)
+    bar = tqdm(total=steps, initial=step, desc=f"train-diffusion {job.name}", unit="step", disable=not info.is_main)
     t_last, n_last = time.perf_counter(), step
     with StopRequest() as stop, AttemptLog(run_dir, info, step, lambda: step):
         while step < steps:
-            idx, *batch = draw_batch(cache, path, global_batch, seed, step, t["label_dropout"])
+            idx, *batch = draw_batch(cache, path, global_batch, seed, step, t.label_dropout)
             x0, y, tt, noise, drop = (v[rows].to(dev) for v in batch)
             labels = torch.where(drop, torch.full_like(y, null), y) if net.num_classes else None
             x_t, target = path.interpolate(x0, noise, tt)
@@ -216,8 +225,8 @@ def _train(job: _Job, net: torch.nn.Module, align) -> dict[str, Any]:
             check_finite(terms, step, info, run_dir)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            if t["grad_clip"]:
-                terms["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, t["grad_clip"])
+            if t.grad_clip:
+                terms["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
             opt.step()
             sched.step()
             if ema is not None:
@@ -225,11 +234,11 @@ def _train(job: _Job, net: torch.nn.Module, align) -> dict[str, Any]:
             step += 1
             bar.update(1)
 
-            if step % t["log_every"] == 0 or step == steps:
+            if step % t.log_every == 0 or step == steps:
                 loss_all = loss.detach().clone()
                 if info.world_size > 1:
                     loss_all = distributed.all_reduce_mean(loss_all)
-            if info.is_main and (step % t["log_every"] == 0 or step == steps):
+            if info.is_main and (step % t.log_every == 0 or step == steps):
                 now = time.perf_counter()
                 rec = {"step": step, "lr": sched.get_last_lr()[0], "loss": float(loss_all),
                        "latents_per_s": (step - n_last) * global_batch / max(now - t_last, 1e-9),
@@ -239,15 +248,14 @@ def _train(job: _Job, net: torch.nn.Module, align) -> dict[str, Any]:
                 bar.set_postfix(loss=f"{rec['loss']:.4f}")
             if step in snapshot_steps:
                 save_snapshot()
-            end_of_step(step, steps, t["checkpoint_every"], stop, info, save_ckpt, bar)
+            end_of_step(step, steps, t.checkpoint_every, stop, info, save_ckpt, bar)
     bar.close()
     if steps > 0:
         save_ckpt()
     distributed.barrier()
     result: dict[str, Any] = {"steps": step}
     if info.is_main:
-        result = _write_final(run, fp, net, ema, cache, job.latents, run_dir, job.out, name, step, info.world_size, align,
-                              snapshot_steps)
+        result = _write_final(job, net, ema, step, align, snapshot_steps)
     distributed.barrier()
     return result
 
@@ -277,35 +285,29 @@ def _recover_snapshots(run_dir: Path, steps: list[int], fp: str, has_ema: bool) 
             f"snapshot_steps, or remove {run_dir} to train the run again from step 0 (it then writes them)")
 
 
-def _write_final(run, fp, net, ema, cache, latents, run_dir, out, name, steps, world, align=None,
-                 snapshot_steps=()):
-    prov = Provenance(STAGE, name, run, seeds={"train": int(run["train"]["seed"])})
-    prov.extra["attempts"] = read_attempts(run_dir)  # each start and resumption of this run
-    prov.add_input(latents, "latents")
+def _write_final(job: _Job, net, ema, steps: int, align, snapshot_steps: list[int]) -> dict[str, Any]:
+    run, cache = job.params, job.cache
+    prov = Provenance(STAGE, job.name, run, seeds={"train": job.train.seed})
+    prov.add_input(job.latents, "latents")
     if align is not None and align.reader is not None:
         prov.add_input(align.reader.folder, "targets")
     elif align is not None:
         prov.add_input(align.images.folder, "dataset")
         prov.add_input(align.encoder.weights_path, f"weights:{align.info['encoder']}", align.encoder.weights_sha256)
-    weights = {f"net.{k}": v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
-    if ema is not None:
-        weights.update({f"ema.{k}": v.detach().cpu().contiguous() for k, v in ema.module.state_dict().items()})
     man = cache.manifest
-    summary = {"name": name, "kind": KIND, "fingerprint": fp, "model": run["model"], "process": run["process"],
+    summary = {"name": job.name, "kind": KIND, "fingerprint": job.fp, "model": run["model"], "process": run["process"],
                "conditional": run["conditional"], "num_classes": net.num_classes, "in_channels": net.in_channels,
                "input_size": net.input_size, "token_grid": list(net.token_grid), "steps": steps,
-               "world_size": world, "ema": ema is not None, "parameters": models.count_parameters(net),
+               "world_size": job.info.world_size, "ema": ema is not None, "parameters": models.count_parameters(net),
                "latents": {"autoencoder": man["autoencoder"], "scale_factor": cache.scale_factor,
                            "shape": list(cache.shape), "count": man["count"],
-                           "manifest_sha256": latents_identity(latents)},
+                           "manifest_sha256": latents_identity(job.latents)},
                "alignment": align.info if align is not None else {"kind": "none"}}
     if snapshot_steps:
         summary["snapshots"] = {"steps": list(snapshot_steps), "weights": "ema" if ema is not None else "raw",
                                 "files": [artifact.snapshot_path(Path(), s).as_posix() for s in snapshot_steps]}
-    with atomic.atomic_dir(out) as tmp:
-        artifact.write(tmp, weights, summary, fp, run_dir, snapshot_steps)
-        if (run_dir / "metrics.jsonl").exists():
-            (tmp / "metrics.jsonl").write_bytes((run_dir / "metrics.jsonl").read_bytes())
-        prov.write(out, tmp)
-    log.info("diffusion %s: %s, %d steps, weights in %s", name, run["model"], steps, out)
+    weights = final_weights("net", net, ema)
+    write_output(job.out, job.run_dir, prov,
+                 lambda tmp: artifact.write(tmp, weights, summary, job.fp, job.run_dir, snapshot_steps))
+    log.info("diffusion %s: %s, %d steps, weights in %s", job.name, run["model"], steps, job.out)
     return summary

@@ -21,6 +21,7 @@ import torch
 
 from .. import config
 from ..data.shards import iter_image_batches, read_manifest
+from ..diffusion import sampling_record
 from ..errors import SpecmatchError
 from ..runtime import atomic
 from ..runtime.atomic import atomic_dir
@@ -169,10 +170,9 @@ def calc(samples: str | Path, split: str, ref_dir: str | Path, params: dict[str,
     reference.add_inputs(prov)
     batches = iter_image_batches(folder, split, p["batch_size"], None, p["seed"])
     m = reference.measure(batches, f"{folder} ({split})")
-    sampling = folder / "sampling.json"
     # Samples from `specmatch sample`: their protocol goes with the metric.
     m = dataclasses.replace(m, name=name, samples={"path": str(folder), "split": split, **m.samples},
-                            sampling=json.loads(sampling.read_text()) if sampling.is_file() else None)
+                            sampling=sampling_record.read(folder))
     prov.protocol = {**m.protocol, "reference_stats_sha256": m.reference["stats_sha256"]}
     with atomic_dir(out) as tmp:
         record.write(tmp, m)

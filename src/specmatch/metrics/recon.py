@@ -165,6 +165,6 @@ class ReconAccumulator:
                 out[k] = float(t.mean()) if torch.isfinite(t).all() else math.inf
         if self.feature_net is not None:
             a, b = (statistics(np.concatenate(self.feats[k])) for k in ("real", "recon"))
-            name = "rFID" if self.feature_net.spec.name == "inception-fid" else f"r{self.feature_net.spec.metric}"
-            out[name] = frechet_distance(a.mu, a.sigma, b.mu, b.sigma)
+            # "rFID" with the standard Inception, "rFD-<net>" otherwise (eval-ae's record reads it so).
+            out["r" + self.feature_net.spec.metric] = frechet_distance(a.mu, a.sigma, b.mu, b.sigma)
         return out

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..diffusion.sampling_record import SamplingProtocol
 from ..errors import SpecmatchError
 from ..runtime.jsonfile import read_json
 
@@ -50,7 +51,7 @@ class GenerationMetrics:
     protocol: dict[str, Any]
     inception_score: InceptionScore | None = None
     warnings: list[str] = field(default_factory=list)
-    sampling: dict[str, Any] | None = None
+    sampling: SamplingProtocol | None = None
     name: str | None = None
 
     @property
@@ -72,7 +73,7 @@ class GenerationMetrics:
         out.update({"samples": self.samples, "reference": self.reference, "protocol": self.protocol,
                     "warnings": list(self.warnings)})
         if self.sampling is not None:
-            out["sampling"] = self.sampling
+            out["sampling"] = self.sampling.to_json()
         return out
 
     @classmethod
@@ -84,7 +85,9 @@ class GenerationMetrics:
             return cls(metric=metric, value=float(d[metric]), precision=float(d["precision"]),
                        recall=float(d["recall"]), samples=d["samples"], reference=d["reference"],
                        protocol=d["protocol"], inception_score=score, warnings=list(d.get("warnings", [])),
-                       sampling=d.get("sampling"), name=d.get("name"))
+                       sampling=None if d.get("sampling") is None else SamplingProtocol.from_json(
+                           d["sampling"], f"{where}: sampling"),
+                       name=d.get("name"))
         except (KeyError, TypeError, ValueError) as e:
             raise SpecmatchError(f"{where}: not a generation metrics record ({type(e).__name__}: {e}; expected a "
                                  "`specmatch fid calc` output)") from None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +23,71 @@ from ..data.shards import iter_image_batches, read_manifest
 from ..errors import SpecmatchError
 from ..runtime import atomic
 from ..runtime.atomic import atomic_dir
+from ..runtime.jsonfile import read_json
 from ..runtime.provenance import Provenance
 
 log = logging.getLogger(__name__)
 
 JSON_NAME = "spectra.json"
 FIGURE_NAME = "spectrum_distribution.png"
+
+
+@dataclass(frozen=True)
+class MapSpectra:
+    """Spectra of a dataset's images on one map size (full size, or resized to a latent grid)."""
+
+    size: tuple[int, int]
+    valid_bins: list[bool]
+    training: dict[float, list[float]]  # delta -> mean spectrum distribution (centred, DC removed, tilted)
+    analysis: list[float]  # mean spectrum distribution of the analysis setting (no centring, DC kept)
+    psd_exponent: float  # of the mean band energies
+    psd_exponent_per_image_mean: float
+    psd_exponent_per_image_std: float
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "MapSpectra":
+        pe = d["psd_exponent"]
+        return cls(size=(int(d["size"][0]), int(d["size"][1])), valid_bins=list(d["valid_bins"]),
+                   training={float(k): list(v["mean"]) for k, v in d["training"]["distribution"].items()},
+                   analysis=list(d["analysis"]["distribution"]["mean"]), psd_exponent=float(pe["of_mean_energy"]),
+                   psd_exponent_per_image_mean=float(pe["per_image_mean"]),
+                   psd_exponent_per_image_std=float(pe["per_image_std"]))
+
+
+@dataclass(frozen=True)
+class DataSpectra:
+    """A `data-spectra` output, read back: the spectra at full size and on each latent grid."""
+
+    dataset: str
+    split: str
+    n_images: int
+    n_bins: int
+    images_sha256: str
+    full: MapSpectra
+    grids: dict[int, MapSpectra]
+    folder: Path | None = None
+
+    @property
+    def figure(self) -> Path | None:
+        return None if self.folder is None else self.folder / FIGURE_NAME
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any], folder: Path | None = None) -> "DataSpectra":
+        return cls(dataset=d["dataset"], split=d["split"], n_images=int(d["n_images"]), n_bins=int(d["n_bins"]),
+                   images_sha256=str(d.get("images_sha256", "")), full=MapSpectra.from_json(d["full_resolution"]),
+                   grids={int(g): MapSpectra.from_json(v) for g, v in d["grids"].items()}, folder=folder)
+
+
+def read(folder: str | Path) -> DataSpectra:
+    """The record of a `data-spectra` output folder; an error names the file and the missing key."""
+    folder = Path(folder)
+    path = folder / JSON_NAME
+    d = read_json(path, f"{path}: missing (expected a `specmatch data-spectra` output)")
+    try:
+        return DataSpectra.from_json(d, folder)
+    except (KeyError, TypeError, ValueError) as e:
+        raise SpecmatchError(f"{path}: not a `data-spectra` record ({type(e).__name__}: {e}; an output of an older "
+                             "or another stage?)") from None
 
 
 def delta_key(delta: float) -> str:
@@ -165,36 +225,35 @@ def run(dataset_dir: str | Path, params: dict[str, Any], grids: list[int], name:
     return result
 
 
-def compare_to_real(x: torch.Tensor, real: dict[str, Any], grid: int | None = None, delta: float = 1.0,
+def compare_to_real(x: torch.Tensor, real: DataSpectra, grid: int | None = None, delta: float = 1.0,
                     setting: str = "analysis") -> dict[str, Any]:
-    """Spectral metrics of generated images (in [-1, 1]) or latents against a dataset's
-    `spectra.json` summary (`real`, from `data-spectra`), docs/method.md §2-3 and 8:
+    """Spectral metrics of generated images (in [-1, 1]) or latents against a dataset's spectra
+    (`real`, a `data-spectra` record), docs/method.md §2-3 and 8:
     - `kl_to_real`: KL(mean distribution of x || the real mean distribution), same setting
       (`analysis`: the paper's spectrum plot; `training`: centred, DC removed);
     - `kl_to_target`: KL(x || the delta-tilted image target of ESM), `training` setting; this
       is what ESM drives towards 0 for latents of grid size `grid`;
     - `psd_exponent`: slope of the mean band energy (training setting) against log(k + 1).
-    `grid` selects the real summary at that latent grid size (None = full resolution)."""
-    summary = real["full_resolution"] if grid is None else real["grids"].get(str(grid))
+    `grid` selects the real spectra at that latent grid size (None = full resolution)."""
+    summary = real.full if grid is None else real.grids.get(int(grid))
     if summary is None:
-        raise SpecmatchError(f"spectra summary has no grid {grid} (has {sorted(real['grids'])})")
-    if tuple(x.shape[-2:]) != tuple(summary["size"]):
-        raise SpecmatchError(f"maps of size {tuple(x.shape[-2:])} do not match the real summary's {summary['size']}")
+        raise SpecmatchError(f"spectra of {real.dataset} have no grid {grid} (have {sorted(real.grids)})")
+    if tuple(x.shape[-2:]) != tuple(summary.size):
+        raise SpecmatchError(f"maps of size {tuple(x.shape[-2:])} do not match the real spectra's {summary.size}")
     if setting not in ("analysis", "training"):
         raise SpecmatchError(f"setting must be 'analysis' or 'training', got {setting!r}")
-    n_bins = real["n_bins"]
-    h, w = summary["size"]
+    if float(delta) not in summary.training:
+        raise SpecmatchError(f"spectra of {real.dataset} have no delta {delta} target (have "
+                             f"{sorted(summary.training)})")
+    n_bins = real.n_bins
+    h, w = summary.size
     valid = spectral.bin_counts(h, w, n_bins) > 0
     with torch.no_grad():
         ours = spectral.spectrum_distribution(x, n_bins, **getattr(spectral, setting.upper())).double().mean(0)
         e = spectral.band_energies(x, n_bins, **spectral.TRAINING).double()
         ours_train = spectral.distribution_from_energies(e).mean(0)
-    real_dist = torch.tensor(summary[setting]["distribution"]["mean"] if setting == "analysis"
-                             else summary["training"]["distribution"][delta_key(0.0)]["mean"], dtype=torch.float64)
-    key = delta_key(delta)
-    if key not in summary["training"]["distribution"]:
-        raise SpecmatchError(f"spectra summary has no delta {delta} target (has {sorted(summary['training']['distribution'])})")
-    target = torch.tensor(summary["training"]["distribution"][key]["mean"], dtype=torch.float64)
+    real_dist = torch.tensor(summary.analysis if setting == "analysis" else summary.training[0.0], dtype=torch.float64)
+    target = torch.tensor(summary.training[float(delta)], dtype=torch.float64)
     return {
         "setting": setting,
         "size": [h, w],
@@ -203,5 +262,5 @@ def compare_to_real(x: torch.Tensor, real: dict[str, Any], grid: int | None = No
         "delta": delta,
         "kl_to_target": float(spectral.kl_divergence(ours_train, target, valid)),
         "psd_exponent": float(spectral.psd_slope(e.mean(0), valid)[0]),
-        "real_psd_exponent": summary["psd_exponent"]["of_mean_energy"],
+        "real_psd_exponent": summary.psd_exponent,
     }

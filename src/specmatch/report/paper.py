@@ -27,13 +27,20 @@ import numpy as np
 import pandas as pd
 
 from .. import config as config_mod
+from ..alignment import diagnostics as target_diagnostics
+from ..autoencoder import evaluate as ae_evaluate
+from ..autoencoder.evaluate import AEEvaluation
 from ..diffusion import artifact as diffusion_artifact
+from ..diffusion import progress as diffusion_progress
+from ..diffusion import sampling_record
 from ..errors import SpecmatchError
-from ..runtime import atomic
-from ..runtime.jsonfile import read_json
-from ..runtime.provenance import Provenance
+from ..metrics import spectra as data_spectra
+from ..metrics.spectra import DataSpectra
 from ..render import figures
 from ..render.tables import markdown, write_table
+from ..runtime import atomic
+from ..runtime.jsonfile import get_key
+from ..runtime.provenance import Provenance
 from .tables import align_order, generation_row
 
 log = logging.getLogger(__name__)
@@ -62,18 +69,8 @@ EXPERIMENTS = {
 # --------------------------------------------------------------------------- inputs
 
 
-def _read_json(path: Path, what: str) -> dict[str, Any]:
-    return read_json(path, f"{path}: missing (expected {what})")
-
-
 def _get(d: dict[str, Any], keys: str, path: Path) -> Any:
-    """d[k1][k2]... for a dotted key, or an error naming the file, the key and what was expected."""
-    cur: Any = d
-    for k in keys.split("."):
-        if not isinstance(cur, dict) or k not in cur:
-            raise SpecmatchError(f"{path}: no key {keys!r} (an output of an older or another stage?)")
-        cur = cur[k]
-    return cur
+    return get_key(d, keys, path)
 
 
 def _unique(kind: str, items: list[tuple[str, Path]]) -> dict[str, Path]:
@@ -87,10 +84,11 @@ def _unique(kind: str, items: list[tuple[str, Path]]) -> dict[str, Path]:
 
 @dataclass
 class Inputs:
-    """The stage outputs the report reads, keyed by the run (or dataset) name recorded in them."""
+    """The stage outputs the report reads, keyed by the run (or dataset) name recorded in them,
+    each read through the module that writes it."""
 
-    spectra: dict[str, dict[str, Any]] = field(default_factory=dict)
-    ae_eval: dict[str, dict[str, Any]] = field(default_factory=dict)
+    spectra: dict[str, DataSpectra] = field(default_factory=dict)
+    ae_eval: dict[str, AEEvaluation] = field(default_factory=dict)
     diffusion: dict[str, dict[str, Any]] = field(default_factory=dict)
     generation: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     samples: dict[str, Path] = field(default_factory=dict)
@@ -104,20 +102,15 @@ class Inputs:
         self = cls()
         named = []
         for d in map(Path, spectra):
-            sj = _read_json(d / "spectra.json", "a `specmatch data-spectra` output")
-            named.append((_get(sj, "dataset", d / "spectra.json"), d))
-            self.spectra[named[-1][0]] = {**sj, "_folder": d}
+            sp = data_spectra.read(d)
+            named.append((sp.dataset, d))
+            self.spectra[sp.dataset] = sp
         self.folders["spectra"] = _unique("--spectra", named)
         named = []
         for d in map(Path, ae_eval):
-            m = _read_json(d / "metrics.json", "a `specmatch eval-ae` output")
-            for key in ("name", "dataset", "variant", "config", "psnr", "ssim", "latent_spectrum", "lowpass",
-                        "protocol.metric", "protocol.split", "protocol.n_images", "protocol.weights_sha256"):
-                _get(m, key, d / "metrics.json")
-            rkey = "r" + m["protocol"]["metric"]
-            _get(m, rkey, d / "metrics.json")
-            named.append((m["name"], d))
-            self.ae_eval[m["name"]] = {**m, "_folder": d, "_rkey": rkey}
+            m = ae_evaluate.read(d)
+            named.append((m.name, d))
+            self.ae_eval[m.name] = m
         self.folders["ae_eval"] = _unique("--ae-eval", named)
         named = []
         for d in map(Path, diffusion):
@@ -141,33 +134,21 @@ class Inputs:
         self.folders["gen_metrics"] = _unique("--gen-metrics", named)
         named = []
         for d in map(Path, samples):
-            proto = _read_json(d / "sampling.json", "a `specmatch sample` output")
+            proto = sampling_record.read(d)
+            if proto is None:
+                raise SpecmatchError(f"{d / sampling_record.FILE}: missing (expected a `specmatch sample` output)")
             if not (d / "grid.png").is_file():
                 raise SpecmatchError(f"{d / 'grid.png'}: missing (expected a `specmatch sample` output)")
-            named.append((_get(proto, "name", d / "sampling.json"), d))
+            named.append((proto.name, d))
         self.samples = self.folders["samples"] = _unique("--samples", named)
         if target_spectra is not None:
-            d = Path(target_spectra)
-            csv = d / "target_spectra.csv"
-            if not csv.is_file():
-                raise SpecmatchError(f"{csv}: missing (expected a `specmatch target-spectra` output)")
-            self.target_spectra = pd.read_csv(csv)
-            missing = {"encoder", "kind", "RMSC2", "psd_exponent", "grid", "n_images"} - set(self.target_spectra)
-            if missing:
-                raise SpecmatchError(f"{csv}: no columns {sorted(missing)}")
-            if not (d / "target_spectra.png").is_file():
-                raise SpecmatchError(f"{d / 'target_spectra.png'}: missing (expected a `specmatch target-spectra` "
-                                     "output)")
-            self.folders["target_spectra"] = {"target-spectra": d}
+            self.target_spectra = target_diagnostics.read(target_spectra)
+            self.folders["target_spectra"] = {"target-spectra": Path(target_spectra)}
         named = []
         for d in map(Path, progress):
-            pj = _read_json(d / "progress.json", "a `specmatch fid-progress` output")
-            csv = d / "progress.csv"
-            if not csv.is_file():
-                raise SpecmatchError(f"{csv}: missing (expected a `specmatch fid-progress` output)")
-            name = _get(pj, "diffusion", d / "progress.json")
+            name, df = diffusion_progress.read(d)
             named.append((name, d))
-            self.progress[name] = pd.read_csv(csv)
+            self.progress[name] = df
         self.folders["progress"] = _unique("--progress", named)
         return self
 
@@ -237,13 +218,13 @@ def _gen_cols(r: dict[str, Any]) -> dict[str, Any]:
             "feature_weights_sha256": r["feature_weights_sha256"], "weights": r["weights"], "seed": r["seed"]}
 
 
-def _ae_cols(m: dict[str, Any]) -> dict[str, Any]:
-    ls, pr = m["latent_spectrum"], m["protocol"]
-    cols = {"dataset": m["dataset"], "autoencoder": m["name"], "variant": m["variant"], "config": m["config"],
-            "latent_grid": f"{ls['grid'][0]}x{ls['grid'][1]}", "PSNR": m["psnr"], "SSIM": m["ssim"]}
-    if m.get("lpips") is not None:
-        cols["LPIPS"] = m["lpips"]
-    cols[m["_rkey"]] = m[m["_rkey"]]
+def _ae_cols(m: AEEvaluation) -> dict[str, Any]:
+    ls, pr = m.latent_spectrum, m.protocol
+    cols = {"dataset": m.dataset, "autoencoder": m.name, "variant": m.variant, "config": m.config,
+            "latent_grid": f"{ls.grid[0]}x{ls.grid[1]}", "PSNR": m.psnr, "SSIM": m.ssim}
+    if m.lpips is not None:
+        cols["LPIPS"] = m.lpips
+    cols[m.distance_name] = m.distance
     cols.update({"recon_split": pr["split"], "recon_n": pr["n_images"],
                  "recon_feature_weights_sha256": pr["weights_sha256"][:16]})
     return cols
@@ -253,13 +234,13 @@ def autoencoder_table(exp: str, runs: dict[str, list[str]], inputs: Inputs) -> p
     """E1 / E2: one row per (autoencoder, diffusion run on its latents, sampler); an autoencoder
     without a diffusion run in the experiment has one row with its reconstruction numbers only."""
     aes = [inputs.ae_eval[a] for a in runs["autoencoders"]]
-    _one_metric({str(m["_folder"]): m["_rkey"] for m in aes}, f"{exp}: the reconstruction distance")
+    _one_metric({str(m.folder): m.distance_name for m in aes}, f"{exp}: the reconstruction distance")
     gen = [r for d in runs["diffusions"] for r in inputs.generation[d]]
     _one_generation_metric(gen, f"{exp}: the generation distance")
     rows = []
     for m in aes:
         base = _ae_cols(m)
-        mine = [r for d in runs["diffusions"] if inputs.diffusion[d]["latents"]["autoencoder"] == m["name"]
+        mine = [r for d in runs["diffusions"] if inputs.diffusion[d]["latents"]["autoencoder"] == m.name
                 for r in sorted(inputs.generation[d], key=_cfg)]
         rows += [{**base, **_gen_cols(r)} for r in mine] or [base]
     return pd.DataFrame(rows)
@@ -317,16 +298,14 @@ def data_spectra_table(runs: dict[str, list[str]], inputs: Inputs) -> pd.DataFra
     """E4, images: the PSD exponent of each dataset at full size and on each latent grid."""
     rows = []
     for ds in runs["datasets"]:
-        sj = inputs.spectra[ds]
-        entries = [("full", sj["full_resolution"])] + sorted(sj["grids"].items(), key=lambda kv: -int(kv[0]))
-        for g, s in entries:
-            pe = s["psd_exponent"]
-            rows.append({"dataset": ds, "map": f"{s['size'][0]}x{s['size'][1]}" + (" (full size)" if g == "full"
-                                                                                   else " (latent grid)"),
-                         "psd_exponent": pe["of_mean_energy"], "psd_exponent_per_image_mean": pe["per_image_mean"],
-                         "psd_exponent_per_image_std": pe["per_image_std"], "split": sj["split"],
-                         "n_images": sj["n_images"], "n_bins": sj["n_bins"],
-                         "images_sha256": str(sj.get("images_sha256", ""))[:16]})
+        sp = inputs.spectra[ds]
+        entries = [("full", sp.full)] + [(g, sp.grids[g]) for g in sorted(sp.grids, reverse=True)]
+        for g, ms in entries:
+            rows.append({"dataset": ds, "map": f"{ms.size[0]}x{ms.size[1]}" + (" (full size)" if g == "full"
+                                                                              else " (latent grid)"),
+                         "psd_exponent": ms.psd_exponent, "psd_exponent_per_image_mean": ms.psd_exponent_per_image_mean,
+                         "psd_exponent_per_image_std": ms.psd_exponent_per_image_std, "split": sp.split,
+                         "n_images": sp.n_images, "n_bins": sp.n_bins, "images_sha256": sp.images_sha256[:16]})
     return pd.DataFrame(rows)
 
 
@@ -334,21 +313,55 @@ def latent_spectra_table(runs: dict[str, list[str]], inputs: Inputs) -> pd.DataF
     """E4, latents: PSD exponent of each autoencoder's latents against the images' on the same
     grid, KL(target || latent), the mean ESM loss and the low-pass distance per k."""
     aes = [inputs.ae_eval[a] for a in runs["autoencoders"]]
-    rkey = _one_metric({str(m["_folder"]): m["_rkey"] for m in aes}, "E4: the low-pass reconstruction distance")
+    rkey = _one_metric({str(m.folder): m.distance_name for m in aes}, "E4: the low-pass reconstruction distance")
     rows = []
     for m in aes:
-        ls = m["latent_spectrum"]
-        grid = inputs.spectra.get(m["dataset"], {}).get("grids", {}).get(str(ls["grid"][0]))
-        row = {"dataset": m["dataset"], "autoencoder": m["name"], "variant": m["variant"], "config": m["config"],
-               "latent_grid": f"{ls['grid'][0]}x{ls['grid'][1]}", "latent_psd_exponent": ls["psd_exponent"],
-               "image_psd_exponent_on_grid": grid["psd_exponent"]["of_mean_energy"] if grid else None,
-               "delta": ls["delta"], "KL(target||latent)": ls["kl_target_to_latent"], "esm_loss": ls["esm_loss_mean"],
-               f"{rkey} LP k=0": m[rkey]}
-        for k in sorted(m["lowpass"], key=int):
-            row[f"{rkey} LP k={k}"] = m["lowpass"][k]
-        row.update({"recon_split": m["protocol"]["split"], "recon_n": m["protocol"]["n_images"],
-                    "recon_feature_weights_sha256": m["protocol"]["weights_sha256"][:16]})
+        ls = m.latent_spectrum
+        sp = inputs.spectra.get(m.dataset)
+        grid = sp.grids.get(ls.grid[0]) if sp is not None else None
+        row = {"dataset": m.dataset, "autoencoder": m.name, "variant": m.variant, "config": m.config,
+               "latent_grid": f"{ls.grid[0]}x{ls.grid[1]}", "latent_psd_exponent": ls.psd_exponent,
+               "image_psd_exponent_on_grid": grid.psd_exponent if grid else None,
+               "delta": ls.delta, "KL(target||latent)": ls.kl_target_to_latent, "esm_loss": ls.esm_loss_mean,
+               f"{rkey} LP k=0": m.distance}
+        for k in sorted(m.lowpass):
+            row[f"{rkey} LP k={k}"] = m.lowpass[k]
+        row.update({"recon_split": m.protocol["split"], "recon_n": m.protocol["n_images"],
+                    "recon_feature_weights_sha256": m.protocol["weights_sha256"][:16]})
         rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def sample_spectra_table(p: dict[str, Any], runs: dict[str, list[str]], inputs: Inputs) -> pd.DataFrame:
+    """E4, generated images: the spectrum distribution (analysis setting: the paper's figure) of
+    the first `sample_spectra.max_images` images of each sample set against its dataset's real
+    images (`data-spectra`, full size), as KL(samples || real), and both PSD exponents. A sample
+    set whose dataset is not among E4's datasets is left out."""
+    import torch
+
+    from ..data.reader import SplitReader
+    from ..diffusion.sample import SPLIT
+
+    rows = []
+    for sname, folder in sorted(inputs.samples.items()):
+        proto = sampling_record.read(folder)
+        ae = inputs.ae_eval.get(proto.autoencoder)
+        if ae is None or ae.dataset not in runs["datasets"]:
+            continue
+        real = inputs.spectra[ae.dataset]
+        reader = SplitReader(folder, SPLIT)
+        n = min(len(reader), p["sample_spectra"]["max_images"])
+        images, _ = reader.get(np.arange(n))
+        if tuple(images.shape[1:3]) != real.full.size:
+            raise SpecmatchError(f"{folder}: samples of {images.shape[1]}x{images.shape[2]} px, but the real images "
+                                 f"of {ae.dataset} are {real.full.size[0]}x{real.full.size[1]}")
+        x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        r = data_spectra.compare_to_real(x, real)
+        rows.append({"dataset": ae.dataset, "samples": sname, "diffusion": proto.diffusion,
+                     "autoencoder": proto.autoencoder, "sampler": proto.describe, "trained_steps": proto.trained_steps,
+                     "n_images": n, "KL(samples||real)": r["kl_to_real"], "psd_exponent": r["psd_exponent"],
+                     "real_psd_exponent": r["real_psd_exponent"], "real_split": real.split,
+                     "real_n_images": real.n_images, "n_bins": real.n_bins})
     return pd.DataFrame(rows)
 
 
@@ -386,26 +399,24 @@ def progress_tables(p: dict[str, Any], inputs: Inputs) -> tuple[pd.DataFrame, pd
 def _spectra_figures(runs, inputs: Inputs, figs: Path) -> list[tuple[str, str]]:
     """Per (dataset, latent grid): the image's spectrum distribution and ESM target against the
     latents of every E4 autoencoder on that grid."""
-    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    groups: dict[tuple[str, int], list[AEEvaluation]] = {}
     for a in runs["autoencoders"]:
         m = inputs.ae_eval[a]
-        groups.setdefault((m["dataset"], int(m["latent_spectrum"]["grid"][0])), []).append(m)
+        groups.setdefault((m.dataset, m.latent_spectrum.grid[0]), []).append(m)
     out = []
     for (ds, g), ms in sorted(groups.items()):
-        ls0 = ms[0]["latent_spectrum"]
-        sj = inputs.spectra.get(ds, {}).get("grids", {}).get(str(g))
-        if sj is not None and len(sj["valid_bins"]) == len(ls0["valid_bins"]):
-            dists = sj["training"]["distribution"]
-            key = repr(float(ls0["delta"]))
-            image = {"valid": sj["valid_bins"], "untilted": dists[repr(0.0)]["mean"], "delta": ls0["delta"],
-                     "target": dists[key]["mean"] if key in dists else ls0["target_distribution"]}
-            source = f"images: {ds}/{inputs.spectra[ds]['split']}, n={inputs.spectra[ds]['n_images']}"
+        ls0 = ms[0].latent_spectrum
+        sp = inputs.spectra.get(ds)
+        grid = sp.grids.get(g) if sp is not None else None
+        if grid is not None and len(grid.valid_bins) == len(ls0.valid_bins):
+            image = {"valid": grid.valid_bins, "untilted": grid.training[0.0], "delta": ls0.delta,
+                     "target": grid.training.get(ls0.delta, ls0.target_distribution)}
+            source = f"images: {ds}/{sp.split}, n={sp.n_images}"
         else:
-            image = {"valid": ls0["valid_bins"], "untilted": ls0["target_distribution"], "target": None,
-                     "delta": ls0["delta"]}
-            source = f"image target of the held-out split (delta {ls0['delta']:g})"
-        latents = [{"label": f"{m['name']} ({m['variant']}), KL {m['latent_spectrum']['kl_target_to_latent']:.3f}",
-                    "distribution": m["latent_spectrum"]["latent_distribution"]} for m in ms]
+            image = {"valid": ls0.valid_bins, "untilted": ls0.target_distribution, "target": None, "delta": ls0.delta}
+            source = f"image target of the held-out split (delta {ls0.delta:g})"
+        latents = [{"label": f"{m.name} ({m.variant}), KL {m.latent_spectrum.kl_target_to_latent:.3f}",
+                    "distribution": m.latent_spectrum.latent_distribution} for m in ms]
         name = f"spectra_{ds}_{g}x{g}.png"
         figures.latents_vs_image_figure(image, latents, figs / name,
                                         f"{ds}, {g}x{g} latent grid: spectrum distributions (centred, DC removed)\n"
@@ -416,25 +427,25 @@ def _spectra_figures(runs, inputs: Inputs, figs: Path) -> list[tuple[str, str]]:
 
 def _reconstruction_figures(p, names: list[str], inputs: Inputs, figs: Path) -> list[tuple[str, str]]:
     """Per dataset: the first held-out images above each autoencoder's reconstructions."""
-    by_ds: dict[str, list[dict[str, Any]]] = {}
+    by_ds: dict[str, list[AEEvaluation]] = {}
     for a in names:
-        by_ds.setdefault(inputs.ae_eval[a]["dataset"], []).append(inputs.ae_eval[a])
+        by_ds.setdefault(inputs.ae_eval[a].dataset, []).append(inputs.ae_eval[a])
     out = []
     for ds, ms in sorted(by_ds.items()):
         arrays = []
         for m in ms:
-            f = m["_folder"] / "reconstructions.npz"
+            f = m.reconstructions
             if not f.is_file():
                 raise SpecmatchError(f"{f}: missing (eval-ae writes it when autoencoder.eval.n_reconstructions > 0)")
             with np.load(f, allow_pickle=False) as z:
                 arrays.append((m, z["originals"], z["reconstructions"]))
         n = min([p["reconstructions"]] + [len(o) for _, o, _ in arrays])
         if all(np.array_equal(o[:n], arrays[0][1][:n]) for _, o, _ in arrays):
-            rows = [("held-out originals", arrays[0][1][:n])] + [(f"{m['name']}\n({m['variant']})", r[:n])
+            rows = [("held-out originals", arrays[0][1][:n])] + [(f"{m.name}\n({m.variant})", r[:n])
                                                                  for m, _, r in arrays]
         else:  # evaluated on other images: each autoencoder's own originals above its reconstructions
-            rows = [row for m, o, r in arrays for row in ((f"{m['name']}\noriginals", o[:n]),
-                                                         (f"{m['name']}\n({m['variant']})", r[:n]))]
+            rows = [row for m, o, r in arrays for row in ((f"{m.name}\noriginals", o[:n]),
+                                                         (f"{m.name}\n({m.variant})", r[:n]))]
         name = f"reconstructions_{ds}.png"
         figures.image_rows_figure(rows, figs / name, f"{ds}: held-out images and their reconstructions "
                                                      "(posterior mean)")
@@ -534,6 +545,12 @@ def _page(name: str, p: dict[str, Any], runs, t: dict[str, pd.DataFrame], figs: 
                       "of the same images.", "",
                       _md(dl, ["autoencoder", "latent_grid", "latent_psd_exponent", "image_psd_exponent_on_grid",
                                "KL(target||latent)"] + lp), ""]
+            ds_ = t["e4_samples"]
+            if not ds_.empty:
+                L += [f"Generated images: {table_links('e4_samples')}. Their spectrum distribution against the real "
+                      "images' (KL, 0 = the same distribution) and their PSD exponent beside the real one.", "",
+                      _md(ds_, ["samples", "sampler", "n_images", "KL(samples||real)", "psd_exponent",
+                                "real_psd_exponent"]), ""]
             L += ["Spectrum distributions (the paper's figure: the image's distribution on the latent grid and its "
                   "delta-tilted ESM target, against each autoencoder's latents; training setting: centred, DC "
                   "removed):", "", *images(figs["spectra"]), "",
@@ -567,7 +584,8 @@ def write(params: dict[str, Any], inputs: Inputs, name: str, out: str | Path) ->
          "e2": autoencoder_table("E2", runs["E2"], inputs) if runs["E2"]["autoencoders"] else pd.DataFrame(),
          "e3": e3_table(runs["E3"], inputs),
          "e4_data": data_spectra_table(runs["E4"], inputs),
-         "e4_latents": latent_spectra_table(runs["E4"], inputs) if runs["E4"]["autoencoders"] else pd.DataFrame()}
+         "e4_latents": latent_spectra_table(runs["E4"], inputs) if runs["E4"]["autoencoders"] else pd.DataFrame(),
+         "e4_samples": sample_spectra_table(p, runs["E4"], inputs)}
     points, finals = progress_tables(p, inputs)
     missing = [d for d in p["progress"]["diffusions"] if d not in inputs.progress]
     if missing:
@@ -582,6 +600,10 @@ def write(params: dict[str, Any], inputs: Inputs, name: str, out: str | Path) ->
         "e4_data": ("E4: PSD exponents of the images", "Slope of log band energy (centred, DC removed) against "
                     "log(k + 1), of the mean energies and per image, at full size and on each latent grid."),
         "e4_latents": ("E4: spectral diagnostics of the latents", EXPERIMENTS["E4"][1]),
+        "e4_samples": ("E4: spectra of the generated images", "Spectrum distribution (no centring, DC kept) of the "
+                       "first images of each sample set against the real images of its dataset at full size: "
+                       "KL(samples || real) over the non-empty bins, and the PSD exponents (slope of log band "
+                       "energy, centred and DC removed, against log(k + 1))."),
         "fid_over_training": ("Generation metric over training", "One row per evaluated weights: snapshots and final "
                               "weights (`fid-progress`, `n_samples` each), and the generation table's value of the "
                               "same run and sampler (source `generation table`)."),
@@ -600,11 +622,11 @@ def write(params: dict[str, Any], inputs: Inputs, name: str, out: str | Path) ->
                                                                   "progress")}
         figs["spectra"] = _spectra_figures(runs["E4"], inputs, figs_dir)
         for ds in runs["E4"]["datasets"]:
-            src = inputs.spectra[ds]["_folder"] / "spectrum_distribution.png"
-            if src.is_file():
+            src = inputs.spectra[ds].figure
+            if src is not None and src.is_file():
                 figs["data"].append((_copy(src, figs_dir, f"data_spectra_{ds}.png"), f"{ds}: data spectra"))
         if inputs.target_spectra is not None and runs["E3"]["diffusions"]:
-            src = inputs.folders["target_spectra"]["target-spectra"] / "target_spectra.png"
+            src = inputs.folders["target_spectra"]["target-spectra"] / target_diagnostics.FIGURE
             figs["targets"].append((_copy(src, figs_dir, "target_spectra.png"), "alignment target spectra"))
         ae_names = list(dict.fromkeys(runs["E1"]["autoencoders"] + runs["E2"]["autoencoders"]
                                       + runs["E4"]["autoencoders"]))

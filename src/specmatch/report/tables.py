@@ -33,25 +33,17 @@ def generation_row(folder: Path) -> dict[str, Any]:
     if s is None:
         raise SpecmatchError(f"{folder / record.FILE}: these metrics are not of `specmatch sample` outputs (no "
                              "sampling protocol)")
-    try:
-        return _generation_row(m, s)
-    except KeyError as e:
-        raise SpecmatchError(f"{folder / record.FILE}: its sampling protocol has no key {e} (expected the "
-                             "`sampling.json` of `specmatch sample`)") from None
-
-
-def _generation_row(m: record.GenerationMetrics, s: dict[str, Any]) -> dict[str, Any]:
     return {
-        "diffusion": s["diffusion"], "autoencoder": s["autoencoder"], "model": s["model"],
-        "process": s["process"], "alignment": s.get("alignment", "none"), "trained_steps": s["trained_steps"],
-        "weights": s["weights"],
-        "sampler": s["sampler"], "steps": s["steps"], "nfe": s["nfe_per_sample"],
-        "cfg_scale": s["cfg_scale"], "cfg_interval": "-".join(f"{v:g}" for v in s["cfg_interval"]),
+        "diffusion": s.diffusion, "autoencoder": s.autoencoder, "model": s.model,
+        "process": s.process, "alignment": s.alignment, "trained_steps": s.trained_steps,
+        "weights": s.weights,
+        "sampler": s.sampler, "steps": s.steps, "nfe": s.nfe_per_sample,
+        "cfg_scale": s.cfg_scale, "cfg_interval": s.cfg_label,
         "n_samples": m.samples["n"], "metric": m.metric, "value": m.value,
         "precision": m.precision, "recall": m.recall,
         "inception_score": m.inception_score.mean if m.inception_score else None,
         "reference": m.reference_label, "feature_weights_sha256": m.feature_weights_sha256[:16],
-        "seed": s["seed"], "world_size": s["world_size"], "samples": m.name,
+        "seed": s.seed, "world_size": s.world_size, "samples": m.name,
     }
 
 

@@ -93,12 +93,3 @@ def record() -> dict:
         checked, unchecked = len(_checked), len(_unchecked)
     return {"sha256": "on" if enabled() and not unchecked else "off", "env": os.environ.get(ENV),
             "checked_files": checked, "unchecked_files": unchecked}
-
-
-def reset(memo: bool = False) -> None:
-    """Forget which files were checked or skipped (and, with `memo`, the hashes): for tests."""
-    with _lock:
-        _checked.clear()
-        _unchecked.clear()
-        if memo:
-            _memo.clear()

@@ -66,7 +66,6 @@ class StopRequest:
         self._signals = tuple(signals)
         self._previous: dict[signal.Signals, Any] = {}
         self._signum: int | None = None
-        self._reason: str | None = None
         self._requested = False
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
@@ -75,28 +74,15 @@ class StopRequest:
             self._signum = signum
         self._requested = True
 
-    def request(self, reason: str = "request") -> None:
-        """Ask for a stop from code (e.g. a wall-clock budget), as a signal would."""
-        if not self._requested:
-            self._reason = reason
-        self._requested = True
-
-    @property
-    def requested(self) -> bool:
-        """Whether this process received a stop signal (or `request()`)."""
-        return self._requested
-
     @property
     def signal_name(self) -> str | None:
-        """'SIGUSR1', 'SIGTERM', the reason given to `request()`, or None."""
-        if self._signum is not None:
-            return signal.Signals(self._signum).name
-        return self._reason
+        """'SIGUSR1', 'SIGTERM' (the first stop signal received), or None."""
+        return signal.Signals(self._signum).name if self._signum is not None else None
 
     def should_stop(self, dist_info: DistInfo | None = None) -> bool:
         """Whether every rank should stop after this step: true on all ranks as soon as one
         rank was signalled. A collective under torch.distributed, so every rank must call it at
-        the same steps; without a process group it is just `requested`."""
+        the same steps; without a process group, whether this process was signalled."""
         if dist_info is None or dist_info.world_size <= 1:
             return self._requested
         return distributed.any_rank(self._requested, dist_info.device)

@@ -14,16 +14,17 @@ import logging
 import os
 import socket
 import time
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from ..errors import SpecmatchError
-from . import checkpoint, distributed, seeding
-from .provenance import utc_now
+from . import atomic, checkpoint, distributed, seeding
+from .provenance import Provenance, utc_now
 from .signals import EXIT_INTERRUPTED
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,40 @@ def end_of_step(step: int, steps: int, every: int, stop, info, save, bar) -> Non
         raise Interrupted(f"interrupted by {stop.signal_name} at step {step}; checkpoint saved")
 
 
+@dataclass(frozen=True)
+class TrainSettings:
+    """The `train` parameters every trainer has, typed (schema `$defs/ae_train`, `$defs/diff_train`;
+    a trainer's own keys live in a subclass). Built once from the validated section, by
+    `from_params`; the loops read fields, never keys."""
+
+    steps: int
+    batch_size: int  # global: split over the processes
+    lr: float
+    betas: tuple[float, float]
+    weight_decay: float
+    warmup_steps: int
+    grad_clip: float | None
+    ema_decay: float  # 0 = no EMA
+    seed: int
+    device: str
+    precision: str  # auto | bf16 | fp32
+    deterministic: bool
+    checkpoint_every: int
+    keep_checkpoints: int
+    log_every: int
+
+    @classmethod
+    def from_params(cls, t: Mapping[str, Any], where: str = "train"):
+        """The settings of a validated `train` section (lists become tuples). A key the class does
+        not know, or one it needs and the section lacks, is an error naming it."""
+        names = [f.name for f in fields(cls)]
+        unknown, missing = sorted(set(t) - set(names)), [n for n in names if n not in t]
+        if unknown or missing:
+            raise SpecmatchError(f"{where}: unknown keys {unknown}, missing keys {missing} (expected the validated "
+                                 f"section of {cls.__name__})")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in t.items()})
+
+
 class RankSetup(NamedTuple):
     seed: int
     global_batch: int
@@ -105,17 +140,15 @@ class RankSetup(NamedTuple):
     bf16: bool  # autocast to bf16: on CUDA unless fp32 is asked
 
 
-def prepare_rank(t: dict, info) -> RankSetup:
+def prepare_rank(t: TrainSettings, info) -> RankSetup:
     """Seed this process, set determinism and split the global batch."""
-    seed = int(t["seed"])
-    seeding.seed_everything(seed, info.rank)
-    seeding.deterministic(bool(t["deterministic"]))
-    global_batch = int(t["batch_size"])
-    if global_batch % info.world_size:
-        raise SpecmatchError(f"train.batch_size {global_batch} is not divisible by the {info.world_size} processes")
-    local = global_batch // info.world_size
-    bf16 = info.device.type == "cuda" and t["precision"] in ("auto", "bf16")
-    return RankSetup(seed, global_batch, slice(info.rank * local, (info.rank + 1) * local), bf16)
+    seeding.seed_everything(t.seed, info.rank)
+    seeding.deterministic(t.deterministic)
+    if t.batch_size % info.world_size:
+        raise SpecmatchError(f"train.batch_size {t.batch_size} is not divisible by the {info.world_size} processes")
+    local = t.batch_size // info.world_size
+    bf16 = info.device.type == "cuda" and t.precision in ("auto", "bf16")
+    return RankSetup(t.seed, t.batch_size, slice(info.rank * local, (info.rank + 1) * local), bf16)
 
 
 ATTEMPTS_FILE = "attempts.jsonl"
@@ -202,6 +235,25 @@ def make_ema(module: torch.nn.Module, decay: float) -> torch.optim.swa_utils.Ave
 def pack_state(**modules: torch.nn.Module | None) -> dict[str, torch.Tensor]:
     """The state dicts of the given modules (None ones skipped), prefixed by their names."""
     return {f"{name}.{k}": v for name, m in modules.items() if m is not None for k, v in m.state_dict().items()}
+
+
+def final_weights(net_prefix: str, net: torch.nn.Module, ema) -> dict[str, torch.Tensor]:
+    """A trained model's file content: the raw weights under `<net_prefix>.` and, when an EMA is
+    kept, the averaged ones under `ema.`, detached on the CPU."""
+    packed = pack_state(**{net_prefix: net, "ema": ema.module if ema is not None else None})
+    return {k: v.detach().cpu().contiguous() for k, v in packed.items()}
+
+
+def write_output(out: Path, run_dir: Path, prov: Provenance, write_files: Callable[[Path], None]) -> None:
+    """A trainer's output folder, atomically: the artifact's files (`write_files(tmp)`, the
+    artifact module's writer), the run's training log, and the provenance with every attempt
+    that made the run (each start and resumption)."""
+    prov.extra["attempts"] = read_attempts(run_dir)
+    with atomic.atomic_dir(out) as tmp:
+        write_files(tmp)
+        if (run_dir / "metrics.jsonl").exists():
+            (tmp / "metrics.jsonl").write_bytes((run_dir / "metrics.jsonl").read_bytes())
+        prov.write(out, tmp)
 
 
 def unpack_state(tensors: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:

@@ -80,14 +80,6 @@ def safetensors_header(path: str | os.PathLike) -> dict[str, Any]:
     return header
 
 
-def safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
-    """The `__metadata__` (str -> str) of a checked safetensors file ({} when it has none)."""
-    meta = safetensors_header(path).get("__metadata__") or {}
-    if not isinstance(meta, dict):
-        raise _fail(Path(path), "corrupt safetensors header (__metadata__ is not an object)", _HINT)
-    return {str(k): str(v) for k, v in meta.items()}
-
-
 def load_safetensors(path: str | os.PathLike, device: str = "cpu") -> dict[str, Any]:
     """All tensors of a safetensors file, {name: torch.Tensor} on `device`; SpecmatchError
     naming the file and what is wrong (missing, truncated, corrupt header, not safetensors)."""
