@@ -77,10 +77,17 @@ lint: $(STAMP)
 	$(BIN)/specmatch dvc deps --check
 
 # The GPU image of every rule (needs apptainer and network at build time); the sidecar .sha256
-# is what provenance records as the container's identity.
+# is what provenance records as the container's identity. TORCH_CUDA picks the CUDA build of
+# torch/torchvision (containers/specmatch.def, %arguments): pypi (PyPI's CUDA 13.0 wheels, the
+# ones CI tests; NVIDIA driver R580+), cu128 or cu126 (CUDA 12 drivers). The image records it
+# in its labels, with the commit it was built from.
+TORCH_CUDA ?= pypi
 container: $(STAMP)
 	$(BIN)/specmatch container check containers/specmatch.def
-	apptainer build --force containers/specmatch.sif containers/specmatch.def
+	apptainer build --force --build-arg TORCH_CUDA=$(TORCH_CUDA) \
+	  --build-arg GIT_COMMIT=$$(git rev-parse HEAD) \
+	  --build-arg GIT_DIRTY=$$(test -z "$$(git status --porcelain --untracked-files=no)" && echo 0 || echo 1) \
+	  containers/specmatch.sif containers/specmatch.def
 	sha256sum containers/specmatch.sif | cut -d' ' -f1 > containers/specmatch.sif.sha256
 
 lock:

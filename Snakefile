@@ -16,6 +16,11 @@ min_version("9.0")
 # stages install their own handler (docs/cluster.md).
 if "SLURM_JOB_ID" in os.environ:
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+# The ignored disposition does not survive a container runtime: Apptainer's starter catches
+# every signal and its payload (the rule's shell) starts with the default actions. So every
+# rule's command ignores SIGUSR1 itself, inside the container, before it starts torchrun or
+# the stage ("set -euo pipefail" is Snakemake's own default prefix).
+shell.prefix("set -euo pipefail; trap '' USR1; ")
 
 
 configfile: "params.yaml"

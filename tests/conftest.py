@@ -7,6 +7,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 _SRC = str(REPO / "src")
+SRC = _SRC
 if _SRC not in sys.path:
     sys.path.insert(0, _SRC)
 
@@ -156,19 +157,37 @@ def sigterm_run(args: list[str], run_dir, out):
     return ckpts[0]
 
 
+def in_ci() -> bool:
+    """Whether this is the CI run (`CI=true`, set by .ci/run): there a real component a test
+    needs (the local SLURM cluster, the chroot build) that cannot start fails the test with its
+    reason, where elsewhere the test skips."""
+    import os
+
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def unavailable(reason: str):
+    """Skip, or in CI fail, with `reason`."""
+    if in_ci():
+        pytest.fail(f"{reason} (CI=true: a real component of the tests must start here)", pytrace=False)
+    pytest.skip(reason)
+
+
 @pytest.fixture(scope="session")
 def slurm_cluster():
     """A real one-node SLURM cluster (tests/slurm_cluster.py) for the whole session; the tests
-    that need it skip, with the reason, where it cannot be started (CI installs slurm-wlm)."""
+    that need it skip, with the reason, where it cannot be started, and fail in CI (which
+    installs slurm-wlm)."""
     import slurm_cluster as sc
 
-    why = sc.unavailable()
+    left = sc.orphan()  # a cluster a killed test session left running: used, not restarted
+    why = None if left else sc.unavailable()
     if why:
-        pytest.skip(f"no local SLURM cluster: {why}")
+        unavailable(f"no local SLURM cluster: {why}")
     try:
-        cluster = sc.LocalSlurm().start()
+        cluster = sc.LocalSlurm().attach(left) if left else sc.LocalSlurm().start()
     except sc.Busy as e:
-        pytest.skip(f"no local SLURM cluster: {e}")
+        unavailable(f"no local SLURM cluster: {e}")
     yield cluster
     cluster.stop()
 
@@ -176,23 +195,31 @@ def slurm_cluster():
 STAND_IN_BIN = REPO / "tests" / "bin"  # the recording `apptainer` stand-in
 
 
-def slurm_snakemake(repo: Path, args: list[str], env: dict, timeout: int = 3000):
-    """`snakemake --profile slurm ARGS` in the copy `repo`, with the recording `apptainer`
-    stand-in first on PATH and a fake image where params.yaml's container.image points (its
-    .sha256 sidecar is what provenance records). Started as a child (Popen); SLURM jobs have no
-    way to stop a hung Snakemake, so `timeout -s KILL` bounds it (measured with Snakemake 9 here)."""
+def stand_in_env(repo: Path, env: dict) -> dict:
+    """`env` with the recording `apptainer` stand-in first on PATH, its call log in the copy
+    `repo`, and a stand-in image where params.yaml's container.image points: the definition file
+    it would be built from (the stand-in sources its %environment as Apptainer does), with the
+    .sha256 sidecar that provenance records."""
     import hashlib
     import os
-    import subprocess
 
     image = repo / "containers" / "specmatch.sif"
-    image.write_bytes(b"stand-in image for the tests\n")
+    image.write_bytes((repo / "containers" / "specmatch.def").read_bytes())
     image.with_name(image.name + ".sha256").write_text(hashlib.sha256(image.read_bytes()).hexdigest() + "\n")
-    env = {**env, "PATH": f"{STAND_IN_BIN}{os.pathsep}{env['PATH']}",
-           "SPECMATCH_APPTAINER_LOG": str(repo / "apptainer-calls.jsonl")}
+    return {**env, "PATH": f"{STAND_IN_BIN}{os.pathsep}{env['PATH']}",
+            "SPECMATCH_APPTAINER_LOG": str(repo / "apptainer-calls.jsonl")}
+
+
+def slurm_snakemake(repo: Path, args: list[str], env: dict, timeout: int = 3000):
+    """`snakemake --profile slurm ARGS` in the copy `repo`, through the stand-in (`stand_in_env`).
+    Started as a child (Popen); SLURM jobs have no way to stop a hung Snakemake, so
+    `timeout -s KILL` bounds it (measured with Snakemake 9 here)."""
+    import subprocess
+
     cmd = ["timeout", "-s", "KILL", str(timeout), str(Path(sys.executable).parent / "snakemake"),
            "--profile", "slurm", *args]
-    return subprocess.Popen(cmd, cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(cmd, cwd=repo, env=stand_in_env(repo, env), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
 
 
 # The end-to-end tests (test_pipeline.py, test_slurm.py) work in temporary copies of the
@@ -231,16 +258,16 @@ def run_checked(cmd: list[str], cwd: Path, timeout: int = 1800):
 def tiny_run(tmp_path_factory, request) -> Path:
     """One run of the whole tiny DAG, shared by the end-to-end tests: through
     `snakemake --profile slurm` on the local SLURM cluster where one can start (CI installs
-    it), else `snakemake --cores 2` (what `make demo` runs). `<repo>/.executor` says which."""
-    import slurm_cluster as sc
-
+    it, and there it must), else `snakemake --cores 2` (what `make demo` runs).
+    `<repo>/.executor` says which."""
     repo = copy_repo(tmp_path_factory.mktemp("dag") / "repo")
-    cluster = None
-    if sc.unavailable() is None:
-        try:
-            cluster = request.getfixturevalue("slurm_cluster")
-        except pytest.skip.Exception:
-            pass
+    # The session's cluster, started here or by an earlier test (then its daemons already run,
+    # and they are this session's own); only where none can start does the DAG run locally.
+    # In CI the fixture fails instead of skipping, and so does this one.
+    try:
+        cluster = request.getfixturevalue("slurm_cluster")
+    except pytest.skip.Exception:
+        cluster = None
     if cluster is not None:
         # Status checks from 5 s on (the profile's 20 s suits long jobs; these take seconds).
         proc = slurm_snakemake(repo, ["--config", "preset=tiny", "--slurm-init-seconds-before-status-checks", "5"],

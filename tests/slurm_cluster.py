@@ -42,6 +42,29 @@ def unavailable() -> str | None:
     return None
 
 
+def orphan() -> Path | None:
+    """The folder of a test cluster left running by a test session that was killed (its
+    daemons run, per the pid files in the folder /etc/slurm/slurm.conf links to, while no
+    session holds LOCK), or None. A session attaches to it instead of starting its own."""
+    link = ETC / "slurm.conf"
+    if not link.is_symlink():
+        return None
+    d = Path(os.readlink(link)).parent
+    if not d.name.startswith("specmatch-slurm-"):
+        return None
+    for name in ("slurmctld.pid", "slurmd.pid"):
+        try:
+            os.kill(int((d / name).read_text().split()[0]), 0)
+        except (OSError, ValueError, IndexError):
+            return None
+    with open(LOCK, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return None  # a live session owns it
+    return d
+
+
 class Busy(RuntimeError):
     """Another test session holds the machine's test cluster."""
 
@@ -92,6 +115,7 @@ class LocalSlurm:
         self._links: list[Path] = []
         self._lock = None
         self._controller = False
+        self.attached: Path | None = None
 
     def _run(self, *cmd: str, **kw) -> subprocess.CompletedProcess:
         return subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=60, **kw)
@@ -140,6 +164,20 @@ class LocalSlurm:
             raise
         return self
 
+    def attach(self, folder: Path) -> "LocalSlurm":
+        """Use the orphaned test cluster in `folder` (see `orphan`) for this session, holding the
+        lock; `stop` then releases the lock and leaves its daemons as they were found."""
+        self._lock = open(LOCK, "w")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.close()
+            self._lock = None
+            raise Busy(f"another test session runs the local SLURM cluster ({LOCK} is locked)") from None
+        self.attached = folder
+        self._wait_idle()
+        return self
+
     def _wait_idle(self, timeout: float = 60) -> None:
         end = time.monotonic() + timeout
         state = ""
@@ -149,10 +187,17 @@ class LocalSlurm:
             if p.returncode == 0 and state == "idle":
                 return
             time.sleep(0.5)
-        logs = "".join(f"\n--- {f.name}\n{f.read_text()[-2000:]}" for f in sorted(self.dir.glob("*.log")))
+        folder = self.dir or self.attached
+        logs = "".join(f"\n--- {f.name}\n{f.read_text()[-2000:]}" for f in sorted(folder.glob("*.log")))
         raise RuntimeError(f"the SLURM node did not become idle (state {state!r}){logs}")
 
     def stop(self) -> None:
+        if self.attached is not None:  # not ours: only the lock is released
+            self.attached = None
+            if self._lock is not None:
+                self._lock.close()
+                self._lock = None
+            return
         if self.dir is None:
             return
         if self._controller:  # never cancel jobs of a controller this instance did not start

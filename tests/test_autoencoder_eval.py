@@ -64,6 +64,13 @@ def test_eval_metrics_against_independent_recomputation(tmp_path, trained):
     per_image = [float(spectral.esm_loss(x[i:i + 1], mu[i:i + 1])) for i in range(len(x))]
     assert s["esm_loss_mean"] == pytest.approx(float(np.mean(per_image)), rel=1e-4)
     assert res["protocol"]["reconstruction"].startswith("posterior mean")
+    # The bootstrap (default 20 half-sample redraws) goes with every number, and reads back typed.
+    b = res["bootstrap"]
+    assert b["rFD-EffNetLite0"]["n"] == 20 and set(b["lowpass"]) == {"8"}
+    rec_ = evaluate.read(tmp_path / "ev")
+    assert rec_.kl_bootstrap.std == b["kl_target_to_latent"]["std"] > 0
+    assert rec_.distance_bootstrap.std > 0 and rec_.lowpass_bootstrap[8].n == 20
+    assert rec_.kl_bootstrap.low < s["kl_target_to_latent"] < rec_.kl_bootstrap.high
 
 
 def test_eval_bad_inputs(tmp_path, trained):

@@ -50,7 +50,8 @@ def _train_args(data, run_dir, out, params):
 
 def test_resume_after_sigkill_is_bitwise_identical(tmp_path, data):
     full = train.train(run_params(steps=6), data, tmp_path / "runA", tmp_path / "outA", "a")
-    assert full["generator_steps"] == 6 and full["discriminator_steps"] == 5
+    # alternating from iteration 1: G, D, G, D, G, D
+    assert full["generator_steps"] == 3 and full["discriminator_steps"] == 3
     params = run_params(steps=6)
     kill_and_resume(_train_args(data, tmp_path / "runB", tmp_path / "outB", params), tmp_path / "runB",
                     tmp_path / "outB", 6)
@@ -80,7 +81,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data, mo
         return x * float("nan") if step == 3 else x
 
     monkeypatch.setattr(train, "load_batch", poisoned)
-    with pytest.raises(train.NonFiniteLoss, match=r"step 3 .*step-00000002"):
+    with pytest.raises(train.NonFiniteLoss, match=r"iteration 3 .*step-00000002"):
         train.train(run_params(steps=6), data, tmp_path / "run", tmp_path / "out", "a")
     assert [s for s, _ in checkpoint.list_checkpoints(tmp_path / "run")] == [2]
     assert not (tmp_path / "out").exists()
@@ -97,16 +98,79 @@ def test_dsm_discriminator_sees_lowpassed_real(tmp_path, data, monkeypatch):
         return orig(self, x)
 
     monkeypatch.setattr(train.PatchDiscriminator, "forward", spy)
-    p = run_params(steps=1)
+    p = run_params(steps=2)
     p["loss"].update(gan_start=0, dsm_ks=[8])
     p["train"]["hflip"] = 0.0
     train.train(p, data, tmp_path / "run", tmp_path / "out", "a")
     reader = train.SplitReader(data, "train")
-    x = train.load_batch(reader, train.batch_indices(len(reader), 4, 3, 0), 0.0, 3, 0, torch.device("cpu"))
-    # Calls: generator term (fake), then the discriminator step: real, fake.
+    # Calls: iteration 0 the generator's GAN term (fake); iteration 1 the discriminator: real, fake.
+    x = train.load_batch(reader, train.batch_indices(len(reader), 4, 3, 1), 0.0, 3, 1, torch.device("cpu"))
     assert len(seen) == 3
     torch.testing.assert_close(seen[1], spectral.block_lowpass(x, 8))
     assert not torch.allclose(seen[1], x, atol=1e-3)
+
+
+def _adam_steps(run_dir: Path, fp: str) -> tuple[int, int]:
+    """Updates each optimiser made, read from its own state in the final checkpoint (Adam counts
+    its steps per parameter): evidence independent of the trainer's counters."""
+    (_, last), = checkpoint.list_checkpoints(run_dir)[-1:]
+    _, state, _ = checkpoint.load(last, "autoencoder", fp)
+
+    def count(opt):
+        steps = {int(v["step"]) for v in opt["state"].values()}
+        assert len(steps) <= 1, steps
+        return steps.pop() if steps else 0
+
+    return count(state["opt_g"]), count(state["opt_d"])
+
+
+@pytest.mark.parametrize("schedule,updates", [
+    # iterations 0-2 before gan_start: G; then even G (with the GAN term), odd D (the authors')
+    ("alternating", ["G", "G", "G", "D", "G", "D", "G"]),
+    # LDM's two-optimiser scheme: G every iteration, D too from gan_start
+    ("joint", ["G", "G", "G", "G+D", "G+D", "G+D", "G+D"]),
+])
+def test_generator_discriminator_schedule(tmp_path, data, monkeypatch, schedule, updates):
+    d_calls = []
+    orig = train.PatchDiscriminator.forward
+
+    def spy(self, x):
+        d_calls.append(x.shape[0])
+        return orig(self, x)
+
+    monkeypatch.setattr(train.PatchDiscriminator, "forward", spy)
+    p = run_params(steps=7, checkpoint_every=100)
+    p["loss"]["gan_start"] = 3
+    p["disc"]["schedule"] = schedule
+    out = train.train(p, data, tmp_path / "run", tmp_path / "out", "a")
+    n_g, n_d = sum("G" in u for u in updates), sum("D" in u for u in updates)
+    assert (out["iterations"], out["generator_steps"], out["discriminator_steps"]) == (7, n_g, n_d)
+    assert out["schedule"] == schedule
+    log = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["update"] for r in log] == updates
+    assert [("d_loss" in r, "g_adv" in r) for r in log] == [
+        ("D" in u, "G" in u and i >= 3) for i, u in enumerate(updates)]
+    fp = train.fingerprint(train.config_mod.validate(p, "ae_run"), train.SplitReader(data, "train").images_sha256)
+    assert _adam_steps(tmp_path / "run", fp) == (n_g, n_d)
+    # D forwards: one per generator GAN term, two (real, fake) per discriminator update
+    assert len(d_calls) == sum("G" in u and i >= 3 for i, u in enumerate(updates)) + 2 * n_d
+
+
+def test_no_autoencoder_ema_by_default(tmp_path, data):
+    p = run_params(steps=2)
+    del p["train"]["ema_decay"]
+    out = train.train(p, data, tmp_path / "run", tmp_path / "out", "a")
+    assert out["ema"] is False
+    assert not any(k.startswith("ema.") for k in weights(tmp_path / "out"))
+
+
+def test_padding_is_part_of_the_fingerprint(data):
+    run = train.config_mod.validate(run_params(), "ae_run")
+    sha = train.SplitReader(data, "train").images_sha256
+    sd = {**run, "config": {**MICRO, "downsample_padding": "sd"}}
+    assert train.fingerprint(run, sha) != train.fingerprint(sd, sha)
+    assert train.fingerprint(run, sha) == train.fingerprint({**run, "config": {**MICRO, "downsample_padding": "symmetric"}},
+                                                            sha)
 
 
 def test_adaptive_weight_against_hand_gradients():
@@ -153,6 +217,101 @@ def test_bad_inputs(tmp_path, data):
     assert not (tmp_path / "o").exists()
 
 
+_SYNC_BN_WORKER = r"""
+import json, os, sys, copy
+import torch
+from specmatch.autoencoder import train
+from specmatch.autoencoder.discriminator import PatchDiscriminator, sync_batchnorm
+from specmatch.errors import SpecmatchError
+from specmatch.runtime import distributed
+
+device, out = sys.argv[1], sys.argv[2]
+info = distributed.setup("cpu")  # gloo: the only backend two processes can share one GPU with
+rank, world = info.rank, info.world_size
+res = {"world": world}
+torch.manual_seed(0)
+plain = PatchDiscriminator(3, 8, 2)
+try:
+    train.prepare_discriminator(copy.deepcopy(plain), True, info)
+    res["refused"] = None
+except SpecmatchError as e:
+    res["refused"] = str(e)
+res["off"] = type(train.prepare_discriminator(copy.deepcopy(plain), False, info)).__name__
+synced = sync_batchnorm(copy.deepcopy(plain))
+res["norms"] = sorted({type(m).__name__ for m in synced.modules() if "Norm" in type(m).__name__})
+res["same_state"] = all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), synced.state_dict().values()))
+torch.manual_seed(1)
+x = torch.randn(8, 3, 32, 32)
+synced.eval(); plain.eval()
+res["eval_equal"] = bool(torch.allclose(synced(x), plain(x)))
+synced.train(); plain.train()
+if device == "cpu":
+    try:
+        synced(x[rank * 4:(rank + 1) * 4])
+        res["train_forward"] = "ran"
+    except ValueError as e:
+        res["train_forward"] = str(e)
+else:  # one GPU, two processes: the global batch statistics of SyncBatchNorm
+    synced, plain = synced.to(device), plain.to(device)
+    x = x.to(device)
+    mine = synced(x[rank * 4:(rank + 1) * 4])
+    ref = plain(x)
+    res["forward_err"] = float((mine - ref[rank * 4:(rank + 1) * 4]).abs().max())
+    mine.sum().backward(); ref.sum().backward()
+    grads = [p.grad for p in synced.parameters()]
+    for g in grads:
+        torch.distributed.all_reduce(g)
+    res["grad_err"] = max(float((g - p.grad).abs().max()) for g, p in zip(grads, plain.parameters()))
+    res["running_mean_err"] = max(float((a - b).abs().max()) for a, b in zip(
+        [m.running_mean for m in synced.modules() if hasattr(m, "running_mean")],
+        [m.running_mean for m in plain.modules() if hasattr(m, "running_mean")]))
+with open(f"{out}/rank{rank}.json", "w") as f:
+    json.dump(res, f)
+distributed.teardown()
+"""
+
+
+def _sync_bn_run(tmp_path, device: str) -> list[dict]:
+    script = tmp_path / "sync_bn_worker.py"
+    script.write_text(_SYNC_BN_WORKER)
+    cmd, env = torchrun_command([], nproc=2)
+    cmd = cmd[:cmd.index("-m", 3)] + [str(script), device, str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+def test_discriminator_sync_batchnorm_in_two_rank_run(tmp_path):
+    """In a 2-process job the discriminator's BatchNorms become SyncBatchNorm over the job with
+    the same weights and statistics (eval forward unchanged), and the train-mode forward takes
+    the synchronised path, which PyTorch runs on GPUs only: on CPU processes it raises, and the
+    trainer refuses `sync_batchnorm` there with an error naming the key."""
+    for res in _sync_bn_run(tmp_path, "cpu"):
+        assert res["world"] == 2
+        assert res["norms"] == ["SyncBatchNorm"] and res["same_state"] and res["eval_equal"]
+        assert "expected input tensor to be on GPU" in res["train_forward"]
+        assert "disc.sync_batchnorm" in res["refused"] and "GPUs only" in res["refused"]
+        assert res["off"] == "PatchDiscriminator"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="PyTorch's SyncBatchNorm computes on GPUs only")
+def test_sync_batchnorm_statistics_on_gpu(tmp_path):
+    """Two processes on one GPU, each with half the batch: outputs, summed gradients and running
+    statistics equal those of plain BatchNorm on the whole batch."""
+    for res in _sync_bn_run(tmp_path, "cuda:0"):
+        assert res["forward_err"] < 1e-4 and res["grad_err"] < 1e-3 and res["running_mean_err"] < 1e-5
+
+
+def test_mask_draw_per_rank_option():
+    shared = objectives.objective("dsm")
+    per_rank = objectives.objective("dsm", {"mask_draw": "per-rank"})
+    assert all(objectives.draw_mask(shared, 0, s, 0) == objectives.draw_mask(shared, 0, s, 1) for s in range(50))
+    differ = [objectives.draw_mask(per_rank, 0, s, 0) != objectives.draw_mask(per_rank, 0, s, 1) for s in range(50)]
+    assert 10 < sum(differ) < 50
+    with pytest.raises(SpecmatchError, match="mask_draw"):
+        objectives.objective("dsm", {"mask_draw": "random"})
+
+
 @pytest.mark.slow
 def test_ddp_two_gloo_processes_match_one(tmp_path, data):
     """torchrun with 2 CPU processes and the same global batch follows the 1-process run. The
@@ -162,6 +321,7 @@ def test_ddp_two_gloo_processes_match_one(tmp_path, data):
     params = run_params(steps=3)
     params["train"]["hflip"] = 0.5
     params["loss"]["gan_start"] = 100
+    params["disc"]["sync_batchnorm"] = False  # PyTorch's SyncBatchNorm runs on GPUs only
     one = train.train(params, data, tmp_path / "r1", tmp_path / "o1", "one")
     cmd, env = torchrun_command(_train_args(data, tmp_path / "r2", tmp_path / "o2", params))
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
@@ -180,4 +340,6 @@ def test_ddp_two_gloo_processes_match_one(tmp_path, data):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     log = [json.loads(line) for line in (tmp_path / "r3" / "metrics.jsonl").read_text().splitlines()]
-    assert log[-1]["d_step"] == 2 and all(np.isfinite(r["d_loss"]) for r in log if "d_loss" in r)
+    # iterations 0 G, 1 D, 2 G
+    assert log[-1]["d_step"] == 1 and log[-1]["g_step"] == 2
+    assert all(np.isfinite(r["d_loss"]) for r in log if "d_loss" in r)

@@ -9,6 +9,7 @@ import pytest
 
 from specmatch import __version__, container
 from specmatch.cli import main as cli_main
+from specmatch.errors import SpecmatchError
 
 REPO = Path(__file__).resolve().parents[1]
 DEF = REPO / "containers" / "specmatch.def"
@@ -22,8 +23,8 @@ def test_shipped_definition_passes(capsys):
 
 def test_parse_reads_header_and_sections():
     d = container.parse(DEF)
-    assert d.header["bootstrap"] == "docker" and d.header["from"].startswith("nvidia/cuda:")
-    assert {"files", "post", "environment", "labels", "help", "runscript", "test"} == set(d.order)
+    assert d.header["bootstrap"] == "docker" and d.header["from"].startswith("debian:12.")
+    assert {"arguments", "files", "post", "environment", "labels", "help", "runscript", "test"} == set(d.order)
     assert "exec specmatch" in d.sections["runscript"]
     labels = container._labels(d.sections["labels"])
     assert labels["org.opencontainers.image.version"] == __version__
@@ -41,9 +42,9 @@ def _mutated(tmp_path, old: str, new: str) -> Path:
     ("%environment", "%enviroment", "%enviroment is not an Apptainer section (it would be ignored); did you mean %environment?"),
     ("%test", "%tset", "did you mean %test?"),
     ("%test", "%help2", "section %test is missing"),
-    ("From: nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04", "From: nvidia/cuda:latest", "tag 'latest' is not a version"),
-    ("From: nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04", "From: nvidia/cuda", "has no tag"),
-    ("From: nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04", "From: nvidia/cuda@sha256:abc", "malformed digest"),
+    ("From: debian:12.11-slim", "From: debian:latest", "tag 'latest' is not a version"),
+    ("From: debian:12.11-slim", "From: debian", "has no tag"),
+    ("From: debian:12.11-slim", "From: debian@sha256:abc", "malformed digest"),
     ("Bootstrap: docker", "Bootstrap: dockr", "unknown bootstrap agent 'dockr'"),
     ("Bootstrap: docker\n", "", "no `Bootstrap:` line"),
     ("org.opencontainers.image.version 0.1.0", "org.opencontainers.image.version 9.9.9",
@@ -69,8 +70,9 @@ def test_empty_required_section_and_duplicates(tmp_path):
 
 
 def test_base_pinned_by_digest_passes(tmp_path):
-    p = _mutated(tmp_path, "From: nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04", "From: nvidia/cuda@sha256:" + "a" * 64)
-    assert container.check(p) == []
+    p = _mutated(tmp_path, "From: debian:12.11-slim", "From: debian@sha256:" + "a" * 64)
+    assert container.check(p) == ["base image: cannot tell which Python the base 'debian@sha256:" + "a" * 64
+                                  + "' offers (a Debian, Ubuntu or python image is known)"]
 
 
 def test_network_at_build_time_is_fine_but_not_at_run_time(tmp_path):
@@ -105,3 +107,57 @@ def test_binds_follow_symlinks_to_shared_storage(tmp_path, capsys):
 def test_binds_print_nothing_without_folders(tmp_path, capsys):
     cli_main(["container", "binds", "--root", str(tmp_path)])
     assert capsys.readouterr().out == "\n"
+
+
+@pytest.mark.parametrize("base, problem", [
+    # the base of commit 004e497: Ubuntu 24.04 ships python3.12 only, and %post asks for python3.11
+    ("nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04", "ubuntu 24.04 offers Python 3.12; the lock needs requires-python"),
+    ("ubuntu:22.04", "ubuntu 22.04 offers Python 3.10"),
+    ("debian:13.1-slim", "debian 13 offers Python 3.13"),
+    ("python:3.12.8-slim-bookworm", "the official python image python:3.12.8-slim-bookworm offers Python 3.12"),
+    ("rockylinux:9.3", "cannot tell which Python the base 'rockylinux:9.3' offers"),
+])
+def test_base_whose_python_is_not_the_locks_is_refused(tmp_path, base, problem):
+    problems = container.check(_mutated(tmp_path, "From: debian:12.11-slim", f"From: {base}"))
+    assert any(problem in p for p in problems), problems
+
+
+def test_bases_with_the_locks_python_pass(tmp_path):
+    for base in ("debian:bookworm-20250520-slim", "debian:12", "python:3.11.9-slim-bookworm"):
+        assert container.check(_mutated(tmp_path, "From: debian:12.11-slim", f"From: {base}")) == [], base
+    deb = _mutated(tmp_path, "Bootstrap: docker\nFrom: debian:12.11-slim",
+                   "Bootstrap: debootstrap\nOSVersion: bookworm\nMirrorURL: http://deb.debian.org/debian")
+    assert container.check(deb) == []
+    assert container.base_python(container.parse(deb)) == ("3.11", "debian bookworm (debootstrap)")
+
+
+@pytest.mark.parametrize("line, problem", [
+    # the %environment of commit 004e497: the image's default beat the host's and the bind's folder
+    ("export SPECMATCH_RESOURCES=${SPECMATCH_RESOURCES:-/work/resources}", "%environment sets SPECMATCH_RESOURCES"),
+    ("export SPECMATCH_RESOURCES=${SPECMATCH_RESOURCES:-/work/resources}", "reads $SPECMATCH_RESOURCES"),
+    ("export SPECMATCH_VERIFY=0", "%environment sets SPECMATCH_VERIFY"),
+    ("export TORCH_HOME=/opt/torch", "%environment sets TORCH_HOME"),
+    ("export DATA=${SCRATCH}/data", "reads $SCRATCH"),
+])
+def test_environment_that_overrides_the_host_is_refused(tmp_path, line, problem):
+    p = _mutated(tmp_path, "    export HF_HUB_OFFLINE=1\n", f"    export HF_HUB_OFFLINE=1\n    {line}\n")
+    assert any(problem in x for x in container.check(p)), container.check(p)
+
+
+def test_environment_may_use_what_it_set_itself(tmp_path):
+    p = _mutated(tmp_path, "    export HF_HUB_OFFLINE=1\n",
+                 "    export HF_HUB_OFFLINE=1\n    export VENV=/opt/venv\n    export PYTHONPATH=$VENV/lib\n")
+    assert container.check(p) == []
+
+
+def test_build_arguments_render_and_need_defaults(tmp_path):
+    d = container.parse(DEF)
+    assert container.arguments(d) == {"TORCH_CUDA": "pypi", "GIT_COMMIT": "unknown", "GIT_DIRTY": "1"}
+    r = container.render(d, {"TORCH_CUDA": "cu128", "GIT_COMMIT": "abc"})
+    assert "org.specmatch.torch.cuda cu128" in r.sections["labels"] and "{{" not in "".join(r.sections.values())
+    assert "SPECMATCH_GIT_COMMIT=abc" in r.sections["environment"]
+    assert '"torch==${torch_v}+cu128"' in r.sections["post"]
+    p = _mutated(tmp_path, "    TORCH_CUDA=pypi\n", "")
+    assert any("{{ TORCH_CUDA }} has no default in %arguments" in x for x in container.check(p))
+    with pytest.raises(SpecmatchError, match="TORCH_CUDA"):
+        container.render(container.parse(p))

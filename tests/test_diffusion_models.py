@@ -85,6 +85,12 @@ def test_uvit_parameter_counts_match_paper():
     #   pos_embed 257*D = 131,584;  final LN 2D = 1,024;  decoder D*p^2*C + p^2*C = 8,208
     #   3x3 conv 9*C^2 + C = 148                              total = 44,259,492
     assert count_parameters(s) == 44_259_492
+    # U-ViT-L 287M and U-ViT-H 501M (U-ViT paper, Table 1), as its released ImageNet 256 models
+    # (4x32x32 latents, patch 2, 1000 classes and the null label)
+    with torch.device("meta"):
+        big = {n: build(f"{n}/2", in_channels=4, input_size=32, num_classes=1000) for n in ("UViT-L", "UViT-H")}
+    assert big["UViT-L"].n_blocks == 21 and round(count_parameters(big["UViT-L"]) / 1e6) == 287
+    assert big["UViT-H"].n_blocks == 29 and round(count_parameters(big["UViT-H"]) / 1e6) == 501
 
 
 def test_registry_entries_and_attributes():
@@ -265,11 +271,18 @@ def test_uvit_long_skips_are_used():
 
 
 def test_time_is_embedded_as_1000_t():
-    # Both families embed the DDPM-style step 1000*t (the released checkpoints' convention).
+    # Both families embed the DDPM-style step 1000*t by default; an imported checkpoint keeps its
+    # own scale (SiT and REPA: t itself, U-ViT's continuous models: 999 t; diffusion.convert).
     t = torch.tensor([0.0, 0.25, 1.0])
     sit = _tiny("SiT-tiny")
     ref = sit.t_embedder.mlp(timestep_embedding(1000 * t, 256))
     torch.testing.assert_close(sit.t_embedder(t), ref)
+    torch.manual_seed(0)
+    one = build("SiT-tiny/2", in_channels=4, input_size=8, time_scale=1.0)
+    torch.testing.assert_close(one.t_embedder(t), one.t_embedder.mlp(timestep_embedding(t, 256)))
+    assert one.time_scale == 1.0 and sit.time_scale == 1000.0
+    with pytest.raises(SpecmatchError, match="time_scale"):
+        build("SiT-tiny/2", in_channels=4, input_size=8, time_scale=0.0)
     uvit = _perturb(_tiny("UViT-tiny")).eval()
     x, _, _ = _inputs(uvit)
     seen = {}

@@ -87,15 +87,15 @@ def test_sigterm_writes_checkpoint_and_exits_3(tmp_path, micro):
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, micro, monkeypatch):
-    real = train.LatentReader.sample
+    real = train.LatentReader.scaled_sample
     calls = []
 
-    def poisoned(self, indices, generator):
-        z, y = real(self, indices, generator)
-        calls.append(len(indices))
-        return (z * float("nan"), y) if len(calls) == 4 else (z, y)  # the 4th draw is step 3's
+    def poisoned(self, mu, logvar, eps):  # the posterior sample of each step's rows
+        z = real(self, mu, logvar, eps)
+        calls.append(len(mu))
+        return z * float("nan") if len(calls) == 4 else z  # the 4th draw is step 3's
 
-    monkeypatch.setattr(train.LatentReader, "sample", poisoned)
+    monkeypatch.setattr(train.LatentReader, "scaled_sample", poisoned)
     with pytest.raises(train.NonFiniteLoss, match=r"step 3 .*step-00000002"):
         train.train(uvit(steps=6), micro[2], tmp_path / "out", "a", run_dir=tmp_path / "run")
     assert len(calls) == 4

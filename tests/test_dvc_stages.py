@@ -154,3 +154,90 @@ def test_dvc_exp_run_sets_one_parameter(tmp_path):
     run_checked([dvc, "exp", "run", "data", "-S", "presets/tiny.yaml:spectra.max_images=16", "-n", "max16"], repo)
     assert json.loads(metrics.read_text())["spectra/embedded"]["n_images"] == 16
     shutil.rmtree(repo)
+
+
+# --------------------------------------------------------------------------- Snakemake runs, DVC versions
+
+def _dvc(repo: Path, *args: str, env: dict | None = None):
+    import subprocess
+
+    from conftest import dag_env
+
+    proc = subprocess.run([str(BIN / "dvc"), *args], cwd=repo, env=env or dag_env(), capture_output=True, text=True,
+                          timeout=1800)
+    assert proc.returncode == 0, f"dvc {' '.join(args)}:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="module")
+def adopted(tiny_run, tmp_path_factory) -> Path:
+    """A copy of the shared tiny DAG run (what `make demo` makes; through `--profile slurm`
+    where the local cluster runs), made a git + DVC repository whose params.yaml names the tiny
+    preset, and adopted by DVC with `specmatch dvc adopt`. The results are hard links (the stages
+    write atomically, so nothing writes into those files)."""
+    import os
+
+    repo = tmp_path_factory.mktemp("adopt") / "repo"
+    shutil.copytree(tiny_run, repo, symlinks=True, ignore=shutil.ignore_patterns("results"))
+    shutil.copytree(tiny_run / "results", repo / "results", symlinks=True, copy_function=os.link)
+    params = repo / "params.yaml"
+    params.write_text(params.read_text().replace("preset: paper", "preset: tiny", 1))
+    run_checked(["git", "init", "-q"], repo)
+    run_checked(["git", "add", "-A"], repo)
+    run_checked(["git", "commit", "-qm", "the tiny run"], repo)
+    proc = run_checked([str(BIN / "specmatch"), "dvc", "adopt"], repo)
+    assert "dvc.lock" in proc.stdout and "specmatch dvc metrics" in proc.stdout
+    return repo
+
+
+@pytest.mark.slow
+def test_dvc_adopts_a_snakemake_run_then_reruns_only_what_a_change_affects(adopted):
+    lock = yaml.safe_load((adopted / "dvc.lock").read_text())["stages"]
+    assert set(lock) == set(yaml.safe_load((adopted / "dvc.yaml").read_text())["stages"])
+    assert "Data and pipelines are up to date" in _dvc(adopted, "status")
+    # One diffusion parameter of params.yaml: the stages that read it (diffusion; report, which
+    # reads `diffusion` too) and those downstream of them, nothing upstream.
+    params = adopted / "params.yaml"
+    text = params.read_text()
+    old = "    checkpoint_every: 10000\n    log_every: 100\n  # Representation alignment"
+    assert old in text
+    params.write_text(text.replace(old, old.replace("log_every: 100", "log_every: 50"), 1))
+    try:
+        dry = _dvc(adopted, "repro", "--dry")
+        import re
+
+        assert re.findall(r"Running stage '([\w-]+)'", dry) == ["diffusion", "report"], dry[-3000:]
+    finally:
+        params.write_text(text)
+    assert "Data and pipelines are up to date" in _dvc(adopted, "status")
+
+
+def test_adopt_refuses_an_incomplete_run(tmp_path):
+    repo = copy_repo(tmp_path / "repo")
+    params = repo / "params.yaml"
+    params.write_text(params.read_text().replace("preset: paper", "preset: tiny", 1))
+    from specmatch.errors import SpecmatchError
+
+    with pytest.raises(SpecmatchError, match=r"(?s)not complete or not up to date.*Jobs left:\nJob stats:.*prepare_data +1\n"):
+        dvc_stages.adopt(repo)
+
+
+@pytest.mark.slow
+def test_dvc_repro_submits_through_the_slurm_profile(adopted, slurm_cluster):
+    """`SNAKEMAKE_PROFILE=slurm dvc repro` (docs/cluster.md): the stages' Snakemake submits every
+    job through the SLURM profile, here to the local cluster through the apptainer stand-in."""
+    from conftest import dag_env, stand_in_env
+
+    params = adopted / "params.yaml"
+    params.write_text(params.read_text().replace("  n_bins: 16\n", "  n_bins: 8\n", 1))
+    env = {**stand_in_env(adopted, dag_env()), "SNAKEMAKE_PROFILE": "slurm"}
+    out = _dvc(adopted, "repro", "data", env=env)
+    assert "Running stage 'data'" in out
+    jobs = [j for j in slurm_cluster.jobs() if j.get("WorkDir") == str(adopted)]
+    rules = sorted(j["Comment"].split("_wildcards")[0] for j in jobs)
+    assert rules == ["rule_data_spectra", "rule_prepare_data"], rules
+    assert all(j["JobState"] == "COMPLETED" for j in jobs), jobs
+    spectra = json.loads((adopted / "results/tiny/spectra/embedded/spectra.json").read_text())
+    assert spectra["n_bins"] == 8
+    lock = yaml.safe_load((adopted / "dvc.lock").read_text())["stages"]["data"]
+    assert lock["params"]["params.yaml"]["spectra"]["n_bins"] == 8

@@ -17,13 +17,16 @@ import pytest
 import torch
 from specmatch import resources
 from specmatch.cli import main as cli_main
+from specmatch.data import shards
 from specmatch.data.prepare import prepare
 from specmatch.errors import SpecmatchError
 from specmatch.metrics import features, fid, fid_stage, record
+from specmatch.runtime import hashing
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from bench._fid_weights import FILE_NAME, build_fid_inception_weights  # noqa: E402
+from conftest import load_split  # noqa: E402
 
 
 def _pfi_frechet():
@@ -91,13 +94,15 @@ def test_statistics_float64_and_few_samples_warning():
 
 
 def test_inception_score_bounds():
-    assert fid.inception_score(np.zeros((20, 10)), splits=2)[0] == pytest.approx(1.0)
-    # confident, evenly spread over C classes: IS = C
+    assert fid.inception_score(np.zeros((20, 10)), split_size=10) == (pytest.approx(1.0), pytest.approx(0.0))
+    # confident, evenly spread over C classes: IS = C; one part: no spread over parts
     logits = np.full((40, 8), -1e4)
     logits[np.arange(40), np.arange(40) % 8] = 0.0
-    assert fid.inception_score(logits, splits=1)[0] == pytest.approx(8.0, rel=1e-6)
-    with pytest.raises(SpecmatchError, match="at least 10 samples"):
-        fid.inception_score(np.zeros((5, 3)))
+    assert fid.inception_score(logits, split_size=40) == (pytest.approx(8.0, rel=1e-6), None)
+    # parts of 16, 16, 8 samples: each spread evenly over 8 classes, each scores 8
+    assert fid.inception_score(logits, split_size=16)[0] == pytest.approx(8.0, rel=1e-6)
+    with pytest.raises(SpecmatchError, match=r"need \(N >= 1, C\) logits"):
+        fid.inception_score(np.zeros((0, 3)))
 
 
 def _pr_bruteforce(real, fake, k):
@@ -251,7 +256,7 @@ def small_ds(tmp_path_factory) -> Path:
     return out
 
 
-EFF = {"net": "efficientnet-lite0", "batch_size": 16, "device": "cpu", "is_splits": 2}
+EFF = {"net": "efficientnet-lite0", "batch_size": 16, "device": "cpu"}
 
 
 def test_fid_ref_and_calc_stages(tmp_path, small_ds):
@@ -265,7 +270,7 @@ def test_fid_ref_and_calc_stages(tmp_path, small_ds):
     other = fid_stage.calc(small_ds, "train", tmp_path / "ref", EFF, "train", tmp_path / "train")
     saved = json.loads((tmp_path / "self" / "metrics.json").read_text())
     assert "FID" not in saved and saved["metric"] == "FD-EffNetLite0" and saved["FD-EffNetLite0"] == same.value
-    assert same.metric == "FD-EffNetLite0"
+    assert same.metric == "FD-EffNetLite0" and same.protocol_name == "pytorch-fid" and same.sfid is None
     assert record.read(tmp_path / "self") == same  # what consumers read back is what the stage measured
     assert same.inception_score is None or same.inception_score.name == "IS-EffNetLite0"
     broken = dict(saved)
@@ -279,6 +284,11 @@ def test_fid_ref_and_calc_stages(tmp_path, small_ds):
     assert abs(same.value) < 1e-3 and same.precision == 1.0 and same.recall == 1.0
     assert other.value > 1.0
     assert other.samples["n"] == 40 and other.reference["n"] == 24
+    # A seeded subset of the split (the real floor at a sample count): its images and no others.
+    sub = fid_stage.calc(small_ds, "train", tmp_path / "ref", EFF, "sub", tmp_path / "sub", n_images=20)
+    keep = shards.subset_indices(40, 20, EFF.get("seed", 0))
+    images, _ = load_split(small_ds, "train")
+    assert sub.samples["n"] == 20 and sub.samples["images_sha256"] == hashing.sha256_images(images[keep])
     assert any("feature dimensions" in w for w in other.warnings)
     rec = json.loads((tmp_path / "train" / "provenance.json").read_text())
     assert rec["protocol"]["reference_stats_sha256"] == other.reference["stats_sha256"]
@@ -293,6 +303,8 @@ def test_fid_calc_refuses_other_net_and_writes_nothing(tmp_path, small_ds):
         fid_stage.calc(small_ds, "train", tmp_path, EFF, "x", tmp_path / "out")
     with pytest.raises(SpecmatchError, match="no split 'val'"):
         fid_stage.calc(small_ds, "val", tmp_path / "ref", EFF, "x", tmp_path / "out")
+    with pytest.raises(SpecmatchError, match=r"--n-images 41 is not in \[1, 40\]"):
+        fid_stage.calc(small_ds, "train", tmp_path / "ref", EFF, "x", tmp_path / "out", n_images=41)
     assert not (tmp_path / "out").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["ref"]
 

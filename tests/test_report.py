@@ -100,7 +100,7 @@ def test_snapshot_steps_leave_the_run_fingerprint_alone():
 # --------------------------------------------------------------------------- fid-progress
 
 
-METRICS = {"net": "efficientnet-lite0-128", "device": "cpu", "batch_size": 16, "split": "train", "is_splits": 2}
+METRICS = {"net": "efficientnet-lite0-128", "device": "cpu", "batch_size": 16, "split": "train", "is_split_size": 4}
 SAMPLER = {"method": "dpm-solver", "steps": 3, "batch_size": 4, "shard_size": 8, "device": "cpu"}
 
 
@@ -201,7 +201,11 @@ DIFFS = {"u-sdvae": ("ae-sdvae", "UViT-tiny/2", "none", {"dpm": (101.0, 128, 1.0
          "s-dsm": ("ae-dsm", "SiT-tiny/2", "none", {"sde": (201.0, 128, 1.0), "sde-cfg": (202.0, 128, 2.0)}),
          "s-dsm-repa": ("ae-dsm", "SiT-tiny/2", "repa", {"sde": (211.0, 128, 1.0)}),
          "s-dsm-irepa": ("ae-dsm", "SiT-tiny/2", "irepa", {"sde": (212.0, 128, 1.0)}),
-         "s-dsm-dog": ("ae-dsm", "SiT-tiny/2", "dog", {"sde": (213.0, 128, 1.0)})}
+         "s-dsm-dog": ("ae-dsm", "SiT-tiny/2", "dog", {"sde": (213.0, 128, 1.0)}),
+         # untrained twins (report.baselines.untrained): the U-ViT learned, the SiT did not (201 vs 205 +- 2)
+         "u-sdvae-untrained": ("ae-sdvae", "UViT-tiny/2", "none", {"dpm": (300.0, 128, 1.0)}),
+         "s-dsm-untrained": ("ae-dsm", "SiT-tiny/2", "none", {"sde": (205.0, 128, 1.0), "sde-cfg": (206.0, 128, 2.0)})}
+STD = {"kl": 0.01, "lp": 0.5, "gen": 2.0}  # bootstrap standard errors of the fixture's numbers
 TARGETS = {"repa": (0.0123, -0.5), "irepa": (0.5123, -0.25), "dog": (0.3123, 0.75)}
 PARAMS = {"experiments": {"E1": {"autoencoders": list(AES), "diffusions": ["u-sdvae", "u-esm", "u-dsm"]},
                           "E2": {"autoencoders": ["ae-dsm"], "diffusions": ["s-dsm"]},
@@ -209,6 +213,18 @@ PARAMS = {"experiments": {"E1": {"autoencoders": list(AES), "diffusions": ["u-sd
                           "E4": {"autoencoders": None, "datasets": None}},
           "progress": {"diffusions": ["u-sdvae", "u-dsm"], "n_samples": 64}, "reconstructions": 4}
 W = "ab" * 32
+
+
+def _objective(variant: str) -> dict:
+    """As train-ae records it; the ESM-AE with a tenfold ESM weight (the tiny preset's)."""
+    from specmatch.autoencoder.objectives import objective
+
+    o = {k: list(v) if isinstance(v, tuple) else v for k, v in objective(variant).__dict__.items()}
+    return {**o, "esm_weight": 0.1} if variant == "esm" else o
+
+
+def _boot(std: float, point: float = 0.0) -> dict:
+    return {"n": 20, "std": std, "ci95": [point - 1.96 * std, point + 1.96 * std], "seed": 0}
 
 
 def _jdump(path: Path, obj) -> None:
@@ -250,13 +266,16 @@ def stage_outputs(tmp_path_factory, micro_latents):
         d = root / "ae_eval" / ae
         _jdump(d / "metrics.json", {
             "name": ae, "autoencoder": ae, "variant": variant, "config": "tiny", "dataset": DS, "n": 128,
+            "objective": _objective(variant),
             "psnr": psnr, "ssim": ssim, f"r{METRIC}": rfd, "lowpass": lp,
             "lowpass_metric": f"r{METRIC} between LP_k(x) and Dec(LP_k(mu))",
             "latent_spectrum": {"grid": [16, 16], "n_bins": 16, "delta": 1.0, "valid_bins": valid,
                                 "latent_distribution": _dist(i + 1, valid), "target_distribution": _dist(9, valid),
                                 "kl_target_to_latent": kl, "esm_loss_mean": kl + 0.001, "psd_exponent": pe},
             "protocol": {"split": "test", "n_images": 128, "metric": METRIC, "weights_sha256": W,
-                         "feature_net": "efficientnet-lite0-128"}})
+                         "feature_net": "efficientnet-lite0-128"},
+            "bootstrap": {f"r{METRIC}": _boot(STD["lp"], rfd), "lowpass": {k: _boot(STD["lp"], v) for k, v in lp.items()},
+                          "kl_target_to_latent": _boot(STD["kl"], kl)}})
         np.savez(d / "reconstructions.npz", originals=originals,
                  reconstructions=np.clip(originals.astype(int) + 20 * (i + 1), 0, 255).astype(np.uint8))
     for diff, (ae, model, kind, samplers) in DIFFS.items():
@@ -267,12 +286,13 @@ def stage_outputs(tmp_path_factory, micro_latents):
             **({"dog": {"sigma1": 0.8, "sigma2": 2.0}} if kind == "dog" else {}),
             **({"irepa_gamma": 1.0} if kind == "irepa" else {})}
         d = root / "diffusion" / diff
-        _jdump(d / "diffusion.json", {"name": diff, "model": model, "steps": 160, "latents": {"autoencoder": ae},
+        steps = 0 if diff.endswith("-untrained") else 160
+        _jdump(d / "diffusion.json", {"name": diff, "model": model, "steps": steps, "latents": {"autoencoder": ae},
                                       "alignment": align})
         Provenance("train-diffusion", diff, {"alignment": {"kind": kind}}).write(d, d)
         for s, (value, n, cfg) in samplers.items():
             sampling = {"name": f"{diff}-{s}", "diffusion": diff, "autoencoder": ae, "model": model,
-                        "process": "linear" if model.startswith("SiT") else "vp-linear", "trained_steps": 160,
+                        "process": "linear" if model.startswith("SiT") else "vp-linear", "trained_steps": steps,
                         "alignment": "none" if kind == "none" else f"{kind} (enc-s8, depth 2, lambda 0.5)",
                         "weights": "ema", "sampler": "dpm-solver" if s == "dpm" else "euler-maruyama",
                         "steps": 20 if s == "dpm" else 30, "nfe_per_sample": 21 if s == "dpm" else 30,
@@ -284,7 +304,8 @@ def stage_outputs(tmp_path_factory, micro_latents):
                 "name": f"{diff}-{s}", "metric": METRIC, METRIC: value, "precision": value / 1000,
                 "recall": value / 2000, "IS-EffNetLite0-128": value / 100,
                 "IS-EffNetLite0-128_std": 0.0, "samples": {"n": n},
-                "reference": {"dataset": DS, "split": "train", "n": 1024}, "protocol": {"weights_sha256": W, "feature_net": "efficientnet-lite0-128"},
+                "reference": {"dataset": DS, "split": "train", "n": 1024}, "protocol": {"name": "pytorch-fid", "weights_sha256": W, "feature_net": "efficientnet-lite0-128"},
+                f"{METRIC}_bootstrap": _boot(STD["gen"], value),
                 "sampling": sampling})
             _jdump(root / "samples" / diff / s / "sampling.json", sampling)
             # u-sdvae "samples" the real training images (the spectra's own set); the others are noise.
@@ -303,15 +324,22 @@ def stage_outputs(tmp_path_factory, micro_latents):
         rows = [{"diffusion": diff, "autoencoder": DIFFS[diff][0], "step": st, "source": src, "metric": METRIC,
                  "value": v, "n_samples": 64, "sampler": "dpm-solver", "steps": 20, "nfe": 21, "cfg_scale": 1.0,
                  "cfg_interval": "0-1", "reference": f"{DS}/train (n=1024)", "feature_weights_sha256": W[:16],
-                 "precision": 0.5, "recall": 0.5, "inception_score": 2.0, "seed": 0, "weights": "ema"}
+                 "precision": 0.5, "recall": 0.5, "inception_score": 2.0, "seed": 0, "weights": "ema",
+                 "protocol": "pytorch-fid"}
                 for st, src, v in ((40, "snapshot", 300.0), (80, "snapshot", 250.0), (160, "final weights", 180.0))]
         d.mkdir(parents=True)
         pd.DataFrame(rows).to_csv(d / "progress.csv", index=False)
         _jdump(d / "progress.json", {"name": diff, "diffusion": diff, "points": []})
+    # The real floor at 128 samples (held-out real images scored like the samples).
+    _jdump(root / "floors" / f"{DS}-n128" / "metrics.json", {
+        "name": f"{DS}-real-floor-n128", "metric": METRIC, METRIC: 50.0, "precision": 0.9, "recall": 0.9,
+        "samples": {"n": 128, "split": "test"}, "reference": {"dataset": DS, "split": "train", "n": 1024},
+        "protocol": {"name": "pytorch-fid", "weights_sha256": W, "feature_net": "efficientnet-lite0-128"}})
     return {"spectra": [root / "spectra" / DS], "ae_eval": sorted((root / "ae_eval").iterdir()),
             "diffusion": sorted((root / "diffusion").iterdir()),
             "gen_metrics": sorted(root.glob("gen_metrics/*/*")), "samples": sorted(root.glob("samples/*/*")),
-            "target_spectra": ts, "progress": sorted((root / "progress").iterdir())}
+            "target_spectra": ts, "progress": sorted((root / "progress").iterdir()),
+            "floors": [root / "floors" / f"{DS}-n128"]}
 
 
 def _report(stage_outputs, out: Path, params=PARAMS, **replace):
@@ -423,7 +451,7 @@ def test_page_links_every_table_and_figure(report):
     assert {f"samples_{d}-{s}.png" for d, v in DIFFS.items() for s in v[3]} <= names
     for exp in ("E1", "E2", "E3", "E4"):
         assert f"## {exp}:" in page
-    assert f"{METRIC} of 128 samples against {DS}/train (n=1024)" in page
+    assert f"{METRIC} of 128 samples against {DS}/train (n=1024), protocol pytorch-fid" in page
 
 
 def test_figures_are_deterministic(report, stage_outputs, tmp_path):
@@ -515,3 +543,31 @@ def test_cli_report_paper(stage_outputs, tmp_path, capsys):
     bad["experiments"]["E5"] = {}
     assert cli_main(args[:5] + [json.dumps(bad)] + args[6:]) == 2
     assert "report.experiments" in capsys.readouterr().err
+
+
+def test_claims_section_judges_each_claim_by_its_uncertainty(report):
+    """The fixture's numbers: ESM's KL 0.21 vs SD-VAE's 0.31 (+-0.01 each): supported; DSM's k=12
+    low-pass 22.1 vs 20.1 (+-0.5): contradicted; U-ViT on ESM/DSM latents 102/103 vs 101 (+-2):
+    not resolved; the SiT runs (201-213) do not beat their untrained network (205 +- 2), so the
+    alignment claims are not judged. The images' power law is measured on the real micro set."""
+    t, out = report
+    c = pd.read_csv(out / "tables" / "claims.csv")
+    by = {cid: g for cid, g in c.groupby("claim")}
+    assert list(by["C1"]["verdict"]) == ["supported"] and "R^2" in by["C1"]["evidence"].iloc[0]
+    assert list(by["C2"]["verdict"]) == ["supported"] and by["C2"]["z"].iloc[0] == pytest.approx(0.1 / np.hypot(
+        STD["kl"], STD["kl"]), rel=1e-3)
+    assert list(by["C3"]["verdict"]) == ["contradicted"] and "k=12" in by["C3"]["evidence"].iloc[0]
+    assert sorted(by["C4"]["verdict"]) == ["not resolved at this N"] * 2
+    assert len(by["C5"]) == 1 and len(by["C6"]) == 2
+    assert all(v.startswith("not resolved: the runs did not learn") for v in list(by["C5"]["verdict"]) +
+               list(by["C6"]["verdict"]))
+    e1 = pd.read_csv(out / "tables" / "e1.csv").set_index("diffusion")
+    assert e1.loc["u-esm", "objective_vs_paper"] == "esm_weight 0.1 (paper 0.01)"
+    assert pd.isna(e1.loc["u-sdvae", "objective_vs_paper"])
+    assert e1.loc["u-sdvae", f"{METRIC} untrained"] == 300.0 and pd.isna(e1.loc["u-esm", f"{METRIC} untrained"])
+    assert e1.loc["u-sdvae", f"{METRIC} std"] == STD["gen"]
+    # u-sdvae: untrained 300, floor 50, trained 101: it closed (300 - 101) / (300 - 50) of the gap.
+    assert e1.loc["u-sdvae", f"{METRIC} real floor"] == 50.0
+    assert e1.loc["u-sdvae", "gap_closed"] == pytest.approx(199 / 250, rel=1e-4)
+    page = (out / "index.md").read_text()
+    assert "## Claims" in page and page.index("## Claims") < page.index("## E1")

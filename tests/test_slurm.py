@@ -16,9 +16,13 @@ from pathlib import Path
 
 import yaml
 
-from conftest import REPO, STAND_IN_BIN, copy_repo, dag_env, slurm_snakemake
+import pytest
+
+from conftest import REPO, SRC, STAND_IN_BIN, copy_repo, dag_env, slurm_snakemake
 
 BIN = Path(sys.executable).parent
+STAND_IN = STAND_IN_BIN / "apptainer"
+DEF = REPO / "containers" / "specmatch.def"
 
 
 def _env() -> dict[str, str]:
@@ -53,11 +57,14 @@ def test_resource_requests_and_launch_commands(tmp_path):
     """Paper sizes: 8-GPU training starts torchrun with 8 processes; 2 nodes start one torchrun
     per node through srun; a one-process stage asking for 2 GPUs is refused."""
     repo = copy_repo(tmp_path / "repo")
-    out = _dry_run_shell(repo, "preset=tiny", "resources={rules: {train_ae: {gpus: 8}, "
+    out = _dry_run_shell(repo, "preset=tiny", "resources={rules: {train_ae: {gpus: 8, cpus_per_gpu: 12}, "
                          "train_diffusion: {gpus: 4, nodes: 2, cpus_per_gpu: 6}}}")
-    assert re.search(r"torchrun --standalone --nproc-per-node=8 --no-python specmatch train-ae ", out)
-    m = re.search(r"srun --nodes=2 --ntasks-per-node=1 --kill-on-bad-exit=1 torchrun --nnodes=2 "
-                  r"--nproc-per-node=4 --rdzv-backend=c10d --rdzv-endpoint=.*--no-python specmatch train-diffusion ", out)
+    # Snakemake gives the job's 96 threads to the command; each of the 8 ranks gets its 12.
+    assert re.search(r"OMP_NUM_THREADS=12 MKL_NUM_THREADS=12 OPENBLAS_NUM_THREADS=12 torchrun --standalone "
+                     r"--nproc-per-node=8 --no-python specmatch train-ae ", out), out[-3000:]
+    m = re.search(r"OMP_NUM_THREADS=6 MKL_NUM_THREADS=6 OPENBLAS_NUM_THREADS=6 srun --nodes=2 --ntasks-per-node=1 "
+                  r"--kill-on-bad-exit=1 torchrun --nnodes=2 --nproc-per-node=4 --rdzv-backend=c10d "
+                  r"--rdzv-endpoint=.*--no-python specmatch train-diffusion ", out)
     assert m, out[-3000:]
     # a one-GPU stage keeps the plain command
     assert re.search(r"Shell command: specmatch eval-ae ", out)
@@ -71,6 +78,103 @@ def test_resource_requests_and_launch_commands(tmp_path):
     assert bad.returncode != 0 and "train_ea" in bad.stdout + bad.stderr
 
 
+def test_each_rank_of_the_launch_command_runs_its_share_of_threads(tmp_path):
+    """The launch command of a 2-GPU rule with 1 CPU per GPU, run for real (torchrun, 2 CPU
+    processes) in the environment Snakemake gives its job of 2 threads: each rank runs 1 thread
+    (torch caps its threads at the machine's cores, so the test stays within 2)."""
+    repo = copy_repo(tmp_path / "repo")
+    out = _dry_run_shell(repo, "preset=tiny", "resources={rules: {train_diffusion: {gpus: 2, cpus_per_gpu: 1}}}")
+    cmd = re.search(r"Shell command: (\S.*?) --no-python specmatch train-diffusion ", out).group(1)
+    assert "torchrun --standalone --nproc-per-node=2" in cmd
+    probe = "import os, torch; print('rank', os.environ['RANK'], os.environ['OMP_NUM_THREADS'], torch.get_num_threads())"
+    env = {**_env(), **{v: "2" for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}}
+    proc = subprocess.run(["bash", "-c", f'{cmd} --no-python "$0" -c "$1"', sys.executable, probe], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = sorted(line.split()[1:] for line in proc.stdout.splitlines() if line.startswith("rank "))
+    assert ranks == [["0", "1", "1"], ["1", "1", "1"]], proc.stdout
+
+
+# --------------------------------------------------------------------------- the signal chain
+
+def _stand_in(image: Path, script: str, env_extra: dict | None = None, ignore_usr1: bool = True):
+    """`apptainer exec IMAGE bash -c SCRIPT` through the stand-in, started the way the rule's
+    host side starts it under SLURM: SIGUSR1 ignored (the Snakefile's job-step setting)."""
+    import signal
+
+    def pre():
+        if ignore_usr1:
+            signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+    env = {**os.environ, **(env_extra or {})}
+    return subprocess.Popen([str(STAND_IN), "exec", "--nv", str(image), "bash", "-c", script], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=pre)
+
+
+def _wait_line(proc, text: str) -> None:
+    line = proc.stdout.readline()
+    assert text in line, (line, proc.stderr.read() if proc.poll() is not None else "")
+
+
+def test_stand_in_gives_the_container_default_signals_and_forwards_them(tmp_path):
+    """As Apptainer's starter: the command runs as a child with SIGUSR1 at its default action
+    (though the caller ignored it), a SIGUSR1 sent to the starter reaches it, and the starter
+    dies of the signal that killed it. A command that ignores SIGUSR1 itself survives it."""
+    import signal
+
+    image = tmp_path / "image.sif"
+    image.write_bytes(DEF.read_bytes())
+    proc = _stand_in(image, "grep SigIgn /proc/$$/status; echo ready; sleep 30")
+    ign = int(proc.stdout.readline().split()[1], 16)
+    assert not ign & (1 << (signal.SIGUSR1 - 1)), "the container's shell must start with SIGUSR1 at its default"
+    _wait_line(proc, "ready")
+    proc.send_signal(signal.SIGUSR1)
+    assert proc.wait(timeout=30) == -signal.SIGUSR1
+    proc = _stand_in(image, "trap '' USR1; echo ready; sleep 2; echo survived")
+    _wait_line(proc, "ready")
+    proc.send_signal(signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0 and "survived" in out
+    proc = _stand_in(image, "echo ready; exit 3")
+    assert proc.wait(timeout=30) == 3  # the command's status passes through
+
+
+def test_stand_in_sources_the_images_environment_as_apptainer_does(tmp_path):
+    """Apptainer empties the environment, sources %environment, then restores only the host
+    variables the image did not set: a `${VAR:-default}` there never sees the host's value."""
+    text = DEF.read_text()
+    assert "SPECMATCH_RESOURCES" not in text.split("%environment", 1)[1].split("\n%", 1)[0]
+    old = tmp_path / "old.sif"  # the definition of commit 004e497 set a default resources folder
+    old.write_text(text.replace("%environment\n", "%environment\n    export SPECMATCH_RESOURCES="
+                                "${SPECMATCH_RESOURCES:-/work/resources}\n", 1))
+    new = tmp_path / "new.sif"
+    new.write_bytes(DEF.read_bytes())
+    script = 'echo "$SPECMATCH_RESOURCES $HF_HUB_OFFLINE $APPTAINER_NAME"'
+    env = {"SPECMATCH_RESOURCES": str(tmp_path / "res"), "HF_HUB_OFFLINE": "0"}
+    out_old, _ = _stand_in(old, script, env).communicate(timeout=30)
+    out_new, _ = _stand_in(new, script, env).communicate(timeout=30)
+    assert out_old.split() == ["/work/resources", "1", "old.sif"]  # the image overrides the host
+    assert out_new.split() == [str(tmp_path / "res"), "1", "new.sif"]
+
+
+def test_trainer_keeps_a_stop_signal_received_while_it_starts(tmp_path):
+    """`catch_early`, first thing in a trainer's process: a SIGUSR1 that arrives before the
+    training loop exists is neither fatal nor lost; the loop's StopRequest sees it."""
+    code = """
+import os, signal
+from specmatch.runtime import signals
+signals.catch_early()
+os.kill(os.getpid(), signal.SIGUSR1)
+import torch  # a slow start
+with signals.StopRequest() as stop:
+    print(stop.should_stop(), stop.signal_name)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": SRC}, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.split() == ["True", "SIGUSR1"], proc.stderr
+
+
+@pytest.mark.slow
 def test_sigusr1_checkpoints_then_the_job_is_resubmitted_and_resumes(slurm_cluster, tmp_path):
     """One autoencoder training job on 2 (fake) GPUs, so torchrun runs 2 ranks: SLURM's warning
     signal mid-training makes it checkpoint and stop; Snakemake submits it again and the new
@@ -79,7 +183,9 @@ def test_sigusr1_checkpoints_then_the_job_is_resubmitted_and_resumes(slurm_clust
     ae = "embedded-tiny-sdvae"
     steps = 60
     config = ["preset=tiny", f"grid={{datasets: [embedded], autoencoders: [{ae}], diffusions: []}}",
-              f"autoencoder={{train: {{steps: {steps}, checkpoint_every: 1000, log_every: 5}}}}",
+              # 2 CPU processes: per-process BatchNorm (PyTorch's SyncBatchNorm computes on GPUs only)
+              f"autoencoder={{train: {{steps: {steps}, checkpoint_every: 1000, log_every: 5}}, "
+              "disc: {sync_batchnorm: false}}",
               "resources={rules: {train_ae: {gpus: 2, cpus_per_gpu: 1}}}",
               # the report's experiments must name runs of the grid
               f"report={{experiments: {{E1: {{autoencoders: [{ae}], diffusions: []}}, E2: {{autoencoders: [], "
@@ -118,7 +224,8 @@ def test_sigusr1_checkpoints_then_the_job_is_resubmitted_and_resumes(slurm_clust
     saved = sorted(int(p.name.split("-")[1]) for p in (run_dir / "checkpoints").glob("step-*"))
     assert len(saved) == 2 and 10 <= saved[0] < steps and saved[1] == steps, saved
     text = log.read_text()
-    assert re.search(rf"resumed from \S+step-0*{saved[0]} \(generator step {saved[0]},", text), text[-3000:]
+    assert re.search(rf"resumed from \S+step-0*{saved[0]} \((iteration {saved[0]}: )?generator step {saved[0]},",
+                     text), text[-3000:]
     prov = json.loads((repo / target / "provenance.json").read_text())
     assert prov["scheduler"]["slurm_job_id"] == jobs[1]["JobId"]
     assert prov["environment"]["container"]["image"] == str(repo / "containers" / "specmatch.sif")
@@ -126,11 +233,20 @@ def test_sigusr1_checkpoints_then_the_job_is_resubmitted_and_resumes(slurm_clust
     assert out["world_size"] == 2 and out["generator_steps"] == steps, out
     # Both attempts ran in the container call, on their job's two GPUs, under torchrun.
     calls = [json.loads(line) for line in (repo / "apptainer-calls.jsonl").read_text().splitlines()]
-    ae_calls = [c for c in calls if c["argv"][0] == "exec" and "train-ae" in c["argv"][-1]]
+    ae_calls = [c for c in calls if "argv" in c and c["argv"][0] == "exec" and "train-ae" in c["argv"][-1]]
     assert [c["env"]["SLURM_JOB_ID"] for c in ae_calls] == [j["JobId"] for j in jobs]
+    # The container's process of the first attempt ended with torchrun's status after the
+    # trainers' exit 3, not killed by SIGUSR1 on the way (the stand-in records it, minus the
+    # signal number when a signal killed it); the second finished.
+    exits = {c["pid"]: c["exit"] for c in calls if "exit" in c}
+    assert [exits.get(c["pid"]) for c in ae_calls] == [1, 0], (exits, [c["pid"] for c in ae_calls])
     for c in ae_calls:
         assert "--nv" in c["argv"] and c["env"]["CUDA_VISIBLE_DEVICES"] == "0,1"
-        assert "torchrun --standalone --nproc-per-node=2 --no-python specmatch train-ae" in c["argv"][-1]
+        # inside the container the command ignores SIGUSR1 itself (the stand-in, as Apptainer's
+        # starter, gives it the default action) before it starts torchrun with 1 thread per rank
+        assert re.match(r"set -euo pipefail; trap '' USR1; .*OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 "
+                        r"OPENBLAS_NUM_THREADS=1 torchrun --standalone --nproc-per-node=2 --no-python specmatch "
+                        r"train-ae", c["argv"][-1]), c["argv"][-1]
 
 
 def _planned_rules(repo: Path) -> collections.Counter:
@@ -148,6 +264,7 @@ def _planned_rules(repo: Path) -> collections.Counter:
     return counts
 
 
+@pytest.mark.slow
 def test_tiny_dag_ran_as_slurm_jobs_in_the_container(tiny_run, slurm_cluster):
     """Every rule of the tiny DAG ran as its own SLURM job, with the GPUs its resources ask for,
     its stage inside the container call (`apptainer exec --nv ... --bind <results> IMAGE`), and
@@ -170,7 +287,7 @@ def test_tiny_dag_ran_as_slurm_jobs_in_the_container(tiny_run, slurm_cluster):
         assert j.get("TresPerJob", "").replace("(null)", "") == (want or ""), (rule_of[i], j.get("TresPerJob"))
 
     calls = [json.loads(line) for line in (tiny_run / "apptainer-calls.jsonl").read_text().splitlines()]
-    execs = [c for c in calls if c["argv"][0] == "exec" or "exec" in c["argv"][:3]]
+    execs = [c for c in calls if "argv" in c and (c["argv"][0] == "exec" or "exec" in c["argv"][:3])]
     by_job = collections.defaultdict(list)
     for c in execs:
         by_job[c["env"].get("SLURM_JOB_ID")].append(c)

@@ -39,7 +39,15 @@ def _cmd_fid_ref(args) -> None:
     from . import config
     from .metrics import fid_stage
 
-    fid_stage.ref(args.dataset, config.parse_params_arg(args.params), args.name, args.out)
+    fid_stage.ref(args.dataset, config.parse_params_arg(args.params), args.name, args.out,
+                  reference_batch=args.reference_batch)
+
+
+def _cmd_export_adm(args) -> None:
+    from .metrics import adm
+
+    info = adm.export(args.samples, args.split, args.name, args.out)
+    print(json.dumps({k: info[k] for k in ("name", "n", "image_shape", "npz_sha256")}))
 
 
 def _cmd_fid_calc(args) -> None:
@@ -47,17 +55,36 @@ def _cmd_fid_calc(args) -> None:
     from .metrics import fid_stage
 
     result = fid_stage.calc(args.samples, args.split, args.ref, config.parse_params_arg(args.params), args.name,
-                            args.out)
+                            args.out, n_images=args.n_images)
     summary = result.to_json()
-    print(json.dumps({k: v for k, v in summary.items() if k not in ("protocol", "samples", "reference", "sampling")}))
+    print(json.dumps({"protocol": result.protocol_name,
+                      **{k: v for k, v in summary.items() if k not in ("protocol", "samples", "reference", "sampling")}}))
 
 
 def _cmd_train_ae(args) -> None:
+    from .runtime.signals import catch_early
+
+    catch_early()  # before torch is imported: a SLURM warning in the first minutes is kept
     from . import config
     from .autoencoder import train
 
     train.train(config.parse_params_arg(args.params), args.dataset, args.run_dir, args.out, args.name, args.resume,
                 runs_root=args.runs_root)
+
+
+def _cmd_import_ae(args) -> None:
+    from . import config
+    from .autoencoder import pretrained
+
+    pretrained.import_autoencoder(config.parse_params_arg(args.params), args.name, args.out)
+
+
+def _cmd_import_model(args) -> None:
+    from . import config
+    from .diffusion import convert
+
+    summary = convert.import_model(config.parse_params_arg(args.params), args.checkpoint, args.name, args.out)
+    print(json.dumps({k: summary[k] for k in ("name", "model", "parameters", "time_scale", "imported")}))
 
 
 def _cmd_eval_ae(args) -> None:
@@ -77,6 +104,9 @@ def _cmd_extract_latents(args) -> None:
 
 
 def _cmd_train_diffusion(args) -> None:
+    from .runtime.signals import catch_early
+
+    catch_early()  # before torch is imported: a SLURM warning in the first minutes is kept
     from . import config
     from .diffusion import train
 
@@ -131,7 +161,7 @@ def _cmd_report_paper(args) -> None:
 
     inputs = paper.Inputs.load(spectra=args.spectra, ae_eval=args.ae_eval, diffusion=args.diffusion,
                                gen_metrics=args.gen_metrics, samples=args.samples,
-                               target_spectra=args.target_spectra, progress=args.progress)
+                               target_spectra=args.target_spectra, progress=args.progress, floors=args.floors)
     tables = paper.write(config.parse_params_arg(args.params), inputs, args.name, args.out)
     print(f"{args.out}/{paper.INDEX}: " + ", ".join(f"{k} ({len(v)} rows)" for k, v in tables.items() if len(v)))
 
@@ -161,6 +191,14 @@ def _cmd_dvc_deps(args) -> None:
     else:
         for stage, deps in dvc_stages.stage_deps(args.root, build_parser()).items():
             print(f"{stage}:\n" + "".join(f"  {d}\n" for d in deps), end="")
+
+
+def _cmd_dvc_adopt(args) -> None:
+    from . import dvc_stages
+
+    for cmd in dvc_stages.adopt(args.root):
+        print(f"ran: {cmd}")
+    print("dvc.lock: every stage's dependencies, parameters and outputs recorded (dvc commit --force)")
 
 
 def _cmd_dvc_metrics(args) -> None:
@@ -323,6 +361,28 @@ def build_parser() -> argparse.ArgumentParser:
     _run_dir_args(p)
     _stage_io(p, _cmd_train_ae, params_required=True)
 
+    p = sub.add_parser("import-ae", help="a released SD-VAE (diffusers AutoencoderKL files) as an autoencoder",
+                       description="Load a diffusers-format AutoencoderKL (config.json and "
+                                   "diffusion_pytorch_model.safetensors, e.g. sd-vae-ft-ema) provided as files: the "
+                                   "resource `pretrained` of the run (resources/manifest.yaml, sha256-checked), "
+                                   "config.json beside it. Maps it onto our autoencoder with SD's down-sampling "
+                                   "padding and writes OUT like train-ae (model.safetensors, autoencoder.json, "
+                                   "provenance.json with the files' sha256), for eval-ae and extract-latents. "
+                                   "Nothing is downloaded. Parameters: one resolved autoencoder run with "
+                                   "`pretrained` (docs/autoencoders.md).")
+    _stage_io(p, _cmd_import_ae, params_required=True)
+
+    p = sub.add_parser("import-model", help="a released U-ViT / SiT / REPA checkpoint as a trained diffusion model",
+                       description="Convert a released diffusion checkpoint provided as a file (baofff/U-ViT, "
+                                   "willisma/SiT with its learned-sigma rows, sihyun-yu/REPA with its projectors "
+                                   "dropped) to our conventions (time scale, token order, the direction of SiT's "
+                                   "interpolant) and write OUT like train-diffusion (model.safetensors, "
+                                   "diffusion.json, provenance.json with the file's sha256), for `specmatch sample`. "
+                                   "Parameters: schema $defs/import_model (layout, model, autoencoder, ...; "
+                                   "docs/diffusion.md).")
+    p.add_argument("--checkpoint", required=True, help="the released checkpoint file (.pt, .pth or .safetensors)")
+    _stage_io(p, _cmd_import_model, params_required=True)
+
     p = sub.add_parser("eval-ae", help="reconstruction and spectral metrics of a trained autoencoder",
                        description="Evaluate a train-ae output on a held-out split with deterministic "
                                    "reconstructions (posterior mean): rFID (or rFD-EffNetLite0), PSNR, SSIM, "
@@ -402,23 +462,45 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("fid", help="Fréchet distance: reference statistics and sample metrics")
     fsub = p.add_subparsers(dest="fid_command", required=True)
-    q = fsub.add_parser("ref", help="reference statistics of a prepared dataset split",
+    q = fsub.add_parser("ref", help="reference statistics of a prepared dataset split or an ADM reference batch",
                         description="Embed a prepared split (metrics.split, or a seeded subset of "
-                                    "metrics.max_images) with the feature net metrics.net and write "
-                                    "stats.npz (mu, sigma, features), stats.json (protocol, images sha256) "
-                                    "and provenance.json in OUT. Parameters: the `metrics` section.")
-    q.add_argument("--dataset", required=True, help="prepared dataset folder (from prepare-data)")
+                                    "metrics.max_images) in one streaming pass with the feature net of "
+                                    "metrics.net and metrics.protocol (adm, pytorch-fid), or read an ADM reference "
+                                    "batch (npz: arr_0, mu, sigma, mu_s, sigma_s), and write stats.npz (float64 mu, "
+                                    "sigma, mu_s, sigma_s under adm; pr_features: the precision/recall reference), "
+                                    "stats.json (protocol, source and its sha256, images sha256) and provenance.json "
+                                    "in OUT. Parameters: the `metrics` section (its datasets.<name> override applies "
+                                    "for the dataset's name, or NAME for a reference batch).")
+    src = q.add_mutually_exclusive_group(required=True)
+    src.add_argument("--dataset", help="prepared dataset folder (from prepare-data)")
+    src.add_argument("--reference-batch", help="ADM reference batch npz (e.g. VIRTUAL_imagenet256_labeled.npz)")
     _stage_io(q, _cmd_fid_ref)
-    q = fsub.add_parser("calc", help="Fréchet distance, IS and precision/recall of samples vs a reference",
+    q = fsub.add_parser("calc", help="FID, sFID, IS and precision/recall of samples vs a reference",
                         description="Embed every image of a sample set (npz shards with a manifest) and "
-                                    "compare it with reference statistics from `fid ref`. Writes "
-                                    "metrics.json (the distance under its metric name: FID for "
-                                    "inception-fid, FD-EffNetLite0 for efficientnet-lite0; IS; precision "
-                                    "and recall; the protocol) and provenance.json in OUT.")
+                                    "compare it with reference statistics from `fid ref` made under the same "
+                                    "protocol. Writes metrics.json (the protocol name; the distance under its "
+                                    "metric name: FID for inception-fid, FD-EffNetLite0 for efficientnet-lite0; "
+                                    "sFID under adm; IS; precision and recall; with metrics.bootstrap > 0 the "
+                                    "distance's standard error) and provenance.json in OUT.")
     q.add_argument("--samples", required=True, help="folder of npz shards with a manifest")
     q.add_argument("--split", default="train", help="split of the sample folder (default: train)")
     q.add_argument("--ref", required=True, help="reference statistics folder (from `fid ref`)")
+    q.add_argument("--n-images", type=int, default=None,
+                   help="score a seeded subset of this many images of the split (default: all): the real floor "
+                        "at the sample count of a generation metric")
     _stage_io(q, _cmd_fid_calc)
+
+    p = sub.add_parser("export-adm", help="a sample set as an ADM sample batch (npz) for the official evaluator",
+                       description="Write the images of a split (the `samples` split of a `specmatch sample` output) "
+                                   "in ADM's sample layout, OUT/samples.npz (arr_0 uint8 NHWC, arr_1 int64 labels, no "
+                                   "mu), with adm_export.json (count, shape, images sha256 equal to the manifest's, "
+                                   "npz sha256, sampling protocol) and provenance.json, for `python evaluator.py "
+                                   "<reference batch> OUT/samples.npz` (docs/metrics.md).")
+    p.add_argument("--samples", required=True, help="folder of npz shards with a manifest (a `sample` output)")
+    p.add_argument("--split", default="samples", help="split of the folder (default: samples)")
+    p.add_argument("--name", required=True, help="run name, recorded in the outputs")
+    p.add_argument("--out", required=True, help="output folder (replaced atomically)")
+    p.set_defaults(func=_cmd_export_adm)
 
     p = sub.add_parser("report", help="result tables")
     rsub = p.add_subparsers(dest="report_command", required=True)
@@ -450,6 +532,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--samples", nargs="*", default=[], help="sample output folders (their grid.png)")
     q.add_argument("--target-spectra", default=None, help="target-spectra output folder (E3's target diagnostics)")
     q.add_argument("--progress", nargs="*", default=[], help="fid-progress output folders")
+    q.add_argument("--floors", nargs="*", default=[], help="`fid calc` outputs of held-out real images at the "
+                                                           "samples' counts (the real floor beside each number)")
     _stage_io(q, _cmd_report_paper, "report name (the preset), recorded in the outputs and the page title",
               params_required=True)
 
@@ -475,7 +559,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--root", default=".", help="repository root (default: .)")
     q.set_defaults(func=_cmd_data_add)
 
-    p = sub.add_parser("dvc", help="what dvc.yaml declares: generated code deps, stage metrics")
+    p = sub.add_parser("dvc", help="what dvc.yaml declares: generated code deps, stage metrics, adopting a run")
     dsub = p.add_subparsers(dest="dvc_command", required=True)
     q = dsub.add_parser("deps", help="each DVC stage's code deps, from the package's import graph",
                         description="From the Snakemake rules each stage of dvc.yaml runs (--allowed-rules), the "
@@ -490,6 +574,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--write", action="store_true", help="rewrite the generated deps of dvc.yaml")
     q.add_argument("--root", default=".", help="repository root (default: .)")
     q.set_defaults(func=_cmd_dvc_deps)
+    q = dsub.add_parser("adopt", help="record a finished Snakemake run in dvc.lock (no stage runs again)",
+                        description="After `snakemake` (or `snakemake --profile slurm`) has run the DAG of the preset "
+                                    "named in params.yaml, make DVC adopt its outputs: check that Snakemake has "
+                                    "nothing left to do, write the stages' metrics files (`specmatch dvc metrics`, "
+                                    "as the stages do), then `dvc commit --force`. `dvc status` then reports "
+                                    "nothing to do, and `dvc repro` after a parameter change re-runs only the "
+                                    "stages it affects (docs/parameters.md).")
+    q.add_argument("--root", default=".", help="repository root (default: .)")
+    q.set_defaults(func=_cmd_dvc_adopt)
     q = dsub.add_parser("metrics", help="collect a stage's metrics files into one JSON for `dvc metrics`",
                         description="Read every FILE below each FOLDER (e.g. ae_eval/<run>/metrics.json) and write "
                                     "OUT: {<folder>/<run dir>: its numbers} (lists, strings and the protocol, "
@@ -544,6 +637,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .runtime import console
+
+    console.for_log_files()  # before anything imports tqdm: one progress line per interval in log files
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)

@@ -147,12 +147,58 @@ def resolve(params: Mapping[str, Any], presets_dir: str | os.PathLike = "presets
     merged = deep_merge(merged, overrides)
     merged["preset"] = preset
     out = validate(merged, source=f"parameters (params.yaml + preset {preset})")
+    if out["report"]["baselines"]["untrained"]:
+        for name, entry in untrained_baselines(out).items():
+            out["diffusions"][name] = entry
+            out["grid"]["diffusions"].append(name)
     for name in out.get("samplers") or {}:
         sampler(out, name)  # each named sampler, resolved over diffusion.sample, must validate
     missing = [d for d in out["grid"]["datasets"] if d not in out["datasets"]]
     if missing:
         raise SpecmatchError(f"grid.datasets names unknown datasets {missing}; defined: {sorted(out['datasets'])}")
     return out
+
+
+UNTRAINED = "-untrained"
+
+
+def _baseline_key(resolved: Mapping[str, Any], name: str) -> tuple:
+    e = resolved["diffusions"][name]
+    t = deep_merge((resolved.get("diffusion") or {}).get("train") or {}, e.get("train") or {})
+    return (e["autoencoder"], e["model"], json.dumps(e["process"], sort_keys=True), bool(e.get("conditional", False)),
+            t.get("seed", 0))
+
+
+def untrained_baselines(resolved: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """`report.baselines.untrained`: for each group of grid runs that share an autoencoder, a
+    network, a process and a seed (they differ in alignment or length only), the same network
+    untrained (train.steps 0: its seeded initial weights), sampled with every sampler of the
+    group, so that each generation number can be read against what no training gives. Named
+    after the group's first run, `<run>-untrained`."""
+    groups: dict[tuple, list[str]] = {}
+    for name in resolved["grid"]["diffusions"]:
+        if name in resolved["diffusions"] and not name.endswith(UNTRAINED):
+            groups.setdefault(_baseline_key(resolved, name), []).append(name)
+    out = {}
+    for runs in groups.values():
+        first = resolved["diffusions"][runs[0]]
+        samplers = list(dict.fromkeys(s for r in runs for s in resolved["diffusions"][r].get("samplers", [])))
+        out[runs[0] + UNTRAINED] = {"autoencoder": first["autoencoder"], "model": first["model"],
+                                    "process": copy.deepcopy(first["process"]),
+                                    "conditional": first.get("conditional", False), "samplers": samplers,
+                                    "train": {"steps": 0, "snapshot_steps": []}, "alignment": {"kind": "none"}}
+    return out
+
+
+def untrained_baseline_of(resolved: Mapping[str, Any], name: str) -> str | None:
+    """The `-untrained` run that `name` is read against, when the preset makes them."""
+    if not resolved["report"]["baselines"]["untrained"] or name.endswith(UNTRAINED):
+        return None
+    key = _baseline_key(resolved, name)
+    for other in resolved["grid"]["diffusions"]:
+        if other.endswith(UNTRAINED) and _baseline_key(resolved, other) == key:
+            return other
+    return None
 
 
 def load(params_path: str | os.PathLike = "params.yaml", preset: str | None = None) -> dict[str, Any]:
@@ -186,7 +232,7 @@ def autoencoder_run(resolved: Mapping[str, Any], name: str) -> dict[str, Any]:
     if name not in runs:
         raise SpecmatchError(f"no autoencoder run {name!r} under `autoencoders` (defined: {sorted(runs)})")
     shared, entry = resolved.get("autoencoder") or {}, runs[name]
-    run = {k: copy.deepcopy(entry[k]) for k in ("dataset", "config", "variant")}
+    run = {k: copy.deepcopy(entry[k]) for k in ("dataset", "config", "variant", "pretrained") if k in entry}
     for key in AE_SECTIONS:
         run[key] = deep_merge(shared.get(key) or {}, entry.get(key) or {})
     run["resources_dir"] = shared.get("resources_dir")

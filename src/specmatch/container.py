@@ -14,7 +14,19 @@ section grammar of Apptainer's definition files, on which our own rules run:
 - %post installs the pinned requirements (requirements/lock.txt);
 - no network at run time: %runscript, %startscript, %environment and %test may not download
   (curl, wget, pip install, git clone, apt-get, model-hub downloads, URLs), and %environment
-  sets HF_HUB_OFFLINE=1 so that no library tries a model hub.
+  sets HF_HUB_OFFLINE=1 so that no library tries a model hub;
+- the base provides the lock's Python: the Python of the base's release (Debian, Ubuntu, the
+  official python images; `BASE_PYTHON`) and the `python3.X` that %post installs must satisfy
+  pyproject's `requires-python`, which CI tests (an Ubuntu 24.04 base offers 3.12 only);
+- %environment overrides nothing the host or the binds provide: Apptainer builds a container's
+  environment by emptying it, sourcing %environment, and only then restoring the host variables
+  the image did not set ("Environment Variable Precedence" in Apptainer's user guide), so a value
+  set there (even `${VAR:-default}`, whose `$VAR` is never the host's) wins over the job's. It
+  may not set the package's settings (`SPECMATCH_*`, other than the image's own code version)
+  or the folders the host decides (`HOST_VARIABLES`), and may not read a variable it has not
+  set itself (other than PATH, LD_LIBRARY_PATH and HOME, which Apptainer sets first);
+- every template variable (`{{ NAME }}`) has a default in %arguments, so a build without
+  `--build-arg` works (and `render` substitutes them as `apptainer build` does).
 """
 
 from __future__ import annotations
@@ -25,6 +37,19 @@ from pathlib import Path
 
 from . import __version__
 from .errors import SpecmatchError
+
+# The Python 3 of each distribution release a base image can come from (its `python3` package).
+BASE_PYTHON = {
+    ("debian", "10"): "3.7", ("debian", "buster"): "3.7", ("debian", "11"): "3.9", ("debian", "bullseye"): "3.9",
+    ("debian", "12"): "3.11", ("debian", "bookworm"): "3.11", ("debian", "13"): "3.13", ("debian", "trixie"): "3.13",
+    ("ubuntu", "20.04"): "3.8", ("ubuntu", "focal"): "3.8", ("ubuntu", "22.04"): "3.10", ("ubuntu", "jammy"): "3.10",
+    ("ubuntu", "24.04"): "3.12", ("ubuntu", "noble"): "3.12",
+}
+# Variables naming what the host or the job decides: the image must not set them (see above).
+HOST_VARIABLES = {"HOME", "TMPDIR", "TORCH_HOME", "HF_HOME", "XDG_CACHE_HOME", "CUDA_VISIBLE_DEVICES"}
+# The image's own identity, which only the image knows (provenance reads them there).
+IMAGE_VARIABLES = {"SPECMATCH_GIT_COMMIT", "SPECMATCH_GIT_DIRTY"}
+SET_BEFORE_ENVIRONMENT = {"PATH", "LD_LIBRARY_PATH", "HOME"}
 
 BOOTSTRAP_AGENTS = {"docker", "docker-daemon", "docker-archive", "library", "localimage", "oras", "shub",
                     "debootstrap", "yum", "zypper", "busybox", "scratch"}
@@ -78,6 +103,109 @@ def parse(path: str | Path) -> Definition:
     return d
 
 
+def arguments(d: Definition) -> dict[str, str]:
+    """The build arguments' defaults of the %arguments section (`NAME=value` lines)."""
+    out = {}
+    for line in _code_lines(d.sections.get("arguments", "")):
+        name, sep, value = line.strip().partition("=")
+        if sep:
+            out[name.strip()] = value.strip()
+    return out
+
+
+_TEMPLATE = re.compile(r"\{\{\s*(\w+)\s*\}\}")
+
+
+def render(d: Definition, build_args: dict[str, str] | None = None) -> Definition:
+    """The definition as `apptainer build` sees it: every `{{ NAME }}` replaced by its build
+    argument (`--build-arg`), else its %arguments default."""
+    values = {**arguments(d), **(build_args or {})}
+    missing = sorted({m for body in d.sections.values() for m in _TEMPLATE.findall(body)} - set(values))
+    if missing:
+        raise SpecmatchError(f"{d.path}: template variables {missing} have no value (no %arguments default, no "
+                             "build argument)")
+    out = Definition(d.path, dict(d.header), {}, list(d.order))
+    for name, body in d.sections.items():
+        out.sections[name] = _TEMPLATE.sub(lambda m: values[m.group(1)], body)
+    return out
+
+
+def base_python(d: Definition) -> tuple[str | None, str]:
+    """(Python version X.Y the base offers, what the base is) for a Debian, Ubuntu or official
+    python base, by image name or debootstrap release; (None, why) when it cannot be told."""
+    agent, base = d.header.get("bootstrap"), d.header.get("from", "")
+    if agent == "debootstrap":
+        release = d.header.get("osversion", "")
+        for (dist, rel), py in BASE_PYTHON.items():
+            if rel == release:
+                return py, f"{dist} {release} (debootstrap)"
+        return None, f"debootstrap release {release!r} is not one whose Python is known ({sorted(BASE_PYTHON)})"
+    name = base.split("@")[0]
+    repo, _, tag = name.rpartition(":") if ":" in name.split("/")[-1] else (name, "", "")
+    short = repo.split("/")[-1]
+    if short == "python":
+        m = re.match(r"(\d+\.\d+)", tag)
+        if m:
+            return m.group(1), f"the official python image {base}"
+    if short in ("debian", "ubuntu"):
+        m = re.match(r"(\d+\.\d+|\d+|[a-z]+)", tag)
+        key = m.group(1) if m else ""
+        if short == "debian":
+            key = key.split(".")[0]
+        if (short, key) in BASE_PYTHON:
+            return BASE_PYTHON[(short, key)], f"{short} {key}"
+    m = re.search(r"(ubuntu|debian)(\d+\.\d+|\d+)", tag)  # e.g. nvidia/cuda:12.8.1-...-ubuntu24.04
+    if m and (m.group(1), m.group(2)) in BASE_PYTHON:
+        return BASE_PYTHON[(m.group(1), m.group(2))], f"{m.group(1)} {m.group(2)}"
+    return None, f"cannot tell which Python the base {base!r} offers (a Debian, Ubuntu or python image is known)"
+
+
+def required_python(root: Path | None = None) -> str:
+    """pyproject's `requires-python` (the lock's Python, which CI tests)."""
+    if root is not None and (root / "pyproject.toml").is_file():
+        import tomllib
+
+        spec = tomllib.loads((root / "pyproject.toml").read_text()).get("project", {}).get("requires-python")
+        if spec:
+            return spec
+    from importlib.metadata import metadata
+
+    return metadata("specmatch")["Requires-Python"]
+
+
+def _python_problems(d: Definition) -> list[str]:
+    from packaging.specifiers import SpecifierSet
+
+    spec = required_python(d.path.resolve().parent.parent)
+    offered, what = base_python(d)
+    if offered is None:
+        return [f"base image: {what}"]
+    problems = []
+    if not SpecifierSet(spec).contains(f"{offered}.0"):
+        problems.append(f"base image: {what} offers Python {offered}; the lock needs requires-python {spec!r}")
+    for used in sorted(set(re.findall(r"\bpython(3\.\d+)\b", d.sections.get("post", "")))):
+        if used != offered:
+            problems.append(f"%post uses python{used}, which {what} does not offer (its Python is {offered})")
+        elif not SpecifierSet(spec).contains(f"{used}.0"):
+            problems.append(f"%post uses python{used}; the lock needs requires-python {spec!r}")
+    return problems
+
+
+def _environment_problems(body: str) -> list[str]:
+    problems, defined = [], set(SET_BEFORE_ENVIRONMENT)
+    for line in _code_lines(body):
+        for name, value in re.findall(r"(?:^|[\s;])(?:export\s+)?([A-Za-z_]\w*)=(\S*)", line):
+            for ref in re.findall(r"\$\{?([A-Za-z_]\w*)", value):
+                if ref not in defined:
+                    problems.append(f"%environment reads ${ref} in {line.strip()!r}: Apptainer empties the environment "
+                                    "before %environment runs, so the host's value is never seen there")
+            if (name.startswith("SPECMATCH_") and name not in IMAGE_VARIABLES) or name in HOST_VARIABLES:
+                problems.append(f"%environment sets {name}: the image's value would override the host's and the "
+                                "binds' (Apptainer restores host variables only where the image set none)")
+            defined.add(name)
+    return problems
+
+
 def _pinned(image: str) -> str | None:
     """Why a base image reference is not pinned, or None."""
     if "@sha256:" in image:
@@ -114,7 +242,10 @@ def check(path: str | Path, version: str = __version__) -> list[str]:
     elif agent not in BOOTSTRAP_AGENTS:
         problems.append(f"header: unknown bootstrap agent {agent!r}")
     base = d.header.get("from")
-    if base is None:
+    if agent == "debootstrap":
+        problems += [f"header: no `{k}:` line (debootstrap needs it)" for k in ("OSVersion", "MirrorURL")
+                     if k.lower() not in d.header]
+    elif base is None:
         problems.append("header: no `From:` line (the base image)")
     elif agent in ("docker", "library", "oras", "shub"):
         why = _pinned(base)
@@ -149,7 +280,15 @@ def check(path: str | Path, version: str = __version__) -> list[str]:
     env = d.sections.get("environment", "")
     if "environment" in d.sections and not re.search(r"\bHF_HUB_OFFLINE=1\b", env):
         problems.append("%environment does not set HF_HUB_OFFLINE=1")
-    problems += _spython_view(d)
+    problems += _environment_problems(env)
+    defaults = arguments(d)
+    for name in sorted({m for body in d.sections.values() for m in _TEMPLATE.findall(body)} - set(defaults)):
+        problems.append(f"template variable {{{{ {name} }}}} has no default in %arguments (a build without "
+                        "--build-arg would fail)")
+    if d.header.get("from") is not None or agent == "debootstrap":
+        problems += _python_problems(d)
+    if agent == "docker":  # spython parses docker bootstraps only ("Only docker is supported")
+        problems += _spython_view(d)
     return problems
 
 

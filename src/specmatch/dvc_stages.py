@@ -371,3 +371,71 @@ def differences(old: str, new: str) -> list[str]:
 
     return list(difflib.unified_diff(old.splitlines(), new.splitlines(), "dvc.yaml", "dvc.yaml (generated)",
                                      lineterm=""))
+
+
+# --- adopting a Snakemake run ---------------------------------------------------------------------
+
+_TEMPLATE_VAR = re.compile(r"\$\{([\w.]+)\}")
+
+
+def _resolve(text: str, params: dict[str, Any]) -> str:
+    """DVC's `${key}` templating of dvc.yaml from params.yaml (dotted keys)."""
+    def value(m: re.Match) -> str:
+        v: Any = params
+        for part in m.group(1).split("."):
+            if not isinstance(v, dict) or part not in v:
+                raise SpecmatchError(f"dvc.yaml: ${{{m.group(1)}}} is not a key of params.yaml")
+            v = v[part]
+        return str(v)
+
+    return _TEMPLATE_VAR.sub(value, text)
+
+
+def adopt(root: str | Path = ".", dvc_yaml: str = "dvc.yaml", run=None) -> list[str]:
+    """Record what a Snakemake run made as DVC's versions, without running anything again:
+
+    1. refuse unless Snakemake has nothing left to do for the preset of params.yaml (the DVC
+       stages' `--config preset=${preset}`): the outputs are complete and up to date;
+    2. run each stage's commands other than Snakemake (the `specmatch dvc metrics` summaries
+       that the DAG does not make), with dvc.yaml's `${...}` resolved from params.yaml;
+    3. `dvc commit --force`: dvc.lock records every stage's dependencies, parameters and
+       outputs as they are, and the outputs enter DVC's cache.
+
+    Afterwards `dvc status` has nothing to report, and `dvc repro` after a parameter change
+    re-runs only the stages that read it and those downstream. Returns the commands run."""
+    import shlex
+    import subprocess
+    import sys
+
+    root = Path(root).resolve()
+    run = run or (lambda cmd: subprocess.run(cmd, cwd=root, capture_output=True, text=True))
+    params = yaml.safe_load((root / "params.yaml").read_text("utf-8")) or {}
+    preset = params.get("preset")
+    if not preset:
+        raise SpecmatchError(f"{root / 'params.yaml'}: no `preset`, which the DVC stages run")
+    dry = run([sys.executable, "-m", "snakemake", "-n", "--config", f"preset={preset}"])
+    text = dry.stdout + dry.stderr
+    if dry.returncode != 0:
+        raise SpecmatchError(f"`snakemake -n --config preset={preset}` failed:\n{text[-3000:]}")
+    if "Nothing to be done" not in text:
+        start = text.find("Job stats:")
+        stats = text[start:text.find("\n\n", start)] if start >= 0 else text[-2000:]
+        raise SpecmatchError(f"the Snakemake run of preset {preset!r} is not complete or not up to date; run "
+                             f"`snakemake --config preset={preset}` (or with --profile slurm) first. Jobs left:\n"
+                             f"{stats.strip()}")
+    stages = (yaml.safe_load((root / dvc_yaml).read_text("utf-8")) or {}).get("stages") or {}
+    done = []
+    for name, st in stages.items():
+        cmds = st.get("cmd", [])
+        for cmd in cmds if isinstance(cmds, list) else [cmds]:
+            cmd = _resolve(" ".join(str(cmd).split()), params)
+            if cmd.startswith("snakemake "):
+                continue
+            proc = run(shlex.split(cmd))
+            if proc.returncode != 0:
+                raise SpecmatchError(f"stage {name}: `{cmd}` failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
+            done.append(cmd)
+    proc = run(["dvc", "commit", "--force", "--quiet"])
+    if proc.returncode != 0:
+        raise SpecmatchError(f"`dvc commit --force` failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
+    return done

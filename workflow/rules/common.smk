@@ -1,5 +1,6 @@
 # Resolution of the parameters and helpers shared by every rule file.
 import json
+import re
 from pathlib import Path
 
 import specmatch.config
@@ -36,6 +37,7 @@ wildcard_constraints:
     sampler="[a-z0-9][a-z0-9_-]*",
     encoder="[a-z0-9][a-z0-9-]*",
     size="[0-9]+",
+    n="[0-9]+",
 
 
 def as_json(obj):
@@ -51,6 +53,17 @@ AE_RUNS = [n for n in config["grid"]["autoencoders"] if config["autoencoders"][n
 AE_PARAMS = {n: specmatch.config.autoencoder_run(config, n) for n in AE_RUNS}
 
 
+# Trained and imported (`pretrained`) runs write the same output folder; train_ae and import_ae
+# each take only their own names.
+PRETRAINED_AES = [a for a in AE_RUNS if AE_PARAMS[a].get("pretrained")]
+TRAINED_AES = [a for a in AE_RUNS if a not in PRETRAINED_AES]
+
+
+def names_regex(names):
+    """A wildcard constraint matching exactly these names ("(?!)" matches nothing)."""
+    return "|".join(re.escape(n) for n in names) or "(?!)"
+
+
 def ae_dataset(wildcards):
     return f"{RESULTS}/data/{AE_PARAMS[wildcards.ae]['dataset']}"
 
@@ -58,7 +71,7 @@ def ae_dataset(wildcards):
 def ae_json(*sections):
     """A rule's parameters: the run's identity plus only the sections its stage reads, so that
     (Snakemake's params trigger) changing `eval` re-runs evaluation, not training."""
-    keys = ("dataset", "config", "variant", "resources_dir") + sections
+    keys = ("dataset", "config", "variant", "pretrained", "resources_dir") + sections
     return lambda wildcards: as_json({k: v for k, v in AE_PARAMS[wildcards.ae].items() if k in keys})
 
 
@@ -185,13 +198,17 @@ def job_resources(name):
 def launch(name):
     """How a stage starts: `specmatch` on one GPU or none; torchrun with one process per GPU of
     the allocation; on several nodes, srun starts one torchrun per node (c10d rendezvous on the
-    first node of the job). Trainers and extractors shard their work over the ranks."""
+    first node of the job). Trainers and extractors shard their work over the ranks. Snakemake
+    sets the thread variables to the job's `threads` (all CPUs of the node's share), and torchrun
+    keeps values it finds: each rank is given its own share, `cpus_per_gpu`, instead."""
     r = job_request(name)
+    per_rank = " ".join(f"{v}={r['cpus_per_gpu']}" for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS",
+                                                               "OPENBLAS_NUM_THREADS"))
     if r["nodes"] > 1 and r["gpus"]:
         head = '"$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"'
-        return (f"srun --nodes={r['nodes']} --ntasks-per-node=1 --kill-on-bad-exit=1"
+        return (f"{per_rank} srun --nodes={r['nodes']} --ntasks-per-node=1 --kill-on-bad-exit=1"
                 f" torchrun --nnodes={r['nodes']} --nproc-per-node={r['gpus']} --rdzv-backend=c10d"
                 f" --rdzv-endpoint={head}:29500 --rdzv-id=\"$SLURM_JOB_ID\" --no-python specmatch")
     if r["gpus"] > 1:
-        return f"torchrun --standalone --nproc-per-node={r['gpus']} --no-python specmatch"
+        return f"{per_rank} torchrun --standalone --nproc-per-node={r['gpus']} --no-python specmatch"
     return "specmatch"

@@ -21,11 +21,18 @@ if _no_snapshots:
     raise ValueError(f"report.progress.diffusions names runs without train.snapshot_steps: {_no_snapshots}")
 
 REPORT_AES = list(dict.fromkeys(_EXP["E1", "autoencoders"] + _EXP["E2", "autoencoders"] + _EXP["E4", "autoencoders"]))
-REPORT_DIFFS = list(dict.fromkeys(_EXP["E1", "diffusions"] + _EXP["E2", "diffusions"] + _EXP["E3", "diffusions"]))
+REPORT_DIFFS = list(dict.fromkeys(_EXP["E1", "diffusions"] + _EXP["E2", "diffusions"] + _EXP["E3", "diffusions"]
+                                  + _EXP["E3b", "diffusions"]))
+# The untrained twins of the report's runs (report.baselines.untrained), read beside them.
+REPORT_DIFFS += [b for b in dict.fromkeys(specmatch.config.untrained_baseline_of(config, d) for d in REPORT_DIFFS) if b]
 REPORT_SAMPLES = [(d, s) for d, s in DIFF_SAMPLES if d in REPORT_DIFFS]
+# The real floor at each (dataset, sample count) of those sample sets (report.baselines.real_floor).
+REPORT_FLOORS = list(dict.fromkeys(
+    f"{RESULTS}/fid_floor/{AE_PARAMS[DIFF_PARAMS[d]['autoencoder']]['dataset']}-n{SAMPLER_PARAMS[s]['n_samples']}"
+    for d, s in REPORT_SAMPLES)) if REPORT["baselines"]["real_floor"] else []
 # The images' spectra of E4's datasets and of every dataset an autoencoder of the report uses.
 REPORT_DATASETS = list(dict.fromkeys(_EXP["E4", "datasets"] + [AE_PARAMS[a]["dataset"] for a in REPORT_AES]))
-REPORT_TARGETS = any(d in ALIGNED_RUNS for d in _EXP["E3", "diffusions"])
+REPORT_TARGETS = any(d in ALIGNED_RUNS for d in _EXP["E3", "diffusions"] + _EXP["E3b", "diffusions"])
 
 
 rule fid_progress:
@@ -61,12 +68,14 @@ rule report:
         samples=[f"{RESULTS}/samples/{d}/{s}" for d, s in REPORT_SAMPLES],
         targets=rules.target_spectra.output if REPORT_TARGETS else [],
         progress=[f"{RESULTS}/progress/{d}" for d in _PROGRESS],
+        floors=REPORT_FLOORS,
     output:
         directory(f"{RESULTS}/report"),
     params:
         p=as_json(REPORT),
         name=config["preset"],
         targets=lambda wildcards, input: f"--target-spectra {input.targets}" if input.targets else "",
+        floors=lambda wildcards, input: f"--floors {input.floors}" if input.floors else "",
     log:
         f"{RESULTS}/logs/report.log",
     threads: job_threads("report")
@@ -74,5 +83,5 @@ rule report:
         **job_resources("report"),
     shell:
         "specmatch report paper --spectra {input.spectra} --ae-eval {input.ae_eval} --diffusion {input.diffusion}"
-        " --gen-metrics {input.gen} --samples {input.samples} {params.targets} --progress {input.progress}"
+        " --gen-metrics {input.gen} --samples {input.samples} {params.targets} {params.floors} --progress {input.progress}"
         " --name {params.name} --params {params.p:q} --out {output} > {log} 2>&1"

@@ -97,8 +97,19 @@ class Alignment:
 
     def targets(self, entries: np.ndarray, device: torch.device) -> torch.Tensor:
         """Alignment targets (B, D, g, g) on the token grid, float32, for cache entries `entries`."""
+        return self.targets_from(self.fetch(entries), device)
+
+    def fetch(self, entries: np.ndarray, pin: bool = False) -> torch.Tensor:
+        """The host side of `targets` (a trainer's loader thread runs it): the cached raw
+        targets in their stored dtype, or the clean uint8 images the encoder runs on; in pinned
+        memory when `pin`."""
         if self.reader is not None:
-            raw = self.reader.targets(entries).to(device)
-        else:
-            raw = self.encoder(entry_images(self.images, np.asarray(entries), self.hflip).to(device))
+            return self.reader.raw(entries, pin)
+        images = entry_images(self.images, np.asarray(entries), self.hflip)
+        return images.pin_memory() if pin else images
+
+    def targets_from(self, host: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """The device side of `targets`, from what `fetch` read."""
+        x = host.to(device, non_blocking=True)
+        raw = x.float() if self.reader is not None else self.encoder(x)
         return objectives.transform(objectives.resize_grid(raw, self.token_grid[0]), self.kind, self.p)

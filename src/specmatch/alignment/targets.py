@@ -109,13 +109,17 @@ def _extract(p, info, dataset, name, out):
 
 
 class TargetReader(ShardedCache):
-    """Raw target grids of a cache's entries by index, as float32 tensors (N, D, g, g)."""
+    """Raw target grids of a cache's entries by index (N, D, g, g): `raw` in the stored dtype
+    (a trainer's loader reads these and converts on its device), `targets` as float32."""
 
     SCHEMA, MEMBERS, WHAT, STAGE = SCHEMA, ("targets",), "target cache", STAGE
 
+    def raw(self, indices, pin: bool = False) -> torch.Tensor:
+        (y,) = self.get_tensors(indices, pin)
+        return y
+
     def targets(self, indices) -> torch.Tensor:
-        (y,) = self.get(indices)
-        return torch.from_numpy(np.asarray(y, np.float32))
+        return self.raw(indices).float()
 
     def check_matches(self, latent_manifest: dict[str, Any], latents_folder: str | Path) -> None:
         """Refuse a target cache whose entries are not those of the latent cache."""

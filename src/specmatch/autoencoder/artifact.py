@@ -39,7 +39,10 @@ def load(folder: str | Path, use_ema: bool = True, device="cpu") -> tuple[ae_mod
         if not p.is_file():
             raise SpecmatchError(f"{folder}: not a trained autoencoder (no {p.name}); run `specmatch train-ae`")
     summary = json.loads(meta_path.read_text())
-    cfg = ae_model.config({k: (tuple(v) if k == "channels" else v) for k, v in summary["config"].items()})
+    fields = dict(summary["config"])
+    # Outputs written before the padding became a field were all trained with SD's padding.
+    fields.setdefault("downsample_padding", "sd")
+    cfg = ae_model.config({k: (tuple(v) if k == "channels" else v) for k, v in fields.items()})
     tensors = load_safetensors(w_path, device=str(device))
     prefix = "ema." if use_ema and summary.get("ema") else "ae."
     state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}

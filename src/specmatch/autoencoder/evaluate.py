@@ -29,7 +29,8 @@ from .. import config as config_mod
 from .. import spectral
 from ..data.shards import iter_image_batches, read_manifest
 from ..errors import SpecmatchError
-from ..metrics import features
+from ..metrics import bootstrap, features
+from ..metrics.bootstrap import Bootstrap
 from ..metrics.fid import extract, frechet_distance, statistics
 from ..metrics.fid_stage import resolve_device
 from ..metrics.recon import ReconAccumulator, load_lpips
@@ -86,10 +87,24 @@ class AEEvaluation:
     latent_spectrum: LatentSpectrum
     protocol: dict[str, Any]
     folder: Path
+    objective: dict[str, Any]  # the trained objective's fields (autoencoder.objectives.Objective)
+    # Half-sample bootstrap over the evaluated images (eval.bootstrap redraws; None when off).
+    distance_bootstrap: Bootstrap | None = None
+    lowpass_bootstrap: dict[int, Bootstrap] | None = None
+    kl_bootstrap: Bootstrap | None = None
 
     @property
     def reconstructions(self) -> Path:
         return self.folder / RECONSTRUCTIONS
+
+
+def _read_bootstrap(m: dict[str, Any], key: str) -> dict[str, Any]:
+    b = m.get("bootstrap")
+    if not b:
+        return {}
+    return {"distance_bootstrap": Bootstrap.from_json(b[key]),
+            "lowpass_bootstrap": {int(k): Bootstrap.from_json(v) for k, v in b["lowpass"].items()},
+            "kl_bootstrap": Bootstrap.from_json(b["kl_target_to_latent"])}
 
 
 def distance_name(metric: str) -> str:
@@ -122,8 +137,9 @@ def read(folder: str | Path) -> AEEvaluation:
                 kl_target_to_latent=float(get("latent_spectrum.kl_target_to_latent")),
                 esm_loss_mean=float(get("latent_spectrum.esm_loss_mean")),
                 psd_exponent=float(get("latent_spectrum.psd_exponent"))),
-            protocol=dict(get("protocol")), folder=folder)
-    except (TypeError, ValueError) as e:
+            protocol=dict(get("protocol")), folder=folder, objective=dict(get("objective")),
+            **_read_bootstrap(m, key))
+    except (TypeError, ValueError, KeyError) as e:
         raise SpecmatchError(f"{path}: not {what} ({type(e).__name__}: {e})") from None
 
 
@@ -186,7 +202,7 @@ def evaluate(run: dict[str, Any], ae_dir: str | Path, dataset: str | Path, name:
     metric = net.spec.metric
     result = {
         "name": name, "autoencoder": summary["name"], "variant": summary["variant"], "config": summary["config"]["name"],
-        "dataset": man["name"],
+        "dataset": man["name"], "objective": summary["objective"],
         **rec,
         "lowpass": {str(k): frechet_distance(*_stats(lp_feats[k]["real"]), *_stats(lp_feats[k]["recon"]))
                     for k in ks},
@@ -205,6 +221,8 @@ def evaluate(run: dict[str, Any], ae_dir: str | Path, dataset: str | Path, name:
                      "lpips": None if lpips is None else {"vgg_sha256": lpips.vgg_sha256,
                                                           "heads_sha256": lpips.heads_sha256}},
     }
+    if e["bootstrap"]:
+        result["bootstrap"] = _bootstraps(e["bootstrap"], e["seed"], metric, acc, lp_feats, p_tgt, p_lat, valid)
     prov = Provenance("eval-ae", name, run, seeds={"eval": e["seed"]})
     prov.add_input(ae_dir, "autoencoder")
     prov.add_input(dataset, "dataset")
@@ -218,6 +236,24 @@ def evaluate(run: dict[str, Any], ae_dir: str | Path, dataset: str | Path, name:
         prov.write(out, tmp)
     log.info("eval-ae %s: %s", name, {k: result[k] for k in result if k not in ("latent_spectrum", "protocol")})
     return result
+
+
+def _bootstraps(n_boot: int, seed: int, metric: str, acc: ReconAccumulator, lp_feats, p_tgt, p_lat,
+                valid) -> dict[str, Any]:
+    """Half-sample bootstraps over the evaluated images (metrics.bootstrap): the reconstruction
+    distance and each low-pass distance (image i with its own reconstruction on both sides), and
+    KL(target || latent) of the mean distributions."""
+    real, recon = (np.concatenate(acc.feats[k]) for k in ("real", "recon"))
+    px, pz = torch.cat(p_tgt), torch.cat(p_lat)
+
+    def kl(idx) -> float:
+        i = torch.as_tensor(np.asarray(idx))
+        return float(spectral.kl_divergence(px[i].mean(0), pz[i].mean(0), valid))
+
+    return {distance_name(metric): bootstrap.paired(real, recon, n_boot, seed).to_json(),
+            "lowpass": {str(k): bootstrap.paired(np.concatenate(f["real"]), np.concatenate(f["recon"]), n_boot,
+                                                 seed).to_json() for k, f in lp_feats.items()},
+            "kl_target_to_latent": bootstrap.of_statistic(len(px), kl, n_boot, seed).to_json()}
 
 
 def _stats(chunks: list[np.ndarray]):

@@ -6,7 +6,9 @@ the posterior's `mu` and `logvar` (float32): a trainer draws z = mu + exp(logvar
 itself, so every epoch sees fresh posterior samples, as training on images would.
 
 The scale factor is s = 1 / std(z) over all elements of one posterior sample per entry (or of
-the first `scale_samples` entries), accumulated in float64 and summed over ranks; no shift.
+the first `scale_samples` entries), accumulated in float64 and summed over ranks; no shift. A
+fixed `scale_factor` (the public SD-VAE's 0.18215, which REPA and U-ViT use) replaces it; the
+measured std is recorded either way.
 Diffusion runs on s * z. The noise of entry i comes from a generator seeded by (seed, i), so
 the cache, the scale included, does not depend on the number of processes.
 
@@ -115,7 +117,10 @@ def _extract(run, p, info, ae_dir, dataset, name, out):
                 "storage": "mu and logvar, float32 (z = mu + exp(logvar/2) * eps)",
                 "count": entries, "images": n, "hflip": bool(p["hflip"]),
                 "num_classes": int(dataset_manifest(dataset).get("num_classes") or 0),
-                "scale_factor": 1.0 / std, "latent_mean": mean, "latent_std": std, "scale_elements": int(count),
+                # A fixed scale (latents.scale_factor: the SD-VAE's 0.18215) replaces the measured one.
+                "scale_factor": float(p["scale_factor"] or 1.0 / std),
+                "scale_source": "fixed (latents.scale_factor)" if p["scale_factor"] else "measured 1/std",
+                "latent_mean": mean, "latent_std": std, "scale_elements": int(count),
                 "scale_entries": scale_n, "weights": "ema" if (p["use_ema"] and summary.get("ema")) else "raw",
                 "dataset_images_sha256": reader.images_sha256, "world_size": info.world_size,
                 "shards": [all_shards[j] for j in range(n_shards)],
@@ -125,28 +130,35 @@ def _extract(run, p, info, ae_dir, dataset, name, out):
             prov.add_input(ae_dir, "autoencoder")
             prov.add_input(dataset, "dataset")
             prov.write(out, tmp)
-            log.info("latents %s: %d entries, scale factor %.5f", name, entries, result["scale_factor"])
+            log.info("latents %s: %d entries, scale factor %.5f (%s)", name, entries, result["scale_factor"],
+                     result["scale_source"])
     distributed.barrier()
     return result if result is not None else {}
 
 
 class LatentReader(ShardedCache):
-    """The cache's entries by index: (mu, logvar, labels), memory-mapped from the shards, with
-    the manifest (`scale_factor`, `shape`, ...) at hand."""
+    """The cache's entries by index: (mu, logvar, labels), read from the shards (through a
+    bounded number of open files, `data.reader`), with the manifest (`scale_factor`, `shape`,
+    ...) at hand."""
 
     SCHEMA, MEMBERS, WHAT, STAGE = SCHEMA, ("mu", "logvar", "labels"), "latent cache", "extract-latents"
 
-    def __init__(self, folder: str | Path, cache_shards: int = 4, verify: bool | None = None):
-        super().__init__(folder, cache_shards, verify)
+    def __init__(self, folder: str | Path, cache_shards: int = 4, verify: bool | None = None,
+                 max_open: int | None = None):
+        super().__init__(folder, cache_shards, verify, max_open)
         self.scale_factor = float(self.manifest["scale_factor"])
 
+    def scaled_sample(self, mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """s * (mu + exp(logvar / 2) * eps): the posterior sample diffusion trains on, computed
+        where the tensors are (the trainer draws eps on its device)."""
+        return (mu + torch.exp(0.5 * logvar) * eps) * self.scale_factor
+
     def sample(self, indices, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """Scaled posterior samples s * (mu + exp(logvar / 2) * eps) (float32, NCHW) and labels of
-        the entries at `indices`, with eps from `generator` (CPU)."""
+        """Scaled posterior samples (float32, NCHW) and labels of the entries at `indices`, with
+        eps from `generator` (CPU)."""
         mu, logvar, labels = self.get(indices)
         mu, logvar = torch.from_numpy(np.asarray(mu, np.float32)), torch.from_numpy(np.asarray(logvar, np.float32))
-        eps = torch.randn(mu.shape, generator=generator)
-        z = (mu + torch.exp(0.5 * logvar) * eps) * self.scale_factor
+        z = self.scaled_sample(mu, logvar, torch.randn(mu.shape, generator=generator))
         return z, torch.from_numpy(np.asarray(labels, np.int64))
 
 

@@ -8,8 +8,15 @@ ResBlock per level and nearest x2 up-sampling, and has no output activation (ima
 
 Module names follow the SD layout (`encoder.down.{level}.block.{i}`, `encoder.mid.attn_1`,
 `decoder.up.{level}` indexed by level, `quant_conv`, ...), so the state dict of an SD-VAE
-checkpoint maps onto the f8d4 model key for key. Only the parameter *layout* is shared; the code
-is this project's own.
+checkpoint maps onto the f8d4 model key for key (`autoencoder.pretrained` maps the diffusers
+layout). Only the parameter *layout* is shared; the code is this project's own.
+
+Down-sampling padding (`AEConfig.downsample_padding`): the authors' VAE pads its stride-2 convs
+symmetrically (padding 1 on every side; forever208/SpectrumMatching, modules/layers.py
+DownSampleBlock2D), SD pads right and bottom only (F.pad (0, 1, 0, 1), padding 0). Both map 2n
+to n, but the kernel grid is shifted by one pixel, so weights trained with one give other
+latents with the other. Our trained autoencoders use the authors' `symmetric`; a loaded SD-VAE
+needs `sd` (docs/reference-fidelity.md).
 
 Mixed precision: GroupNorm already runs in float32 under CUDA autocast; the attention is
 explicitly computed in float32 (its softmax over up to 1024 tokens is the one place where bf16
@@ -37,6 +44,7 @@ __all__ = [
 ]
 
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0  # docs/method.md §5: logvar clamp, as in SD
+PADDINGS = ("symmetric", "sd")  # AEConfig.downsample_padding
 GN_EPS = 1e-6  # docs/method.md §5 / SD; torch's default 1e-5 would change the numbers of a loaded SD-VAE
 
 
@@ -52,6 +60,7 @@ class AEConfig:
     in_channels: int = 3
     attn_in_mid: bool = True
     norm_groups: int = 32
+    downsample_padding: str = "symmetric"  # "symmetric" (the authors') or "sd" (right/bottom only)
 
     @property
     def down_factor(self) -> int:
@@ -85,11 +94,20 @@ def _validate(cfg: AEConfig) -> AEConfig:
     for key in ("z_channels", "num_res_blocks", "in_channels"):
         if int(getattr(cfg, key)) < 1:
             raise SpecmatchError(f"{where}: {key} must be >= 1, got {getattr(cfg, key)}")
+    if cfg.downsample_padding not in PADDINGS:
+        raise SpecmatchError(f"{where}: downsample_padding must be one of {list(PADDINGS)}, "
+                             f"got {cfg.downsample_padding!r}")
     return cfg
 
 
+def with_padding(cfg: AEConfig, padding: str | None) -> AEConfig:
+    """`cfg` with its down-sampling padding replaced (None: unchanged), validated."""
+    return cfg if padding is None else _validate(dataclasses.replace(cfg, downsample_padding=padding))
+
+
 def config(name_or_dict: str | Mapping[str, Any] | AEConfig) -> AEConfig:
-    """An AEConfig from a name in CONFIGS, or from a dict of AEConfig fields (`name` optional)."""
+    """An AEConfig from a name in CONFIGS, from a dict of AEConfig fields (`name` optional), or
+    from a dict naming a config of CONFIGS without `channels` and changing some of its fields."""
     if isinstance(name_or_dict, AEConfig):
         return _validate(name_or_dict)
     if isinstance(name_or_dict, str):
@@ -108,6 +126,9 @@ def config(name_or_dict: str | Mapping[str, Any] | AEConfig) -> AEConfig:
             f"autoencoder config: unknown key(s) {unknown}; allowed: {sorted(fields)} "
             f"(or a name: {', '.join(sorted(CONFIGS))})")
     kw = dict(name_or_dict)
+    if kw.get("name") in CONFIGS and "channels" not in kw:
+        # A named config with some fields changed, e.g. {name: f8d4, downsample_padding: sd}.
+        kw = {**dataclasses.asdict(CONFIGS[kw["name"]]), **kw}
     kw.setdefault("name", "custom")
     missing = sorted({"channels", "z_channels"} - set(kw))
     if missing:
@@ -117,6 +138,8 @@ def config(name_or_dict: str | Mapping[str, Any] | AEConfig) -> AEConfig:
         for key in ("z_channels", "num_res_blocks", "in_channels", "norm_groups"):
             if key in kw:
                 kw[key] = int(kw[key])
+        if "attn_in_mid" in kw:
+            kw["attn_in_mid"] = bool(kw["attn_in_mid"])
     except (TypeError, ValueError) as e:
         raise SpecmatchError(f"autoencoder config {kw['name']!r}: bad value ({e})") from None
     return _validate(AEConfig(**kw))
@@ -181,15 +204,17 @@ class AttnBlock(nn.Module):
 
 
 class Downsample(nn.Module):
-    """Stride-2 3x3 conv with SD's asymmetric padding (right/bottom only), so that a 2n map goes
-    to exactly n and the kernel grid lines up with SD checkpoints."""
+    """Stride-2 3x3 conv, 2n -> n. `padding`: "symmetric" pads one zero on every side (the
+    authors' VAE: output pixel i sees input rows 2i-1..2i+1); "sd" pads right and bottom only
+    (SD's: rows 2i..2i+2), so that SD checkpoints see the grid they were trained on."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, padding: str = "symmetric"):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
+        self.sd = padding == "sd"
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0 if self.sd else 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.pad(x, (0, 1, 0, 1)))
+        return self.conv(F.pad(x, (0, 1, 0, 1)) if self.sd else x)
 
 
 class Upsample(nn.Module):
@@ -218,12 +243,13 @@ class _Level(nn.Module):
     """The ResBlocks of one resolution level plus its optional resampler (`downsample` in the
     encoder, `upsample` in the decoder; the SD attribute names)."""
 
-    def __init__(self, c_in: int, c_out: int, n_blocks: int, groups: int, resample: str | None):
+    def __init__(self, c_in: int, c_out: int, n_blocks: int, groups: int, resample: str | None,
+                 padding: str = "symmetric"):
         super().__init__()
         self.block = nn.ModuleList(
             ResBlock(c_in if i == 0 else c_out, c_out, groups) for i in range(n_blocks))
         if resample == "down":
-            self.downsample = Downsample(c_out)
+            self.downsample = Downsample(c_out, padding)
         elif resample == "up":
             self.upsample = Upsample(c_out)
 
@@ -244,7 +270,8 @@ class Encoder(nn.Module):
         ch, g, last = cfg.channels, cfg.norm_groups, len(cfg.channels) - 1
         self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
         self.down = nn.ModuleList(
-            _Level(ch[max(i - 1, 0)], ch[i], cfg.num_res_blocks, g, "down" if i < last else None)
+            _Level(ch[max(i - 1, 0)], ch[i], cfg.num_res_blocks, g, "down" if i < last else None,
+                   cfg.downsample_padding)
             for i in range(len(ch)))
         self.mid = _Mid(ch[-1], g, cfg.attn_in_mid)
         self.norm_out = _norm(ch[-1], g)

@@ -15,7 +15,13 @@ step picks its "shared mask" (the spectral view of the paper, docs/method.md §4
   it (x' = down(x), decode down(z)): EQ-VAE's scale equivariance as a special case.
 - `esm_dsm`: both.
 The per-step draw depends only on (seed, step), so every rank draws the same k without
-communication and a resumed run draws what the uninterrupted one drew.
+communication and a resumed run draws what the uninterrupted one drew (`mask_draw: shared`).
+The authors' trainer draws k with Python's unseeded `random` in every process, so the GPUs of
+one step generally use different k; `mask_draw: per-rank` reproduces that (seeded by (seed,
+step, rank): resumable, but the run then depends on the number of processes).
+
+`gan_start` counts trainer iterations (the authors' `global_step`, which a discriminator update
+advances too; see train.py).
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ import torch
 from .. import spectral
 from ..errors import SpecmatchError
 from ..runtime.seeding import step_rng
+
+MASK_DRAWS = ("shared", "per-rank")
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "sdvae": {"kl_weight": 1e-6},
@@ -53,9 +61,10 @@ class Objective:
     dsm_block: int = 8
     scale_factors: tuple[int, ...] = ()
     scale_mode: str = "area"
-    gan_start: int = 50001
+    gan_start: int = 50001  # iteration (G and D updates both count) from which the GAN is on
     gan_weight: float = 0.5
     adaptive_weight_max: float = 1e4
+    mask_draw: str = "shared"  # "shared": one k per step on every rank; "per-rank": the authors'
 
 
 def objective(variant: str, loss: dict[str, Any] | None = None) -> Objective:
@@ -73,6 +82,8 @@ def objective(variant: str, loss: dict[str, Any] | None = None) -> Objective:
     if any(k < 0 for k in obj.dsm_ks) or any(f < 1 for f in obj.scale_factors):
         raise SpecmatchError(f"autoencoder loss: dsm_ks must be >= 0 and scale_factors >= 1, got "
                              f"{list(obj.dsm_ks)}, {list(obj.scale_factors)}")
+    if obj.mask_draw not in MASK_DRAWS:
+        raise SpecmatchError(f"autoencoder loss: mask_draw must be one of {list(MASK_DRAWS)}, got {obj.mask_draw!r}")
     return obj
 
 
@@ -94,9 +105,10 @@ class Mask:
         return self.k == 0 and self.factor == 1
 
 
-def draw_mask(obj: Objective, seed: int, step: int) -> Mask:
-    """This step's mask: a function of (seed, step) only, identical on every rank."""
-    rng = step_rng(seed, step, "autoencoder-mask")
+def draw_mask(obj: Objective, seed: int, step: int, rank: int = 0) -> Mask:
+    """This step's mask: a function of (seed, step) only, identical on every rank; with
+    `mask_draw: per-rank`, of (seed, step, rank)."""
+    rng = step_rng(seed, step, "autoencoder-mask" if obj.mask_draw == "shared" else f"autoencoder-mask-rank{rank}")
     k = int(rng.choice(obj.dsm_ks)) if obj.dsm_ks else 0
     factor = int(rng.choice(obj.scale_factors)) if obj.scale_factors else 1
     return Mask(k, factor)

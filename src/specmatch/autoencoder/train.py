@@ -8,9 +8,15 @@ Runtime guarantees:
   global batch. The generator is wrapped in DistributedDataParallel. The discriminator is not:
   its hinge loss needs two forwards (real, fake) before one backward, which DDP's reducer does
   not allow with BatchNorm kept per pass, so its gradients are averaged with one all-reduce of
-  the flattened gradient vector.
-- `steps` counts generator updates; after `gan_start` every step also makes one discriminator
-  update on the same batch (the two-optimiser scheme of the LDM code base), counted apart.
+  the flattened gradient vector. On several GPUs its BatchNorms become SyncBatchNorm
+  (`disc.sync_batchnorm`, as the authors' trainer): statistics over the global batch.
+- The schedule is the authors' (`disc.schedule: alternating`, forever208/SpectrumMatching
+  vae_trainer.py): `steps` counts iterations, each one batch and one update; before `gan_start`
+  every iteration updates the generator, from it on even iterations update the generator (with
+  the GAN term) and odd ones the discriminator (on a fresh batch, against that batch's
+  reconstruction). `disc.schedule: joint` is the LDM code base's two-optimiser scheme instead:
+  every iteration a generator update and, from `gan_start`, a discriminator update on the same
+  batch. Both counters are logged and recorded.
 - Checkpoints (runtime.checkpoint) every `checkpoint_every` steps, on SIGTERM/SIGUSR1 (then
   exit code 3) and at the end; `--resume auto` continues from the newest valid one.
 - A non-finite loss on any rank stops every rank with an error naming the step and the terms;
@@ -22,6 +28,7 @@ Runtime guarantees:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -47,7 +54,7 @@ from ..runtime.training import (AttemptLog, NonFiniteLoss, TrainSettings, batch_
                                 save_checkpoint, warmup, write_output)
 from . import artifact
 from . import model as ae_model
-from .discriminator import PatchDiscriminator, generator_adv_loss, hinge_d_loss
+from .discriminator import PatchDiscriminator, generator_adv_loss, hinge_d_loss, sync_batchnorm
 from .model import to_float
 from .objectives import Mask, Objective, adaptive_weight, draw_mask, objective
 
@@ -85,7 +92,33 @@ class _Job:
 
 
 def fingerprint(run: dict[str, Any], images_sha256: str) -> str:
-    return config_mod.ae_fingerprint(run, images_sha256)
+    """The run's identity with its architecture resolved (a named config's fields, the padding
+    included), so a change of a config's defaults starts a fresh run."""
+    resolved = dataclasses.asdict(ae_model.config(run["config"]))
+    return config_mod.ae_fingerprint({**run, "config": resolved}, images_sha256)
+
+
+def turns(schedule: str, step: int, gan_start: int) -> tuple[bool, bool]:
+    """(generator update, discriminator update) at iteration `step` (0-based) of a schedule."""
+    if step < gan_start:
+        return True, False
+    if schedule == "joint":
+        return True, True
+    return step % 2 == 0, step % 2 == 1
+
+
+def prepare_discriminator(disc: torch.nn.Module, sync: bool, info: distributed.DistInfo) -> torch.nn.Module:
+    """The discriminator as this process trains it: with SyncBatchNorm when asked for and the job
+    has several processes. PyTorch's SyncBatchNorm computes on GPUs only, so several CPU
+    processes with `sync` are refused rather than silently run with per-process statistics."""
+    if not sync or info.world_size <= 1:
+        return disc
+    if info.device.type != "cuda":
+        raise SpecmatchError(
+            f"disc.sync_batchnorm: PyTorch's SyncBatchNorm runs on GPUs only, and this job has "
+            f"{info.world_size} {info.device.type} processes; set disc.sync_batchnorm: false for per-process "
+            "BatchNorm statistics")
+    return sync_batchnorm(disc)
 
 
 def load_batch(reader: SplitReader, idx: np.ndarray, hflip: float, seed: int, step: int,
@@ -163,7 +196,8 @@ def _train(job: _Job) -> dict[str, Any]:
 
     ae = ae_model.build(cfg).to(dev)
     d = job.params["disc"]
-    disc = PatchDiscriminator(3, d["channels"], d["n_layers"], d["init_std"]).to(dev)
+    disc = prepare_discriminator(PatchDiscriminator(3, d["channels"], d["n_layers"], d["init_std"]),
+                                 d["sync_batchnorm"], info).to(dev)
     ema = make_ema(ae, t.ema_decay)
     opt_g = torch.optim.AdamW(ae.parameters(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
     opt_d = torch.optim.AdamW(disc.parameters(), lr=t.disc_lr or t.lr, betas=t.betas, weight_decay=t.weight_decay)
@@ -171,7 +205,7 @@ def _train(job: _Job) -> dict[str, Any]:
     sched_d = torch.optim.lr_scheduler.LambdaLR(opt_d, warmup(t.warmup_steps))
     lpips = _lpips_model(obj, job.params["resources_dir"], dev)
 
-    g_step = d_step = 0
+    step = g_step = d_step = 0
     resumed = resume_point(run_dir, job.resume, KIND, job.fp, info)
     if resumed:
         start, tensors, state = resumed
@@ -180,73 +214,83 @@ def _train(job: _Job) -> dict[str, Any]:
         opt_d.load_state_dict(state["opt_d"])
         sched_g.load_state_dict(state["sched_g"])
         sched_d.load_state_dict(state["sched_d"])
-        g_step, d_step = int(state["g_step"]), int(state["d_step"])
-        log.info("resumed from %s (generator step %d, discriminator step %d)", start, g_step, d_step)
+        step, g_step, d_step = int(state["step"]), int(state["g_step"]), int(state["d_step"])
+        log.info("resumed from %s (iteration %d: generator step %d, discriminator step %d)", start, step, g_step,
+                 d_step)
 
-    gen = DDP(_Generator(ae)) if info.world_size > 1 else _Generator(ae)
+    plain_gen = _Generator(ae)
+    gen = DDP(plain_gen) if info.world_size > 1 else plain_gen
     disc_params = list(disc.parameters())
     run_dir.mkdir(parents=True, exist_ok=True)
     log_path = run_dir / "metrics.jsonl"
 
     def save_ckpt() -> Path | None:
-        return save_checkpoint(info, run_dir, g_step, lambda: pack_state(ae=ae, disc=disc, ema=ema),
+        return save_checkpoint(info, run_dir, step, lambda: pack_state(ae=ae, disc=disc, ema=ema),
                                lambda: {"opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
                                         "sched_g": sched_g.state_dict(), "sched_d": sched_d.state_dict(),
-                                        "g_step": g_step, "d_step": d_step},
+                                        "step": step, "g_step": g_step, "d_step": d_step},
                                KIND, job.fp, t.keep_checkpoints)
 
-    steps = t.steps
-    bar = tqdm(total=steps, initial=g_step, desc=f"train-ae {job.name}", unit="step", disable=not info.is_main)
-    t_last, n_last = time.perf_counter(), g_step
-    with StopRequest() as stop, AttemptLog(run_dir, info, g_step, lambda: g_step):
-        while g_step < steps:
-            idx = batch_indices(len(reader), global_batch, seed, g_step)
-            x = load_batch(reader, idx, t.hflip, seed, g_step, dev, rows)
-            mask = draw_mask(obj, seed, g_step)
+    steps, schedule, hinge_scale = t.steps, d["schedule"], d["hinge_scale"]
+    h = reader.resolution // cfg.down_factor
+    bar = tqdm(total=steps, initial=step, desc=f"train-ae {job.name}", unit="it", disable=not info.is_main)
+    t_last, n_last = time.perf_counter(), step
+    with StopRequest() as stop, AttemptLog(run_dir, info, step, lambda: step):
+        while step < steps:
+            g_turn, d_turn = turns(schedule, step, obj.gan_start)
+            idx = batch_indices(len(reader), global_batch, seed, step)
+            x = load_batch(reader, idx, t.hflip, seed, step, dev, rows)
+            mask = draw_mask(obj, seed, step, info.rank)
             # Posterior noise drawn for the global batch and sliced, like the images: the run
             # does not depend on how many processes share the batch.
-            gcpu = torch.Generator().manual_seed(seeding.step_seed(seed, g_step, "posterior"))
-            h = reader.resolution // cfg.down_factor
+            gcpu = torch.Generator().manual_seed(seeding.step_seed(seed, step, "posterior"))
             noise = torch.randn((global_batch, cfg.z_channels, h, h), generator=gcpu)[rows].to(dev)
-            gan_on = g_step >= obj.gan_start
             x_target = mask.apply(x, obj)
+            terms: dict[str, torch.Tensor] = {}
 
-            for p in disc_params:
-                p.requires_grad_(False)
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
-                x_hat, z, kl = gen(x, noise, mask, obj)
-                x_hat = x_hat.float()
-                l1 = (x_target - x_hat).abs().mean()
-                terms = {"l1": l1, "kl": kl.mean()}
-                rec = obj.l1_weight * l1
-                if lpips is not None:
-                    terms["lpips"] = lpips(x_hat, x_target).mean()
-                    rec = rec + obj.lpips_weight * terms["lpips"]
-                loss = rec + obj.kl_weight * terms["kl"]
-                if obj.esm_weight > 0:
-                    terms["esm"] = spectral.esm_loss(x, z, obj.esm_delta, obj.esm_n_bins, obj.esm_blur)
-                    loss = loss + obj.esm_weight * terms["esm"]
-                if gan_on:
-                    g_adv = generator_adv_loss(disc(x_hat))
-                    lam = adaptive_weight(rec, g_adv, ae.last_layer, obj.adaptive_weight_max)
-                    terms["g_adv"], terms["lambda"] = g_adv, lam
-                    loss = loss + obj.gan_weight * lam * g_adv
-            terms["loss"] = loss
-            check_finite(terms, g_step, info, run_dir, "generator step")
-            opt_g.zero_grad(set_to_none=True)
-            loss.backward()
-            terms["grad_norm"] = torch.nn.utils.clip_grad_norm_(ae.parameters(), t.grad_clip)
-            opt_g.step()
-            sched_g.step()
-            if ema is not None:
-                ema.update_parameters(ae)
+            if g_turn:
+                for p in disc_params:
+                    p.requires_grad_(False)
+                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
+                    x_hat, z, kl = gen(x, noise, mask, obj)
+                    x_hat = x_hat.float()
+                    l1 = (x_target - x_hat).abs().mean()
+                    terms.update(l1=l1, kl=kl.mean())
+                    rec = obj.l1_weight * l1
+                    if lpips is not None:
+                        terms["lpips"] = lpips(x_hat, x_target).mean()
+                        rec = rec + obj.lpips_weight * terms["lpips"]
+                    loss = rec + obj.kl_weight * terms["kl"]
+                    if obj.esm_weight > 0:
+                        terms["esm"] = spectral.esm_loss(x, z, obj.esm_delta, obj.esm_n_bins, obj.esm_blur)
+                        loss = loss + obj.esm_weight * terms["esm"]
+                    if step >= obj.gan_start:
+                        g_adv = generator_adv_loss(disc(x_hat))
+                        lam = adaptive_weight(rec, g_adv, ae.last_layer, obj.adaptive_weight_max)
+                        terms["g_adv"], terms["lambda"] = g_adv, lam
+                        loss = loss + obj.gan_weight * lam * g_adv
+                terms["loss"] = loss
+                check_finite(terms, step, info, run_dir, "iteration")
+                opt_g.zero_grad(set_to_none=True)
+                loss.backward()
+                terms["grad_norm"] = torch.nn.utils.clip_grad_norm_(ae.parameters(), t.grad_clip)
+                opt_g.step()
+                sched_g.step()
+                if ema is not None:
+                    ema.update_parameters(ae)
+                g_step += 1
+            elif d_turn:
+                # The authors' discriminator iteration: this batch's reconstruction by the current
+                # generator (no update of it, so no graph), then the discriminator's update.
+                with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
+                    x_hat = plain_gen(x, noise, mask, obj)[0].float()
 
-            if gan_on:
+            if d_turn:
                 for p in disc_params:
                     p.requires_grad_(True)
                 with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
-                    d_loss = hinge_d_loss(disc(x_target.detach()), disc(x_hat.detach()))
-                check_finite({"d_loss": d_loss}, g_step, info, run_dir, "generator step")
+                    d_loss = hinge_d_loss(disc(x_target.detach()), disc(x_hat.detach()), hinge_scale)
+                check_finite({"d_loss": d_loss}, step, info, run_dir, "iteration")
                 opt_d.zero_grad(set_to_none=True)
                 d_loss.backward()
                 _flat_all_reduce_grads(disc_params, info.world_size)
@@ -255,31 +299,32 @@ def _train(job: _Job) -> dict[str, Any]:
                 sched_d.step()
                 d_step += 1
                 terms["d_loss"] = d_loss
-            g_step += 1
+            step += 1
             bar.update(1)
 
-            if info.is_main and (g_step % t.log_every == 0 or g_step == steps):
+            if info.is_main and (step % t.log_every == 0 or step == steps):
                 now = time.perf_counter()
-                rec_ = {"step": g_step, "d_step": d_step, "k": mask.k, "factor": mask.factor,
-                        "lr": sched_g.get_last_lr()[0],
-                        "images_per_s": (g_step - n_last) * global_batch / max(now - t_last, 1e-9),
+                rec_ = {"step": step, "g_step": g_step, "d_step": d_step,
+                        "update": "G+D" if g_turn and d_turn else "G" if g_turn else "D",
+                        "k": mask.k, "factor": mask.factor, "lr": sched_g.get_last_lr()[0],
+                        "images_per_s": (step - n_last) * global_batch / max(now - t_last, 1e-9),
                         **{k: float(v.detach()) for k, v in terms.items()}}
-                t_last, n_last = now, g_step
+                t_last, n_last = now, step
                 with open(log_path, "a", encoding="utf-8") as f:
                     f.write(json.dumps(rec_) + "\n")
-                bar.set_postfix(loss=f"{rec_['loss']:.4f}", l1=f"{rec_['l1']:.4f}")
-            end_of_step(g_step, steps, t.checkpoint_every, stop, info, save_ckpt, bar)
+                bar.set_postfix({k: f"{rec_[k]:.4f}" for k in ("loss", "l1", "d_loss") if k in rec_})
+            end_of_step(step, steps, t.checkpoint_every, stop, info, save_ckpt, bar)
     bar.close()
     save_ckpt()
     distributed.barrier()
-    result = {"steps": g_step, "d_steps": d_step}
+    result = {"steps": step, "generator_steps": g_step, "discriminator_steps": d_step}
     if info.is_main:
-        result = _write_final(job, ae, ema, reader, g_step, d_step)
+        result = _write_final(job, ae, ema, reader, step, g_step, d_step)
     distributed.barrier()
     return result
 
 
-def _write_final(job: _Job, ae, ema, reader: SplitReader, g_step: int, d_step: int) -> dict[str, Any]:
+def _write_final(job: _Job, ae, ema, reader: SplitReader, step: int, g_step: int, d_step: int) -> dict[str, Any]:
     cfg, obj = job.cfg, job.obj
     prov = Provenance(STAGE, job.name, job.params, seeds={"train": job.train.seed})
     prov.add_input(job.dataset, "dataset")
@@ -287,10 +332,15 @@ def _write_final(job: _Job, ae, ema, reader: SplitReader, g_step: int, d_step: i
                "config": cfg.__dict__ | {"channels": list(cfg.channels)},
                "variant": obj.variant, "objective": {**obj.__dict__, "dsm_ks": list(obj.dsm_ks),
                                                      "scale_factors": list(obj.scale_factors)},
-               "generator_steps": g_step, "discriminator_steps": d_step, "world_size": job.info.world_size,
+               "iterations": step, "generator_steps": g_step, "discriminator_steps": d_step,
+               "schedule": job.params["disc"]["schedule"],
+               "discriminator_norm": ("SyncBatchNorm" if job.params["disc"]["sync_batchnorm"] and job.info.world_size > 1
+                                      else "BatchNorm"),
+               "world_size": job.info.world_size,
                "ema": ema is not None, "dataset_images_sha256": reader.images_sha256,
                "parameters": ae_model.count_parameters(ae)}
     weights = final_weights("ae", ae, ema)
     write_output(job.out, job.run_dir, prov, lambda tmp: artifact.write(tmp, weights, summary, job.fp))
-    log.info("autoencoder %s: %d steps, weights in %s", job.name, g_step, job.out)
+    log.info("autoencoder %s: %d iterations (%d generator, %d discriminator updates), weights in %s", job.name, step,
+             g_step, d_step, job.out)
     return summary

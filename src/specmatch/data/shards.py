@@ -72,6 +72,28 @@ class ShardWriter:
         self.shards.append({"file": name, "count": len(self._buf), "sha256": sha256_file(self.folder / name)})
         self._buf = []
 
+    def add_shard(self, path: Path) -> None:
+        """Take a finished shard file (images, labels, sources) into the split as it is, without
+        writing it again: hard-linked into the folder under the split's next shard name (moved
+        where the file system cannot link, e.g. another device), its images and labels hashed
+        in order as if written here. Stage outputs that are made of shards a job wrote before
+        (samples) are so stored once."""
+        import shutil
+
+        self._flush()
+        with np.load(path, allow_pickle=False) as z:
+            images, labels = z["images"], z["labels"].astype(np.int64, copy=False)
+        self._hash.update(images)
+        self._label_hash.update(labels)
+        for lb in labels.tolist():
+            self.label_counts[int(lb)] = self.label_counts.get(int(lb), 0) + 1
+        name = f"{self.split}-{len(self.shards):05d}.npz"
+        try:
+            os.link(path, self.folder / name)
+        except OSError:
+            shutil.move(str(path), self.folder / name)
+        self.shards.append({"file": name, "count": int(len(labels)), "sha256": sha256_file(self.folder / name)})
+
     def close(self) -> dict[str, Any]:
         self._flush()
         return {

@@ -5,6 +5,11 @@ never through the trainer.
     <out>/model.safetensors      net.<k> (raw) and ema.<k> (EMA) weights
     <out>/diffusion.json         the summary: model, process, latents, alignment, snapshots
     <out>/snapshots/step-<N>.safetensors   EMA (or raw) weights at train.snapshot_steps
+
+`specmatch import-model` (diffusion.convert) writes the same layout from a released checkpoint:
+its summary has `imported` (the source layout, file and sha256) and `time_scale` (the network's
+time input, time_scale * t; absent = 1000, ours), and its file holds the checkpoint's weights
+under `ema.` (or `net.`) only.
 """
 
 from __future__ import annotations
@@ -87,8 +92,12 @@ def load(folder: str | Path, use_ema: bool = True, device="cpu",
     if not w_path.is_file():
         raise SpecmatchError(f"{folder}: not a trained diffusion model (no {WEIGHTS}); run `specmatch train-diffusion`")
     net = models.build(summary["model"], in_channels=summary["in_channels"], input_size=summary["input_size"],
-                       num_classes=summary["num_classes"])
+                       num_classes=summary["num_classes"], time_scale=float(summary.get("time_scale", models.TIME_SCALE)))
     prefix = "ema." if use_ema and summary.get("ema") else "net."
+    held = (summary.get("imported") or {}).get("weights")
+    if held is not None and prefix != f"{held}.":
+        raise SpecmatchError(f"{folder}: an imported model holds only the {held!r} weights of its checkpoint "
+                             f"({summary['imported']['file']}); sample it with use_ema: {held == 'ema'}")
     if snapshot is not None:
         w_path = snapshot_path(folder, snapshot)
         if not w_path.is_file():

@@ -32,6 +32,11 @@ they add a few seconds to this module's import.
 What timm has no block for is written here: the time embeddings, U-ViT's long-skip block, DiT's
 adaLN-Zero block and final layer.
 
+Time input: both families embed `time_scale * t` (default 1000, DDPM-style steps). Imported
+checkpoints keep their own scale (`diffusion.convert`): U-ViT's continuous models were trained on
+999 t, SiT's and REPA's on t itself (1), so an imported network carries `time_scale` in its
+summary and is built with it.
+
 Common interface (the trainer, the samplers and REPA rely on it):
 `model(x[B,C,H,W], t[B] in [0,1], y[B] long | None, hidden_block=None) -> out[B,C,H,W]`, or
 `(out, hidden)` with `hidden` the patch tokens (B, N, width) after the 1-based block
@@ -81,6 +86,8 @@ class NetConfig:
 NETS: dict[str, NetConfig] = {
     "UViT-S": NetConfig("uvit", 512, 12, 8),  # 13 blocks, U-ViT paper's U-ViT-S (44M)
     "UViT-M": NetConfig("uvit", 768, 16, 12),  # 17 blocks, U-ViT-M (131M)
+    "UViT-L": NetConfig("uvit", 1024, 20, 16),  # 21 blocks, U-ViT-L (the released ImageNet 256 U-ViT-L/2)
+    "UViT-H": NetConfig("uvit", 1152, 28, 16),  # 29 blocks, U-ViT-H
     "UViT-tiny": NetConfig("uvit", 128, 4, 4),  # 5 blocks; CPU demo and tests
     "SiT-S": NetConfig("sit", 384, 12, 6),
     "SiT-B": NetConfig("sit", 768, 12, 12),
@@ -110,16 +117,18 @@ def parse_name(name: str) -> tuple[NetConfig, int]:
     return NETS[size], patch
 
 
-def build(name: str, *, in_channels: int, input_size: int, num_classes: int = 0) -> nn.Module:
+def build(name: str, *, in_channels: int, input_size: int, num_classes: int = 0,
+          time_scale: float = TIME_SCALE) -> nn.Module:
     """The network `name` ('UViT-S/2', 'SiT-B/1', ...) for square latents of `in_channels` x
     `input_size` x `input_size`; `num_classes` > 0 makes it class-conditional (one extra label,
-    `num_classes`, is the null label)."""
+    `num_classes`, is the null label); `time_scale`: the time input is the sinusoid of
+    time_scale * t (imported checkpoints keep their own)."""
     cfg, patch = parse_name(name)
     cls = {"uvit": UViT, "sit": SiT}[cfg.family]
     return cls(
         in_channels=in_channels, input_size=input_size, patch=patch, width=cfg.width,
         depth=cfg.depth, heads=cfg.heads, mlp_ratio=cfg.mlp_ratio, num_classes=num_classes,
-        name=name,
+        name=name, time_scale=time_scale,
     )
 
 
@@ -187,7 +196,10 @@ def _patch_embed(in_channels: int, width: int, patch: int, input_size: int) -> P
 class _Net(nn.Module):
     """Attributes and input checks shared by both families."""
 
-    def _setup(self, *, name, in_channels, input_size, patch, width, heads, num_classes, n_blocks):
+    def _setup(self, *, name, in_channels, input_size, patch, width, heads, num_classes, n_blocks,
+               time_scale=TIME_SCALE):
+        if not time_scale > 0:
+            raise SpecmatchError(f"{name}: time_scale must be > 0, got {time_scale}")
         if patch not in PATCHES:
             raise SpecmatchError(f"{name}: patch {patch} is not one of {list(PATCHES)}")
         if input_size <= 0 or input_size % patch:
@@ -207,6 +219,7 @@ class _Net(nn.Module):
         self.null_label = num_classes
         self.token_grid = (input_size // patch, input_size // patch)
         self.n_blocks = n_blocks
+        self.time_scale = float(time_scale)
 
     def _check(self, x: torch.Tensor, t: torch.Tensor, y, hidden_block) -> None:
         want = (self.in_channels, self.input_size, self.input_size)
@@ -258,12 +271,14 @@ class UViT(_Net):
     depth//2 out-blocks, i.e. depth + 1 blocks (U-ViT's configs: depth=12 -> 13 blocks)."""
 
     def __init__(self, *, in_channels: int, input_size: int, patch: int, width: int, depth: int,
-                 heads: int, mlp_ratio: float = 4.0, num_classes: int = 0, name: str = "UViT"):
+                 heads: int, mlp_ratio: float = 4.0, num_classes: int = 0, name: str = "UViT",
+                 time_scale: float = TIME_SCALE):
         super().__init__()
         if depth < 2 or depth % 2:
             raise SpecmatchError(f"{name}: U-ViT depth must be even and >= 2, got {depth}")
         self._setup(name=name, in_channels=in_channels, input_size=input_size, patch=patch,
-                    width=width, heads=heads, num_classes=num_classes, n_blocks=depth + 1)
+                    width=width, heads=heads, num_classes=num_classes, n_blocks=depth + 1,
+                    time_scale=time_scale)
         self.extras = 2 if num_classes > 0 else 1  # time token (+ class token)
         n_tokens = self.extras + self.token_grid[0] * self.token_grid[1]
         self.patch_embed = _patch_embed(in_channels, width, patch, input_size)
@@ -299,7 +314,7 @@ class UViT(_Net):
                 hidden_block: int | None = None):
         self._check(x, t, y, hidden_block)
         h = self.patch_embed(x)
-        time_tok = timestep_embedding(t * TIME_SCALE, self.hidden_dim).to(h.dtype)
+        time_tok = timestep_embedding(t * self.time_scale, self.hidden_dim).to(h.dtype)
         toks = [time_tok[:, None]]
         if self.num_classes > 0:
             toks.append(self.label_emb(y)[:, None].to(h.dtype))
@@ -338,15 +353,16 @@ def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torc
 
 
 class TimestepEmbedder(nn.Module):
-    """DiT's: sinusoid (256 frequencies) of 1000*t -> Linear-SiLU-Linear (timm has none)."""
+    """DiT's: sinusoid (256 frequencies) of time_scale*t -> Linear-SiLU-Linear (timm has none)."""
 
-    def __init__(self, width: int, freq_dim: int = SIT_FREQ_DIM):
+    def __init__(self, width: int, freq_dim: int = SIT_FREQ_DIM, time_scale: float = TIME_SCALE):
         super().__init__()
         self.freq_dim = freq_dim
+        self.time_scale = float(time_scale)
         self.mlp = nn.Sequential(nn.Linear(freq_dim, width), nn.SiLU(), nn.Linear(width, width))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        return self.mlp(timestep_embedding(t * TIME_SCALE, self.freq_dim))
+        return self.mlp(timestep_embedding(t * self.time_scale, self.freq_dim))
 
 
 class LabelEmbedder(nn.Module):
@@ -397,14 +413,16 @@ class SiT(_Net):
     """SiT / DiT network; see the module docstring. `depth` blocks."""
 
     def __init__(self, *, in_channels: int, input_size: int, patch: int, width: int, depth: int,
-                 heads: int, mlp_ratio: float = 4.0, num_classes: int = 0, name: str = "SiT"):
+                 heads: int, mlp_ratio: float = 4.0, num_classes: int = 0, name: str = "SiT",
+                 time_scale: float = TIME_SCALE):
         super().__init__()
         if depth < 1:
             raise SpecmatchError(f"{name}: depth must be >= 1, got {depth}")
         self._setup(name=name, in_channels=in_channels, input_size=input_size, patch=patch,
-                    width=width, heads=heads, num_classes=num_classes, n_blocks=depth)
+                    width=width, heads=heads, num_classes=num_classes, n_blocks=depth,
+                    time_scale=time_scale)
         self.x_embedder = _patch_embed(in_channels, width, patch, input_size)
-        self.t_embedder = TimestepEmbedder(width)
+        self.t_embedder = TimestepEmbedder(width, time_scale=time_scale)
         if num_classes > 0:
             self.y_embedder = LabelEmbedder(num_classes, width)
         # Fixed, so a buffer (not trained, not weight-decayed); persistent for DiT checkpoints.

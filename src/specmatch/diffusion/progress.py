@@ -38,8 +38,8 @@ log = logging.getLogger(__name__)
 PROGRESS_JSON = "progress.json"
 PROGRESS_CSV = "progress.csv"
 COLUMNS = ("diffusion", "autoencoder", "step", "source", "metric", "value", "precision", "recall", "inception_score",
-           "n_samples", "sampler", "steps", "nfe", "cfg_scale", "cfg_interval", "reference", "feature_weights_sha256",
-           "seed", "weights")
+           "n_samples", "protocol", "sampler", "steps", "nfe", "cfg_scale", "cfg_interval", "reference",
+           "feature_weights_sha256", "seed", "weights")
 
 
 def read(folder: str | Path) -> tuple[str, pd.DataFrame]:
@@ -122,7 +122,7 @@ def _run(p, info, model_dir, ae_dir, ref_dir, summary, points, name, out):
         rows.append({"diffusion": summary["name"], "autoencoder": summary["latents"]["autoencoder"], "step": step,
                      "source": source, "metric": m.metric, "value": m.value, "precision": m.precision,
                      "recall": m.recall, "inception_score": m.inception_score.mean if m.inception_score else None,
-                     "n_samples": n,
+                     "n_samples": n, "protocol": m.protocol_name,
                      "sampler": s["method"], "steps": s["steps"], "nfe": nfe, "cfg_scale": s["cfg_scale"],
                      "cfg_interval": "-".join(f"{v:g}" for v in s["cfg_interval"]),
                      "reference": m.reference_label, "feature_weights_sha256": m.feature_weights_sha256[:16],

@@ -8,9 +8,12 @@ ranks, so 1 and 4 processes produce the same images (the SDE's per-step noise is
 batch, so it depends on `batch_size`, which is part of the sampling settings).
 
 Finished shards stay in the work folder (keyed by the fingerprint of the model and autoencoder
-weights and the settings), so an interrupted job resumes where it stopped. The output is a
-dataset-format folder (one merged `samples` split, uint8) that `specmatch fid calc --split
-samples` reads directly, plus `sampling.json` (the protocol), a sample grid and provenance.
+weights and the settings), so an interrupted job resumes where it stopped. They are written in
+the dataset shard format (images, labels, sources = sample index), so the output, a
+dataset-format folder (a `samples` split, uint8) that `specmatch fid calc --split samples` reads
+directly, is made of the same files: hard-linked from the work folder (moved where the two lie
+on different file systems), so a sample set is stored once (50k ImageNet samples are ~10 GB),
+plus `sampling.json` (the protocol), a sample grid and provenance.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from tqdm import tqdm
 from .. import config as config_mod
 from ..autoencoder import artifact as ae_artifact
 from ..autoencoder.model import to_uint8
+from ..data.reader import member_layout
 from ..data.shards import MANIFEST_SCHEMA, ShardWriter, write_manifest, write_npz
 from ..errors import SpecmatchError
 from ..runtime import atomic, distributed, seeding
@@ -154,8 +158,8 @@ def _sample(p, info, model_dir, ae_dir, name, out, work_dir, work_root):
         if _finished(shard, hi - lo):
             continue
         images, labels, nfe = generate(net, path, ae, scale, p, range(lo, hi), n, dev, progress=info.is_main)
-        write_npz(shard, {"images": images, "labels": labels, "index": np.arange(lo, hi, dtype=np.int64),
-                          "nfe": np.array([nfe], np.int64)})
+        write_npz(shard, {"images": images, "labels": labels.astype(np.int64),
+                          "sources": np.arange(lo, hi, dtype=np.int64), "nfe": np.array([nfe], np.int64)})
         made += hi - lo
     elapsed = time.perf_counter() - t0
     rates = distributed.all_gather_object((made, elapsed)) if info.world_size > 1 else [(made, elapsed)]
@@ -190,7 +194,8 @@ def _finished(shard: Path, count: int) -> bool:
         return False
     try:
         with np.load(shard, allow_pickle=False) as z:
-            return z["images"].shape[0] == count
+            # the dataset shard format (older work folders held `index` instead of `sources`)
+            return "sources" in z.files and "nfe" in z.files and z["labels"].shape[0] == count
     except Exception as e:  # noqa: BLE001 - any unreadable shard is simply made again
         log.warning("%s is unreadable (%s); generating it again", shard, e)
         return False
@@ -206,16 +211,13 @@ def _merge(p, fp, summary, ae_summary, model_dir, ae_dir, work, n, n_shards, nam
     prov.add_input(model_dir, "diffusion model")
     prov.add_input(ae_dir, "autoencoder")
     with atomic.atomic_dir(out) as tmp:
-        res, writer = 0, None
+        res = member_layout(work / "shard-00000.npz", "images.npy").shape[1]
+        writer = ShardWriter(tmp, SPLIT, res, shard_size=n)
         for j in range(n_shards):
-            with np.load(work / f"shard-{j:05d}.npz", allow_pickle=False) as z:
-                images, labels, index = z["images"], z["labels"], z["index"]
+            shard = work / f"shard-{j:05d}.npz"
+            with np.load(shard, allow_pickle=False) as z:
                 nfe = max(nfe, int(z["nfe"].reshape(-1)[0]))
-            if writer is None:
-                res = images.shape[1]
-                writer = ShardWriter(tmp, SPLIT, res, shard_size=n)
-            for im, lb, ix in zip(images, labels, index):
-                writer.add(im, int(lb), int(ix))
+            writer.add_shard(shard)  # linked, not copied: the sample set is stored once
         entry = writer.close()
         write_manifest(tmp, {"schema": MANIFEST_SCHEMA, "name": name, "source": "samples", "resolution": res,
                              "classes": [], "num_classes": int(summary["num_classes"]), "splits": {SPLIT: entry},

@@ -9,6 +9,13 @@ Runtime guarantees, as in the autoencoder trainer (`runtime.training`):
   and the label dropout from streams seeded by (seed, s) for the whole global batch, and each
   rank takes its rows: the trajectory does not depend on the number of processes, and a run
   resumed at step s follows the uninterrupted one bit for bit on the CPU.
+- The data path keeps the GPUs fed: a background thread (`Prefetch`) reads each rank's rows
+  only (mu, logvar, labels and, for alignment, the cached targets or the images) a few steps
+  ahead, into pinned memory on CUDA; the copies to the device are asynchronous; the random
+  draws, cheap there and costly on the CPU, are made on the training device (each rank draws
+  the global batch's and keeps its rows). Nothing reads a value back from the GPU at every
+  step: the non-finite check (`FiniteGuard`) and the loss are read at log, snapshot and
+  checkpoint steps only, and the stop flag travels on the CPU.
 - torch.distributed via torchrun (DDP; NCCL on GPU, gloo on CPU), bf16 autocast on GPU.
 - Checkpoints every `checkpoint_every` steps, on SIGTERM/SIGUSR1 (exit status 3) and at the end;
   `--resume auto`; a non-finite loss stops every rank and keeps the last good checkpoint.
@@ -30,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
@@ -42,9 +50,10 @@ from ..runtime import checkpoint, distributed, seeding
 from ..runtime.hashing import sha256_file
 from ..runtime.provenance import Provenance
 from ..runtime.signals import StopRequest
-from ..runtime.training import (AttemptLog, Interrupted, NonFiniteLoss, RankSetup, TrainSettings, batch_indices,
-                                check_finite, end_of_step, final_weights, load_packed, make_ema, pack_state,
-                                prepare_rank, resume_point, run_folder, save_checkpoint, warmup, write_output)
+from ..runtime.training import (AttemptLog, FiniteGuard, Interrupted, NonFiniteLoss, Prefetch, RankSetup,
+                                TrainSettings, batch_indices, end_of_step, final_weights, load_packed, make_ema,
+                                pack_state, prepare_rank, resume_point, run_folder, save_checkpoint, warmup,
+                                write_output)
 from . import artifact, models, transport
 
 log = logging.getLogger(__name__)
@@ -116,19 +125,49 @@ def train(run: dict[str, Any], latents: str | Path, out: str | Path, name: str, 
         distributed.teardown()
 
 
-def draw_batch(cache: LatentReader, path: transport.Path, global_batch: int, seed: int, step: int,
-               label_dropout: float) -> tuple:
-    """Everything random of step `step`, for the whole global batch, on the CPU: (cache entries,
-    scaled posterior samples, labels, t, diffusion noise, label-dropout mask), each from a stream
-    seeded by (seed, step), so that ranks slice the same batch and a resumed run redraws it."""
-    idx = batch_indices(len(cache), global_batch, seed, step)
-    gen = torch.Generator().manual_seed(seeding.step_seed(seed, step, "posterior"))
-    x0, y = cache.sample(idx, gen)
-    gen = torch.Generator().manual_seed(seeding.step_seed(seed, step, "diffusion"))
-    tt = path.sample_t(global_batch, gen, torch.device("cpu"))
-    noise = torch.randn(x0.shape, generator=gen)
-    drop = torch.rand(global_batch, generator=gen) < label_dropout
-    return idx, x0, y, tt, noise, drop
+# Steps the loader thread reads ahead: enough to hide a slow read behind a few steps, few
+# enough that the pinned buffers stay small (a SiT-B/1 REPA batch of 32 rows is ~13 MB).
+PREFETCH = 3
+
+
+@dataclass(frozen=True)
+class HostBatch:
+    """This rank's rows of one step's global batch, read on the host (`read_rows`): their cache
+    entries, the posterior moments and labels, and what their alignment targets are made of."""
+
+    entries: np.ndarray
+    mu: torch.Tensor
+    logvar: torch.Tensor
+    labels: torch.Tensor
+    align: torch.Tensor | None
+
+
+def read_rows(cache: LatentReader, align, global_batch: int, seed: int, step: int, rows: slice,
+              pin: bool = False) -> HostBatch:
+    """The host side of step `step` for the rows `rows` of its global batch: the entries of the
+    seeded global batch (`batch_indices`), and only this rank's rows read from the caches, in
+    pinned memory when `pin` (the loader thread runs this)."""
+    entries = batch_indices(len(cache), global_batch, seed, step)[rows]
+    mu, logvar, labels = cache.get_tensors(entries, pin)
+    return HostBatch(entries, mu, logvar, labels, align.fetch(entries, pin) if align is not None else None)
+
+
+def draw_batch(cache: LatentReader, path: transport.Path, host: HostBatch, global_batch: int, seed: int, step: int,
+               rows: slice, label_dropout: float, device: torch.device) -> tuple:
+    """Step `step` on the training device: (scaled posterior samples, labels, t, diffusion
+    noise, label-dropout mask) of this rank's rows. Every random draw comes from a stream seeded
+    by (seed, step) on `device` and is made for the whole global batch, of which the rank keeps
+    its rows: the same numbers on 1 or 8 ranks, and again after a resumption (bitwise on the
+    CPU), at a cost that matters on the CPU only."""
+    mu, logvar, y = (v.to(device, non_blocking=True) for v in (host.mu, host.logvar, host.labels))
+    shape = (global_batch, *cache.shape)
+    gen = torch.Generator(device=device).manual_seed(seeding.step_seed(seed, step, "posterior"))
+    x0 = cache.scaled_sample(mu.float(), logvar.float(), torch.randn(shape, generator=gen, device=device)[rows])
+    gen = torch.Generator(device=device).manual_seed(seeding.step_seed(seed, step, "diffusion"))
+    tt = path.sample_t(global_batch, gen, device)[rows]
+    noise = torch.randn(shape, generator=gen, device=device)[rows]
+    drop = (torch.rand(global_batch, generator=gen, device=device) < label_dropout)[rows]
+    return x0, y.long(), tt, noise, drop
 
 
 @dataclass(frozen=True)
@@ -204,10 +243,20 @@ def _train(job: _Job, net: torch.nn.Module, align) -> dict[str, Any]:
     null = getattr(net, "null_label", 0)
     bar = tqdm(total=steps, initial=step, desc=f"train-diffusion {job.name}", unit="step", disable=not info.is_main)
     t_last, n_last = time.perf_counter(), step
-    with StopRequest() as stop, AttemptLog(run_dir, info, step, lambda: step):
+    guard = FiniteGuard(info, run_dir)
+
+    def checked_save() -> Path | None:
+        guard.check()  # nothing computed after a non-finite loss is saved
+        return save_ckpt()
+
+    pin = dev.type == "cuda"
+    loader = Prefetch(lambda s: read_rows(cache, align, global_batch, seed, s, rows, pin), range(step, steps),
+                      PREFETCH)
+    with StopRequest() as stop, AttemptLog(run_dir, info, step, lambda: step), loader:
         while step < steps:
-            idx, *batch = draw_batch(cache, path, global_batch, seed, step, t.label_dropout)
-            x0, y, tt, noise, drop = (v[rows].to(dev) for v in batch)
+            host = loader.get(step)
+            x0, y, tt, noise, drop = draw_batch(cache, path, host, global_batch, seed, step, rows, t.label_dropout,
+                                                dev)
             labels = torch.where(drop, torch.full_like(y, null), y) if net.num_classes else None
             x_t, target = path.interpolate(x0, noise, tt)
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
@@ -219,10 +268,10 @@ def _train(job: _Job, net: torch.nn.Module, align) -> dict[str, Any]:
             loss = path.loss(pred.float(), target).mean()
             terms = {"loss": loss}
             if align is not None:
-                align_loss = objectives.alignment_loss(proj_tokens, align.targets(idx[rows], dev))
+                align_loss = objectives.alignment_loss(proj_tokens, align.targets_from(host.align, dev))
                 terms = {"loss": loss + align.weight * align_loss, "diffusion_loss": loss, "align_loss": align_loss}
                 loss = terms["loss"]
-            check_finite(terms, step, info, run_dir)
+            guard.update(terms, step)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if t.grad_clip:
@@ -235,6 +284,7 @@ def _train(job: _Job, net: torch.nn.Module, align) -> dict[str, Any]:
             bar.update(1)
 
             if step % t.log_every == 0 or step == steps:
+                guard.check()
                 loss_all = loss.detach().clone()
                 if info.world_size > 1:
                     loss_all = distributed.all_reduce_mean(loss_all)
@@ -247,11 +297,12 @@ def _train(job: _Job, net: torch.nn.Module, align) -> dict[str, Any]:
                 write_log(rec)
                 bar.set_postfix(loss=f"{rec['loss']:.4f}")
             if step in snapshot_steps:
+                guard.check()
                 save_snapshot()
-            end_of_step(step, steps, t.checkpoint_every, stop, info, save_ckpt, bar)
+            end_of_step(step, steps, t.checkpoint_every, stop, info, checked_save, bar)
     bar.close()
     if steps > 0:
-        save_ckpt()
+        checked_save()
     distributed.barrier()
     result: dict[str, Any] = {"steps": step}
     if info.is_main:

@@ -53,6 +53,11 @@ class Bootstrap:
     def to_json(self) -> dict:
         return {"n": self.n, "std": self.std, "ci95": [self.low, self.high], "seed": self.seed, "method": self.method}
 
+    @classmethod
+    def from_json(cls, d: dict) -> "Bootstrap":
+        return cls(int(d["n"]), float(d["std"]), float(d["ci95"][0]), float(d["ci95"][1]), int(d["seed"]),
+                   str(d.get("method", cls.method)))
+
 
 def _summary(point: float, values: np.ndarray, seed: int) -> Bootstrap:
     std = float(np.std(values, ddof=1))
@@ -63,6 +68,15 @@ def _halves(n: int, n_boot: int, seed: int):
     rng = np.random.default_rng(seed)
     for _ in range(n_boot):
         yield np.sort(rng.permutation(n)[: n // 2])
+
+
+def of_statistic(n: int, statistic, n_boot: int, seed: int) -> Bootstrap:
+    """Half-sample bootstrap of any statistic of n paired items: `statistic(indices)` for all the
+    items (the point) and for each redrawn half."""
+    if n < 6 or n_boot < 2:
+        raise SpecmatchError(f"bootstrap: need N >= 6 items and n_boot >= 2, got N={n}, n_boot={n_boot}")
+    values = np.array([statistic(i) for i in _halves(n, n_boot, seed)], np.float64)
+    return _summary(float(statistic(np.arange(n))), values, seed)
 
 
 def psd_sqrt(s: np.ndarray) -> np.ndarray:

@@ -1,10 +1,16 @@
-"""Fréchet distance, Inception Score and precision/recall from feature statistics.
+"""Fréchet distance, Inception Score and precision/recall from features, by the ADM evaluator's
+definitions (openai/guided-diffusion `evaluations/evaluator.py`; docs/metrics.md).
 
 Images are uint8 (N, H, W, 3), held in memory or read from npz shards: no PNG/JPEG round trip,
-which is where pytorch-fid's folder path spends much of its time. The statistics equal
-pytorch-fid's (`calculate_activation_statistics`): the same network, resize and scaling
-(`features.py`), float64 mean and `np.cov`. Under torch.distributed every rank embeds a
-contiguous part of the images and rank 0 gathers the features in order.
+which is where pytorch-fid's folder path spends much of its time. Two ways through the images:
+- `embed`: one streaming pass for the stages (`fid ref`, `fid calc`): float64 moments of the
+  features (`streaming.Moments`, no N x D array), the sha256 of exactly the images seen, and,
+  on request, the features of every image (a sample set, for precision/recall and the bootstrap)
+  or of a fixed subset (the precision/recall reference of a large dataset).
+- `extract`: every feature in memory, for small sets (reconstruction metrics); under
+  torch.distributed every rank embeds a contiguous part and all ranks get the features in order.
+The statistics equal pytorch-fid's (`calculate_activation_statistics`: float64 mean, `np.cov`)
+and the ADM evaluator's to rounding.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ from __future__ import annotations
 import logging
 import warnings
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -20,9 +26,18 @@ from scipy import linalg
 from tqdm import tqdm
 
 from ..errors import SpecmatchError
+from ..runtime.hashing import ImageStreamHash
 from .features import LoadedNet
+from .streaming import Moments, Statistics, statistics
+
+__all__ = ["Statistics", "statistics", "Features", "Embedding", "extract", "embed", "feature_statistics",
+           "frechet_distance", "inception_score", "precision_recall", "check_images", "rank_slice"]
 
 log = logging.getLogger(__name__)
+
+# ADM's split rule of the Inception Score: consecutive parts of 5000 samples (the last one may be
+# shorter), the score the mean over parts.
+IS_SPLIT_SIZE = 5000
 
 
 def check_images(images, where: str = "images") -> np.ndarray | torch.Tensor:
@@ -35,20 +50,36 @@ def check_images(images, where: str = "images") -> np.ndarray | torch.Tensor:
     return images
 
 
-def _batches(images, batch_size: int) -> Iterator[torch.Tensor]:
+def _chunks(images) -> Iterable:
+    """An array/tensor (N, H, W, 3) as one chunk, or an iterable of such chunks as they come."""
+    return [images] if hasattr(images, "shape") else images
+
+
+def _batches(images, batch_size: int, where: str = "images") -> Iterator[torch.Tensor]:
     """uint8 batches from an array/tensor (N, H, W, 3) or an iterable of such arrays."""
-    chunks = [images] if hasattr(images, "shape") else images
-    for chunk in chunks:
-        check_images(chunk)
+    for chunk in _chunks(images):
+        check_images(chunk, where)
         t = torch.from_numpy(np.ascontiguousarray(chunk)) if isinstance(chunk, np.ndarray) else chunk
         for i in range(0, t.shape[0], batch_size):
             yield t[i:i + batch_size]
+
+
+def _forward(images, net: LoadedNet, batch_size: int, device, progress: bool, where: str = "images"
+             ) -> Iterator[dict[str, torch.Tensor]]:
+    """The net's float32 outputs (pool, logits, spatial where it has them) batch by batch, on `device`."""
+    if batch_size < 1:
+        raise SpecmatchError(f"batch_size must be >= 1, got {batch_size}")
+    for batch in tqdm(_batches(images, batch_size, where), desc=f"features ({net.spec.name})", unit="batch",
+                      disable=not progress, leave=False):
+        out = net.module(batch.to(device, non_blocking=True))
+        yield {k: v.float() for k, v in out.items()}
 
 
 @dataclass
 class Features:
     pool: np.ndarray                       # (N, D) float32
     logits: np.ndarray | None = None       # (N, C) float32, for the Inception Score
+    spatial: np.ndarray | None = None      # (N, S) float32, sFID (inception-adm only)
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -91,54 +122,99 @@ def extract(images, net: LoadedNet, batch_size: int = 200, device: str | torch.d
     """Features of uint8 images: an array/tensor (N, H, W, 3) or an iterable of such batches.
     Under torch.distributed, pass each rank its own part (see `rank_slice`); all ranks get the
     gathered features of every image, in rank order."""
-    if batch_size < 1:
-        raise SpecmatchError(f"batch_size must be >= 1, got {batch_size}")
-    pools, logits = [], []
-    for batch in tqdm(_batches(images, batch_size), desc=f"features ({net.spec.name})", unit="batch",
-                      disable=not progress, leave=False):
-        out = net.module(batch.to(device, non_blocking=True))
-        pools.append(out["pool"].float())
-        logits.append(out["logits"].float())
+    outs: dict[str, list[torch.Tensor]] = {"pool": [], "logits": [], "spatial": []}
+    for out in _forward(images, net, batch_size, device, progress):
+        for k, v in out.items():
+            outs[k].append(v)
     # A rank may hold no image (n < world size): it still takes part in every collective.
-    pool = _gather_rows(torch.cat(pools) if pools else torch.zeros((0, net.spec.dim), device=device))
-    lg = _gather_rows(torch.cat(logits) if logits else torch.zeros((0, net.spec.n_logits), device=device))
-    if pool.shape[0] == 0:
+    dims = {"pool": net.spec.dim, "logits": net.spec.n_logits, "spatial": net.spec.spatial_dim}
+    got = {k: _gather_rows(torch.cat(v) if v else torch.zeros((0, dims[k]), device=device))
+           for k, v in outs.items() if k != "spatial" or net.spec.spatial_dim}
+    if got["pool"].shape[0] == 0:
         raise SpecmatchError("no images to embed: the sample set is empty")
-    return Features(pool.cpu().numpy(), lg.cpu().numpy())
+    return Features(*(got[k].cpu().numpy() if k in got else None for k in ("pool", "logits", "spatial")))
 
 
 @dataclass
-class Statistics:
-    mu: np.ndarray      # (D,) float64
-    sigma: np.ndarray   # (D, D) float64
+class Embedding:
+    """What one pass over an image set keeps: its count and sha256, the float64 statistics of
+    the pool (and spatial) features, and the features the caller asked to keep."""
+
     n: int
-    warnings: list[str] = field(default_factory=list)
+    images_sha256: str
+    pool: Statistics
+    spatial: Statistics | None
+    features: np.ndarray | None   # (N, D) float32 pool features of every image (keep=True)
+    logits: np.ndarray | None     # (N, C) float32 (keep=True)
+    subset: np.ndarray | None     # (len(subset), D) float32 pool features of the rows `subset` names
 
 
-def statistics(features: np.ndarray) -> Statistics:
-    """Mean and covariance in float64, as pytorch-fid (np.mean, np.cov with N - 1)."""
-    f = np.asarray(features, dtype=np.float64)
-    if f.ndim != 2 or f.shape[0] == 0:
-        raise SpecmatchError(f"features: expected a non-empty (N, D) array, got shape {f.shape}")
-    notes = []
-    if f.shape[0] < 2:
-        raise SpecmatchError(f"features: a covariance needs at least 2 samples, got {f.shape[0]}")
-    if f.shape[0] < f.shape[1]:
-        notes.append(f"{f.shape[0]} samples < {f.shape[1]} feature dimensions: the covariance is singular "
-                     "and the distance is biased; use more samples for reportable numbers")
-    return Statistics(np.mean(f, axis=0), np.cov(f, rowvar=False), f.shape[0], notes)
+@torch.inference_mode()
+def embed(images, net: LoadedNet, batch_size: int = 200, device: str | torch.device = "cpu",
+          where: str = "images", keep: bool = False, subset: np.ndarray | None = None,
+          progress: bool = True) -> Embedding:
+    """One streaming pass over uint8 images (an array (N, H, W, 3) or an iterable of such
+    batches, e.g. read from shards): the sha256 of the images in order, float64 mean and
+    covariance of the features, and the features themselves only as asked: all of them
+    (`keep`, with the logits) or those of the sorted row indices `subset`. Memory does not
+    grow with N otherwise."""
+    hasher: list[ImageStreamHash] = []
+
+    def hashed():
+        for chunk in _chunks(images):
+            check_images(chunk, where)
+            if not hasher:
+                hasher.append(ImageStreamHash(tuple(chunk.shape[1:])))
+            try:
+                hasher[0].update(chunk)
+            except ValueError as e:
+                raise SpecmatchError(f"{where}: images of different sizes in one set ({e})") from None
+            yield chunk
+
+    pool_m = Moments(f"{where}: pool features")
+    spatial_m = Moments(f"{where}: spatial features") if net.spec.spatial_dim else None
+    wanted = None if subset is None else torch.as_tensor(np.asarray(subset, np.int64))
+    kept: dict[str, list[np.ndarray]] = {"pool": [], "logits": [], "subset": []}
+    offset = 0
+    for out in _forward(hashed(), net, batch_size, device, progress, where):
+        pool = out["pool"]
+        pool_m.update(pool)
+        if spatial_m is not None:
+            spatial_m.update(out["spatial"])
+        if keep:
+            kept["pool"].append(pool.cpu().numpy())
+            kept["logits"].append(out["logits"].cpu().numpy())
+        if wanted is not None:
+            b = pool.shape[0]
+            rows = wanted[(wanted >= offset) & (wanted < offset + b)] - offset
+            if len(rows):
+                kept["subset"].append(pool[rows.to(pool.device)].cpu().numpy())
+        offset += pool.shape[0]
+    if not hasher or offset == 0:
+        raise SpecmatchError(f"{where}: no images to embed")
+    sub = None
+    if wanted is not None:
+        sub = np.concatenate(kept["subset"]) if kept["subset"] else np.zeros((0, net.spec.dim), np.float32)
+        if sub.shape[0] != len(wanted):
+            raise SpecmatchError(f"{where}: {offset} images, but the subset names rows up to {int(wanted.max())}")
+    return Embedding(
+        n=offset, images_sha256=hasher[0].hexdigest(), pool=pool_m.statistics(),
+        spatial=spatial_m.statistics() if spatial_m is not None else None,
+        features=np.concatenate(kept["pool"]) if keep else None,
+        logits=np.concatenate(kept["logits"]) if keep else None, subset=sub)
 
 
 def feature_statistics(images, net: LoadedNet, batch_size: int = 200, device: str | torch.device = "cpu",
                        progress: bool = True) -> Statistics:
     """The statistics function: uint8 images (N, H, W, 3) -> float64 mean, covariance."""
-    return statistics(extract(images, net, batch_size, device, progress).pool)
+    return embed(images, net, batch_size, device, progress=progress).pool
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
-    """d^2 = |mu1 - mu2|^2 + Tr(S1 + S2 - 2 sqrt(S1 S2)), computed as pytorch-fid does:
-    scipy's sqrtm, an eps * I offset on both covariances when the product is singular, and
-    the imaginary part dropped when it is numerical noise (an error otherwise)."""
+    """d^2 = |mu1 - mu2|^2 + Tr(S1 + S2 - 2 sqrt(S1 S2)), computed as pytorch-fid and the ADM
+    evaluator do (both after TTUR): scipy's sqrtm, an eps * I offset on both covariances when the
+    product is singular, and the imaginary part dropped when it is numerical noise (an error
+    otherwise)."""
     mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
     sigma1, sigma2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
     if mu1.shape != mu2.shape:
@@ -161,24 +237,38 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
     return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
 
-def inception_score(logits: np.ndarray, splits: int = 10) -> tuple[float, float]:
-    """exp(E_x KL(p(y|x) || p(y))) over `splits` equal parts (Salimans et al. 2016): mean, std."""
+def inception_score(logits: np.ndarray, split_size: int = IS_SPLIT_SIZE) -> tuple[float, float | None]:
+    """exp(E_x KL(p(y|x) || p(y))) (Salimans et al. 2016) by the ADM evaluator's rule: the softmax
+    of the logits (the Inception's without the classifier bias), consecutive parts of
+    `split_size` samples in the given order (the last may be shorter), the score of each part;
+    returns their mean (the reported number) and, over several parts, their standard deviation
+    (None for one part). Computed in float64 (the evaluator: float32)."""
     lg = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
-    if lg.ndim != 2 or lg.shape[0] < splits:
-        raise SpecmatchError(f"inception_score: need at least {splits} samples of logits, got shape {tuple(lg.shape)}")
+    if lg.ndim != 2 or lg.shape[0] < 1:
+        raise SpecmatchError(f"inception_score: need (N >= 1, C) logits, got shape {tuple(lg.shape)}")
+    if split_size < 1:
+        raise SpecmatchError(f"inception_score: split_size must be >= 1, got {split_size}")
     logp = torch.log_softmax(lg, dim=1)
     scores = []
-    for part in torch.tensor_split(logp, splits):
+    for part in torch.split(logp, split_size):
         log_py = torch.logsumexp(part, dim=0) - np.log(part.shape[0])
         kl = (part.exp() * (part - log_py)).sum(1).mean()
         scores.append(float(kl.exp()))
-    return float(np.mean(scores)), float(np.std(scores))
+    return float(np.mean(scores)), (float(np.std(scores)) if len(scores) > 1 else None)
+
+
+def _squared_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Pairwise squared Euclidean distances in float32, the evaluator's formula
+    max(|a|^2 - 2 a.b + |b|^2, 0)."""
+    na = (a * a).sum(1, keepdim=True)
+    nb = (b * b).sum(1)[None, :]
+    return (na - 2 * (a @ b.T) + nb).clamp_min_(0)
 
 
 def _kth_nn_radii(x: torch.Tensor, k: int, block: int) -> torch.Tensor:
     radii = []
     for i in range(0, x.shape[0], block):
-        d = torch.cdist(x[i:i + block], x)
+        d = _squared_distances(x[i:i + block], x)
         radii.append(d.kthvalue(k + 1, dim=1).values)  # +1: the point itself is at distance 0
     return torch.cat(radii)
 
@@ -186,17 +276,27 @@ def _kth_nn_radii(x: torch.Tensor, k: int, block: int) -> torch.Tensor:
 def _covered(query: torch.Tensor, ref: torch.Tensor, radii: torch.Tensor, block: int) -> torch.Tensor:
     hits = []
     for i in range(0, query.shape[0], block):
-        d = torch.cdist(query[i:i + block], ref)
+        d = _squared_distances(query[i:i + block], ref)
         hits.append((d <= radii[None, :]).any(dim=1))
     return torch.cat(hits)
 
 
-def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3, block: int = 1024) -> tuple[float, float]:
-    """Improved precision and recall (Kynkäänniemi et al. 2019): precision is the share of
-    generated samples inside the union of k-NN balls of the real features, recall the share
-    of real samples inside those of the generated ones."""
-    r = torch.as_tensor(np.asarray(real), dtype=torch.float64)
-    f = torch.as_tensor(np.asarray(fake), dtype=torch.float64)
+@torch.inference_mode()
+def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3, block: int = 1024,
+                     device: str | torch.device = "cpu") -> tuple[float, float]:
+    """Improved precision and recall (Kynkäänniemi et al. 2019) as the ADM evaluator computes
+    them: the radius of each point is the squared distance to its k-th nearest neighbour within
+    its own set; precision is the share of generated samples inside some real point's ball
+    (d^2 <= r^2), recall the share of real points inside some generated sample's ball. Float32
+    squared distances, in blocks of `block` rows on `device` (a GPU when there is one). The
+    evaluator first tries float16 distances and falls back to float32 when they overflow; we
+    compute float32 throughout (docs/metrics.md)."""
+    dev = torch.device(device)
+    r = torch.as_tensor(np.asarray(real, dtype=np.float32)).to(dev)
+    f = torch.as_tensor(np.asarray(fake, dtype=np.float32)).to(dev)
+    if r.ndim != 2 or f.ndim != 2 or r.shape[1] != f.shape[1]:
+        raise SpecmatchError(f"precision_recall: expected (N, D) features of one dimension, got {tuple(r.shape)} "
+                             f"real and {tuple(f.shape)} generated")
     if min(r.shape[0], f.shape[0]) <= k:
         raise SpecmatchError(f"precision_recall: need more than k={k} samples on each side, got {r.shape[0]} "
                              f"real and {f.shape[0]} generated")

@@ -1,11 +1,14 @@
 """The generation metrics record: what `fid calc` writes (`metrics.json`) and what every
 consumer (`fid-progress`, the generation table, the paper report) reads back, as one typed object.
 
-On disk the distance sits under its metric's name (`"FID": 5.1` for the standard Inception,
+On disk the distance sits under its metric's name (`"FID": 5.1` for the Inception,
 `"FD-EffNetLite0-128": ...` otherwise) and the Inception Score under a name derived from the
 same feature net (`IS`, `IS-EffNetLite0-128`, with `<name>_std`), so that a number in the file
-can never be read as another metric's; `metric` names the distance. Only this module knows that
-layout: readers get `GenerationMetrics` fields, never a key search.
+can never be read as another metric's; `metric` names the distance and `protocol.name` the
+evaluation protocol (`adm`, `pytorch-fid`) that every number of the file was measured under.
+Protocol `adm` adds `sFID`; a bootstrap of the distance adds `<metric>_bootstrap` (its standard
+error and 95% interval). Only this module knows that layout: readers get `GenerationMetrics`
+fields, never a key search.
 """
 
 from __future__ import annotations
@@ -18,29 +21,32 @@ from typing import Any
 from ..diffusion.sampling_record import SamplingProtocol
 from ..errors import SpecmatchError
 from ..runtime.jsonfile import read_json
+from .bootstrap import Bootstrap
 
 FILE = "metrics.json"
-INCEPTION_NET = "inception-fid"
+INCEPTION_NETS = ("inception-fid", "inception-adm")
+SFID = "sFID"
 
 
 def inception_score_name(feature_net: str, metric: str) -> str:
-    """`IS` for the standard Inception; `IS-<net>` for a score from another net's logits."""
-    return "IS" if feature_net == INCEPTION_NET else f"IS-{metric.removeprefix('FD-')}"
+    """`IS` for the Inception; `IS-<net>` for a score from another net's logits."""
+    return "IS" if feature_net in INCEPTION_NETS else f"IS-{metric.removeprefix('FD-')}"
 
 
 @dataclass(frozen=True)
 class InceptionScore:
     name: str
-    mean: float
-    std: float
+    mean: float               # the reported score: the mean over parts of is_split_size samples
+    std: float | None = None  # over the parts; None with a single part
 
 
 @dataclass(frozen=True)
 class GenerationMetrics:
     """One scored image set. `samples`: n, images_sha256 (and path, split for `fid calc`);
     `reference`: the statistics scored against (path, stats_sha256, dataset, split, n,
-    images_sha256); `protocol`: feature net, weights, sizes; `sampling`: the `specmatch sample`
-    protocol of the images, when they are samples."""
+    images_sha256, source); `protocol`: its name, feature net, weights, sizes; `sampling`: the
+    `specmatch sample` protocol of the images, when they are samples; `uncertainty`: the
+    bootstrap of the distance (metrics.bootstrap > 0)."""
 
     metric: str
     value: float
@@ -53,6 +59,13 @@ class GenerationMetrics:
     warnings: list[str] = field(default_factory=list)
     sampling: SamplingProtocol | None = None
     name: str | None = None
+    sfid: float | None = None
+    uncertainty: Bootstrap | None = None
+
+    @property
+    def protocol_name(self) -> str:
+        """`adm` or `pytorch-fid`: printed beside every number of this record."""
+        return self.protocol["name"]
 
     @property
     def feature_weights_sha256(self) -> str:
@@ -61,12 +74,17 @@ class GenerationMetrics:
     @property
     def reference_label(self) -> str:
         r = self.reference
-        return f"{r['dataset']}/{r['split']} (n={r['n']})"
+        n = "its stored statistics" if r.get("n") is None else f"n={r['n']}"
+        return f"{r['dataset']}/{r['split']} ({n})"
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {} if self.name is None else {"name": self.name}
-        out.update({"metric": self.metric, self.metric: self.value, "precision": self.precision,
-                    "recall": self.recall})
+        out.update({"metric": self.metric, self.metric: self.value})
+        if self.sfid is not None:
+            out[SFID] = self.sfid
+        if self.uncertainty is not None:
+            out[f"{self.metric}_bootstrap"] = self.uncertainty.to_json()
+        out.update({"precision": self.precision, "recall": self.recall})
         if self.inception_score is not None:
             s = self.inception_score
             out.update({s.name: s.mean, f"{s.name}_std": s.std})
@@ -80,17 +98,24 @@ class GenerationMetrics:
     def from_json(cls, d: dict[str, Any], where: str) -> "GenerationMetrics":
         try:
             metric = d["metric"]
+            if d["protocol"].get("name") is None:
+                raise KeyError("protocol.name")
             is_name = inception_score_name(d["protocol"]["feature_net"], metric)
-            score = InceptionScore(is_name, float(d[is_name]), float(d[f"{is_name}_std"])) if is_name in d else None
+            score = None
+            if is_name in d:
+                std = d.get(f"{is_name}_std")
+                score = InceptionScore(is_name, float(d[is_name]), None if std is None else float(std))
+            boot = d.get(f"{metric}_bootstrap")
             return cls(metric=metric, value=float(d[metric]), precision=float(d["precision"]),
                        recall=float(d["recall"]), samples=d["samples"], reference=d["reference"],
                        protocol=d["protocol"], inception_score=score, warnings=list(d.get("warnings", [])),
                        sampling=None if d.get("sampling") is None else SamplingProtocol.from_json(
                            d["sampling"], f"{where}: sampling"),
-                       name=d.get("name"))
+                       name=d.get("name"), sfid=None if d.get(SFID) is None else float(d[SFID]),
+                       uncertainty=None if boot is None else Bootstrap.from_json(boot))
         except (KeyError, TypeError, ValueError) as e:
             raise SpecmatchError(f"{where}: not a generation metrics record ({type(e).__name__}: {e}; expected a "
-                                 "`specmatch fid calc` output)") from None
+                                 "`specmatch fid calc` output of this version: run it again)") from None
 
 
 def write(folder: Path, record: GenerationMetrics) -> Path:

@@ -40,6 +40,7 @@ class MapSpectra:
     valid_bins: list[bool]
     training: dict[float, list[float]]  # delta -> mean spectrum distribution (centred, DC removed, tilted)
     analysis: list[float]  # mean spectrum distribution of the analysis setting (no centring, DC kept)
+    band_energy: list[float]  # mean band energies E_k (training setting), the PSD exponent's input
     psd_exponent: float  # of the mean band energies
     psd_exponent_per_image_mean: float
     psd_exponent_per_image_std: float
@@ -49,7 +50,8 @@ class MapSpectra:
         pe = d["psd_exponent"]
         return cls(size=(int(d["size"][0]), int(d["size"][1])), valid_bins=list(d["valid_bins"]),
                    training={float(k): list(v["mean"]) for k, v in d["training"]["distribution"].items()},
-                   analysis=list(d["analysis"]["distribution"]["mean"]), psd_exponent=float(pe["of_mean_energy"]),
+                   analysis=list(d["analysis"]["distribution"]["mean"]),
+                   band_energy=list(d["training"]["band_energy"]["mean"]), psd_exponent=float(pe["of_mean_energy"]),
                    psd_exponent_per_image_mean=float(pe["per_image_mean"]),
                    psd_exponent_per_image_std=float(pe["per_image_std"]))
 

@@ -34,6 +34,7 @@ from ..diffusion import artifact as diffusion_artifact
 from ..diffusion import progress as diffusion_progress
 from ..diffusion import sampling_record
 from ..errors import SpecmatchError
+from ..metrics import record
 from ..metrics import spectra as data_spectra
 from ..metrics.spectra import DataSpectra
 from ..render import figures
@@ -41,6 +42,8 @@ from ..render.tables import markdown, write_table
 from ..runtime import atomic
 from ..runtime.jsonfile import get_key
 from ..runtime.provenance import Provenance
+from . import claims as claims_mod
+from . import published
 from .tables import align_order, generation_row
 
 log = logging.getLogger(__name__)
@@ -58,6 +61,10 @@ EXPERIMENTS = {
            "docs/method.md §9, E3: the same SiT on the best latents, trained without alignment and with REPA, iREPA and "
            "DoG-REPA at equal steps; each aligned row carries the directional spectral energy (RMSC^2) and PSD "
            "exponent of its target (`target-spectra`)."),
+    # E3b: the same comparison on our own latents (the extension of E3; docs/reference-fidelity.md).
+    "E3b": ("Representation alignment on our latents (the extension)",
+            "E3b: the alignment comparison of E3 on our DSM-AE f16d16 latents (SiT-B/1): an extension of the paper's "
+            "E3, whose rows cannot be set beside the published numbers (other latents, another network)."),
     "E4": ("Spectral diagnostics",
            "docs/method.md §9, E4: PSD exponents of the images (full size and on each latent grid) and of each autoencoder's "
            "latents, the KL divergence of the latent spectrum distribution to the image's delta-tilted target "
@@ -94,11 +101,12 @@ class Inputs:
     samples: dict[str, Path] = field(default_factory=dict)
     target_spectra: pd.DataFrame | None = None
     progress: dict[str, pd.DataFrame] = field(default_factory=dict)
+    floors: list[record.GenerationMetrics] = field(default_factory=list)
     folders: dict[str, dict[str, Path]] = field(default_factory=dict)
 
     @classmethod
     def load(cls, spectra=(), ae_eval=(), diffusion=(), gen_metrics=(), samples=(), target_spectra=None,
-             progress=()) -> "Inputs":
+             progress=(), floors=()) -> "Inputs":
         self = cls()
         named = []
         for d in map(Path, spectra):
@@ -150,15 +158,50 @@ class Inputs:
             named.append((name, d))
             self.progress[name] = df
         self.folders["progress"] = _unique("--progress", named)
+        named = []
+        for d in map(Path, floors):
+            m = record.read(d)
+            if m.sampling is not None:
+                raise SpecmatchError(f"{d}: --floors takes scores of real images, these are of samples ({m.name})")
+            named.append((m.name, d))
+            self.floors.append(m)
+        self.folders["floors"] = _unique("--floors", named)
+        attach_baselines(self.generation, self.floors)
         return self
 
     def add_to(self, prov: Provenance) -> None:
         roles = {"spectra": "data spectra", "ae_eval": "autoencoder evaluation", "diffusion": "diffusion model",
                  "gen_metrics": "generation metrics", "samples": "samples", "target_spectra": "target spectra",
-                 "progress": "metric over training"}
+                 "progress": "metric over training", "floors": "real floor"}
         for kind, folders in self.folders.items():
             for folder in folders.values():
                 prov.add_input(folder, roles[kind])
+
+
+# The keys under which a generation number and its untrained network's are comparable.
+_SAME_PROTOCOL = ("autoencoder", "model", "process", "sampler", "steps", "cfg_scale", "cfg_interval", "n_samples",
+                  "metric", "protocol")
+
+
+def attach_baselines(generation: dict[str, list[dict[str, Any]]], floors: list[record.GenerationMetrics]) -> None:
+    """Give each trained run's generation row what learning is measured between: the value (and
+    bootstrap error) of the same network untrained under the same protocol (a `-untrained` run of
+    report.baselines.untrained, trained_steps 0) as `untrained`, `untrained_std`; the real floor
+    (held-out real images of the same dataset, count, metric and protocol; report.baselines.
+    real_floor) as `real_floor`; and the share of the gap between them closed, `gap_closed` =
+    (untrained - value) / (untrained - real_floor). None where a baseline is missing."""
+    untrained = [r for rows in generation.values() for r in rows if int(r["trained_steps"]) == 0]
+    for rows in generation.values():
+        for r in rows:
+            hit = [u for u in untrained if int(r["trained_steps"]) > 0 and all(u[k] == r[k] for k in _SAME_PROTOCOL)]
+            floor = [f.value for f in floors if (f.reference["dataset"], int(f.samples["n"]), f.metric,
+                                                 f.protocol_name) == (r["dataset"], int(r["n_samples"]), r["metric"],
+                                                                     r["protocol"])]
+            r["untrained"] = hit[0]["value"] if hit else None
+            r["untrained_std"] = hit[0]["value_std"] if hit else None
+            r["real_floor"] = floor[0] if floor else None
+            ok = hit and floor and hit[0]["value"] != floor[0]
+            r["gap_closed"] = (hit[0]["value"] - r["value"]) / (hit[0]["value"] - floor[0]) if ok else None
 
 
 # --------------------------------------------------------------------------- experiments
@@ -212,15 +255,37 @@ def _cfg(r) -> str:
 def _gen_cols(r: dict[str, Any]) -> dict[str, Any]:
     return {"diffusion": r["diffusion"], "model": r["model"], "process": r["process"], "alignment": r["alignment"],
             "trained_steps": r["trained_steps"], "sampler": r["sampler"], "steps": r["steps"], "nfe": r["nfe"],
-            "cfg_scale": r["cfg_scale"], "cfg_interval": r["cfg_interval"], r["metric"]: r["value"],
+            "cfg_scale": r["cfg_scale"], "cfg_interval": r["cfg_interval"], "protocol": r["protocol"],
+            r["metric"]: r["value"],
+            f"{r['metric']} std": r["value_std"], f"{r['metric']} untrained": r["untrained"],
+            f"{r['metric']} real floor": r["real_floor"], "gap_closed": r["gap_closed"],
             "precision": r["precision"], "recall": r["recall"], "inception_score": r["inception_score"],
             "n_samples": r["n_samples"], "reference": r["reference"],
             "feature_weights_sha256": r["feature_weights_sha256"], "weights": r["weights"], "seed": r["seed"]}
 
 
+def objective_vs_paper(m: AEEvaluation) -> str:
+    """The trained objective's settings that differ from the paper's for its variant (e.g. the
+    tiny preset's ESM weight), as 'esm_weight 0.1 (paper 0.01)'; '' when none do."""
+    from ..autoencoder.objectives import VARIANTS, objective
+
+    if m.variant not in VARIANTS:  # an imported autoencoder (variant `pretrained`): no objective of ours
+        return ""
+    paper = objective(m.variant).__dict__
+    diff = []
+    for k, v in sorted(m.objective.items()):
+        ref = paper.get(k)
+        ref = list(ref) if isinstance(ref, tuple) else ref
+        if k != "variant" and ref is not None and v != ref:
+            diff.append(f"{k} {v:g} (paper {ref:g})" if isinstance(v, (int, float)) and isinstance(ref, (int, float))
+                        else f"{k} {v} (paper {ref})")
+    return "; ".join(diff)
+
+
 def _ae_cols(m: AEEvaluation) -> dict[str, Any]:
     ls, pr = m.latent_spectrum, m.protocol
     cols = {"dataset": m.dataset, "autoencoder": m.name, "variant": m.variant, "config": m.config,
+            "objective_vs_paper": objective_vs_paper(m),
             "latent_grid": f"{ls.grid[0]}x{ls.grid[1]}", "PSNR": m.psnr, "SSIM": m.ssim}
     if m.lpips is not None:
         cols["LPIPS"] = m.lpips
@@ -465,6 +530,11 @@ def _md(df: pd.DataFrame, cols: list[str]) -> str:
     return markdown(df[[c for c in cols if c in df.columns]]) if len(df) else "(no rows)"
 
 
+def _is_metric(column: str) -> bool:
+    """A generation distance column (FID, FD-<net>), not one of its companions (std, untrained...)."""
+    return column == "FID" or (column.startswith("FD-") and " " not in column)
+
+
 def _protocol_lines(df: pd.DataFrame, gen: bool = True, recon: bool = True) -> list[str]:
     lines = []
     if recon and "recon_n" in df:
@@ -474,10 +544,10 @@ def _protocol_lines(df: pd.DataFrame, gen: bool = True, recon: bool = True) -> l
                          f"(posterior mean), feature weights sha256 {w}...")
     if gen and "n_samples" in df and df["n_samples"].notna().any():
         g = df[df["n_samples"].notna()]
-        metrics = sorted({c for c in g.columns if c == "FID" or c.startswith("FD-")})
-        for (n, ref, w), _ in g.groupby(["n_samples", "reference", "feature_weights_sha256"]):
-            lines.append(f"- generation: {', '.join(metrics)} of {int(n)} samples against {ref}, feature weights "
-                         f"sha256 {w}...")
+        metrics = sorted({c for c in g.columns if _is_metric(c)})
+        for (n, ref, w, proto), _ in g.groupby(["n_samples", "reference", "feature_weights_sha256", "protocol"]):
+            lines.append(f"- generation: {', '.join(metrics)} of {int(n)} samples against {ref}, protocol {proto}, "
+                         f"feature weights sha256 {w}...")
         for key, sub in g.groupby(["sampler", "steps", "cfg_scale", "cfg_interval", "trained_steps"]):
             s, st, cfg, iv, ts = key
             lines.append(f"- sampler: {s}, {int(st)} steps, guidance {cfg:g} on t in [{iv.replace('-', ', ')}] "
@@ -501,6 +571,15 @@ def _page(name: str, p: dict[str, Any], runs, t: dict[str, pd.DataFrame], figs: 
          "", "Distances are named by their feature net: FID only for the standard Inception; other names "
          "(e.g. FD-EffNetLite0-128 of the tiny preset) are not comparable with FID, and numbers with different "
          "protocols are never put in one column.", ""]
+    L += ["## Claims", "",
+          "Each claim of the paper that this grid tests, with this run's numbers (± their bootstrap standard error "
+          "over the evaluated images) and a verdict: supported when the claimed advantage exceeds 2 standard "
+          "errors of the difference, contradicted when the opposite does, not resolved otherwise. A generation "
+          "claim is judged only between runs that beat their own untrained network. "
+          f"Table: {table_links('claims')}", "",
+          _md(t["claims"], ["claim", "setting", "evidence", "z", "verdict"]) if len(t["claims"]) else
+          "(no claim of the paper is tested by the runs of this preset)", "",
+          *[f"- {cid}: {text}" for cid, text in claims_mod.CLAIMS.items()], ""]
     short = {"E1": ["autoencoder", "variant", "latent_grid", "PSNR", "SSIM", "LPIPS"],
              "E2": ["autoencoder", "variant", "latent_grid", "PSNR", "SSIM", "LPIPS"]}
     for exp, (title, what) in EXPERIMENTS.items():
@@ -516,19 +595,20 @@ def _page(name: str, p: dict[str, Any], runs, t: dict[str, pd.DataFrame], figs: 
             L += ["Runs of this preset: " + "; ".join(listed) + ".", "", "Protocol:", *_protocol_lines(df), "",
                   f"Full table: {table_links(exp.lower())}", ""]
             rk = [c for c in df.columns if c.startswith("rFD") or c == "rFID"]
-            gk = [c for c in df.columns if c == "FID" or c.startswith("FD-")]
+            gk = [c for c in df.columns if _is_metric(c) or c.endswith((" untrained", " real floor"))] + ["gap_closed"]
             L += [_md(df, short[exp] + rk + ["diffusion", "sampler", "cfg_scale"] + gk), ""]
-        elif exp == "E3":
-            df = t["e3"]
+        elif exp in ("E3", "E3b"):
+            df = t[exp.lower()]
             if df.empty:
-                L += ["No runs in this preset (`report.experiments.E3` lists none).", ""]
+                L += [f"No runs in this preset (`report.experiments.{exp}` lists none).", ""]
                 continue
-            gk = [c for c in df.columns if c == "FID" or c.startswith("FD-")]
+            gk = [c for c in df.columns if _is_metric(c) or c.endswith((" untrained", " real floor"))] + ["gap_closed"]
             L += ["Runs of this preset: " + "; ".join(listed) + ".", "", "Protocol:", *_protocol_lines(df, recon=False),
-                  "", f"Full table: {table_links('e3')}", "",
+                  "", f"Full table: {table_links(exp.lower())}", "",
                   _md(df, ["diffusion", "alignment", "encoder", "sampler", "cfg_scale"] + gk +
-                      ["target_RMSC2", "target_psd_exponent"]), ""]
-            if figs["targets"]:
+                      ["target_RMSC2", "target_psd_exponent", "published_FID", "comparable"]), ""]
+            L += published.section(df) if exp == "E3" else []
+            if figs["targets"] and (exp == "E3" or not runs["E3"]["diffusions"]):
                 L += ["Spectrum distributions of the alignment targets (repa = raw, irepa = spatially normalised, "
                       "dog = band-passed), from `target-spectra`:", "", *images(figs["targets"]), ""]
         else:
@@ -582,10 +662,13 @@ def write(params: dict[str, Any], inputs: Inputs, name: str, out: str | Path) ->
     runs = experiments(p, inputs)
     t = {"e1": autoencoder_table("E1", runs["E1"], inputs) if runs["E1"]["autoencoders"] else pd.DataFrame(),
          "e2": autoencoder_table("E2", runs["E2"], inputs) if runs["E2"]["autoencoders"] else pd.DataFrame(),
-         "e3": e3_table(runs["E3"], inputs),
+         "e3": published.compare(e3_table(runs["E3"], inputs), inputs.diffusion),
+         "e3b": published.compare(e3_table(runs["E3b"], inputs), inputs.diffusion),
          "e4_data": data_spectra_table(runs["E4"], inputs),
          "e4_latents": latent_spectra_table(runs["E4"], inputs) if runs["E4"]["autoencoders"] else pd.DataFrame(),
          "e4_samples": sample_spectra_table(p, runs["E4"], inputs)}
+    gen = {e: [r for d in runs[e]["diffusions"] for r in inputs.generation[d]] for e in ("E1", "E2", "E3")}
+    t["claims"] = claims_mod.table(inputs, runs, gen["E1"] + gen["E2"], gen["E3"])
     points, finals = progress_tables(p, inputs)
     missing = [d for d in p["progress"]["diffusions"] if d not in inputs.progress]
     if missing:
@@ -596,9 +679,12 @@ def write(params: dict[str, Any], inputs: Inputs, name: str, out: str | Path) ->
     intros = {
         "e1": ("E1: autoencoders and their U-ViT", EXPERIMENTS["E1"][1]),
         "e2": ("E2: autoencoders and their SiT", EXPERIMENTS["E2"][1]),
-        "e3": ("E3: none vs REPA vs iREPA vs DoG-REPA", EXPERIMENTS["E3"][1]),
+        "e3": ("E3: none vs REPA vs iREPA vs DoG-REPA", EXPERIMENTS["E3"][1] + " " + published.__doc__.split("\n\n")[1]
+               .replace("\n", " ")),
+        "e3b": ("E3b: none vs REPA vs iREPA vs DoG-REPA on our latents", EXPERIMENTS["E3b"][1]),
         "e4_data": ("E4: PSD exponents of the images", "Slope of log band energy (centred, DC removed) against "
                     "log(k + 1), of the mean energies and per image, at full size and on each latent grid."),
+        "claims": ("Claims of the paper tested by this run", claims_mod.__doc__.split("\n\n")[1].replace("\n", " ")),
         "e4_latents": ("E4: spectral diagnostics of the latents", EXPERIMENTS["E4"][1]),
         "e4_samples": ("E4: spectra of the generated images", "Spectrum distribution (no centring, DC kept) of the "
                        "first images of each sample set against the real images of its dataset at full size: "
@@ -625,7 +711,7 @@ def write(params: dict[str, Any], inputs: Inputs, name: str, out: str | Path) ->
             src = inputs.spectra[ds].figure
             if src is not None and src.is_file():
                 figs["data"].append((_copy(src, figs_dir, f"data_spectra_{ds}.png"), f"{ds}: data spectra"))
-        if inputs.target_spectra is not None and runs["E3"]["diffusions"]:
+        if inputs.target_spectra is not None and (runs["E3"]["diffusions"] or runs["E3b"]["diffusions"]):
             src = inputs.folders["target_spectra"]["target-spectra"] / target_diagnostics.FIGURE
             figs["targets"].append((_copy(src, figs_dir, "target_spectra.png"), "alignment target spectra"))
         ae_names = list(dict.fromkeys(runs["E1"]["autoencoders"] + runs["E2"]["autoencoders"]

@@ -34,12 +34,13 @@ def generation_row(folder: Path) -> dict[str, Any]:
         raise SpecmatchError(f"{folder / record.FILE}: these metrics are not of `specmatch sample` outputs (no "
                              "sampling protocol)")
     return {
-        "diffusion": s.diffusion, "autoencoder": s.autoencoder, "model": s.model,
+        "diffusion": s.diffusion, "autoencoder": s.autoencoder, "dataset": m.reference["dataset"], "model": s.model,
         "process": s.process, "alignment": s.alignment, "trained_steps": s.trained_steps,
         "weights": s.weights,
         "sampler": s.sampler, "steps": s.steps, "nfe": s.nfe_per_sample,
         "cfg_scale": s.cfg_scale, "cfg_interval": s.cfg_label,
-        "n_samples": m.samples["n"], "metric": m.metric, "value": m.value,
+        "n_samples": m.samples["n"], "protocol": m.protocol_name, "metric": m.metric, "value": m.value,
+        "value_std": m.uncertainty.std if m.uncertainty is not None else None,
         "precision": m.precision, "recall": m.recall,
         "inception_score": m.inception_score.mean if m.inception_score else None,
         "reference": m.reference_label, "feature_weights_sha256": m.feature_weights_sha256[:16],

@@ -111,6 +111,10 @@ def setup(device: str = "auto") -> DistInfo:
         # collectives and barriers never guess the device from the current context.
         dist.init_process_group(backend="nccl", init_method="env://", device_id=dev)
         backend = "nccl"
+        # Small control messages (the per-step stop flag) go through gloo on the CPU: an NCCL
+        # all-reduce of a flag would make the host wait for the GPU at every step.
+        global _control
+        _control = dist.new_group(backend="gloo")
     else:
         dev = torch.device("cpu")
         dist.init_process_group(backend="gloo", init_method="env://")
@@ -121,10 +125,15 @@ def setup(device: str = "auto") -> DistInfo:
                     dist.get_rank() == 0)
 
 
+_control = None  # the gloo group of control messages under NCCL (None: the default group)
+
+
 def teardown() -> None:
     """Destroy the process group, if any (call in a `finally:`, so NCCL does not warn at exit)."""
+    global _control
     if _initialized():
         dist.destroy_process_group()
+    _control = None
 
 
 def is_main() -> bool:
@@ -151,19 +160,14 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.div_(dist.get_world_size())
 
 
-def any_rank(flag: bool, device: torch.device | None = None) -> bool:
-    """True on every rank if `flag` is true on at least one (an all-reduce MAX of one integer).
-
-    `device` defaults to the current CUDA device under NCCL (which reduces CUDA tensors only)
-    and to the CPU otherwise.
-    """
+def any_rank(flag: bool) -> bool:
+    """True on every rank if `flag` is true on at least one: an all-reduce MAX of one integer
+    on the CPU (gloo: the default group, or the control group beside NCCL), so that calling it
+    at every step never waits for the GPU."""
     if not _initialized() or dist.get_world_size() == 1:
         return bool(flag)
-    if device is None:
-        nccl = str(dist.get_backend()) == "nccl"
-        device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
-    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_control)
     return bool(t.item())
 
 

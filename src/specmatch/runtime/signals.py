@@ -20,9 +20,19 @@ Inside `with StopRequest() as stop:` the handlers only record the signal (a sign
 runs between two bytecodes of whatever the main thread was doing, e.g. in the middle of an
 optimiser step, so it must not touch training state). The training loop checks
 `stop.should_stop(dist_info)` once per step; under torch.distributed that is an all-reduce MAX
-of the flag, so when any rank was signalled all ranks leave the loop after the same step
-(ranks stopping at different steps would deadlock in the next collective). The main rank then
+of the flag (on the CPU, through the gloo control group, so it never waits for the GPU), so
+when any rank was signalled all ranks leave the loop after the same step (ranks stopping at
+different steps would deadlock in the next collective). The main rank then
 writes a checkpoint and the process exits with `EXIT_INTERRUPTED`.
+
+Inside a container
+------------------
+Apptainer's starter catches every signal it receives and forwards it to the container's
+process, which starts with the default dispositions whatever its parent ignored
+(docs/cluster.md cites the source). So the command run inside the container must ignore
+SIGUSR1 itself before it starts torchrun or the stage (the DAG's shell prefix does:
+`trap '' USR1`), and the trainers install their handlers first thing (`catch_early`), so that
+a warning that arrives while they start is kept, not lost or fatal.
 
 Why exit code 3
 ---------------
@@ -41,10 +51,10 @@ import logging
 import signal
 import threading
 from types import FrameType, TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from . import distributed
-from .distributed import DistInfo
+if TYPE_CHECKING:  # torch is imported where a collective is needed, not when handlers go in
+    from .distributed import DistInfo
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +62,31 @@ EXIT_INTERRUPTED = 3
 """Exit status of a trainer that stopped on a signal after saving a checkpoint."""
 
 STOP_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGUSR1)
+
+# A stop signal received before the training loop's StopRequest exists (while the stage imports
+# torch, reads its inputs, builds and resumes its model: minutes at paper scale).
+_early: dict[str, int | None] = {"signum": None}
+
+
+def _record_early(signum: int, frame: FrameType | None) -> None:
+    if _early["signum"] is None:
+        _early["signum"] = signum
+
+
+def catch_early(signals: tuple[signal.Signals, ...] = STOP_SIGNALS) -> None:
+    """Install recording handlers for the stop signals, first thing in a trainer's process.
+
+    Whatever started the process decides the signals' dispositions: under SLURM the command in
+    the container ignores SIGUSR1 (it is meant for the trainer only, and every process of the
+    job step receives it), while a container runtime such as Apptainer's starter leaves its
+    payload with the default actions (docs/cluster.md). Either way the trainer must neither die
+    of the warning nor lose it while it starts: the first stop signal received from here on is
+    kept and handed to the `StopRequest` of the training loop, which then checkpoints and stops
+    at its first step. Only the main thread can install handlers; elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for sig in signals:
+        signal.signal(sig, _record_early)
 
 
 class StopRequest:
@@ -85,7 +120,9 @@ class StopRequest:
         the same steps; without a process group, whether this process was signalled."""
         if dist_info is None or dist_info.world_size <= 1:
             return self._requested
-        return distributed.any_rank(self._requested, dist_info.device)
+        from . import distributed
+
+        return distributed.any_rank(self._requested)
 
     def __enter__(self) -> "StopRequest":
         if threading.current_thread() is not threading.main_thread():
@@ -94,6 +131,9 @@ class StopRequest:
             return self
         for sig in self._signals:
             self._previous[sig] = signal.signal(sig, self._handle)
+        if _early["signum"] in self._signals:  # received while the stage was starting (catch_early)
+            self._handle(_early["signum"], None)
+            _early["signum"] = None
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,

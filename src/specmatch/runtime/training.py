@@ -9,10 +9,12 @@ processes see the same examples at the same step.
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import logging
 import os
 import socket
+import threading
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -61,19 +63,63 @@ def warmup(steps: int):
     return lambda step: min(1.0, (step + 1) / max(1, steps))
 
 
+class FiniteGuard:
+    """Watches the loss terms for non-finite values without waiting for the GPU.
+
+    `update(terms, step)` runs on the device only (no host synchronisation): it remembers the
+    first step at which a term was not finite and the terms' values there. `check()` reads
+    that back (one synchronisation, an all-reduce over ranks) and stops every rank with an
+    error naming the first bad step, its terms and the newest checkpoint. Trainers call
+    `check()` before anything is saved (checkpoints, snapshots, the final output) and where
+    they read the loss anyway (log steps), so nothing computed after a non-finite loss is ever
+    written and the newest checkpoint stays the last good one; the steps in between are wasted
+    work, not corrupted output."""
+
+    def __init__(self, info, run_dir: Path, what: str = "step"):
+        self.info, self.run_dir, self.what = info, Path(run_dir), what
+        self._first = torch.full((), -1, dtype=torch.long, device=info.device)
+        self._values: dict[str, torch.Tensor] = {}
+        self._pending = False
+
+    def update(self, terms: dict[str, torch.Tensor], step: int) -> None:
+        bad = torch.stack([~torch.isfinite(v.detach()).all() for v in terms.values()]).any()
+        new = bad & (self._first < 0)
+        self._first = torch.where(new, torch.full_like(self._first, step), self._first)
+        for k, v in terms.items():
+            v = v.detach().float().sum()  # terms are scalars; a vector is reported by its sum
+            self._values[k] = torch.where(new, v, self._values.get(k, torch.zeros_like(v)))
+        self._pending = True
+
+    def check(self) -> None:
+        if not self._pending and self.info.world_size <= 1:
+            return
+        self._pending = False
+        first = self._first.clone()
+        bad = (first >= 0).to(torch.int32)
+        if self.info.world_size > 1:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        if int(bad.item()) == 0:
+            return
+        step = int(first.item())
+        if step < 0:
+            raise NonFiniteLoss(f"non-finite loss on another rank (this is rank {self.info.rank}); stopped "
+                                f"without saving: the last good checkpoint is {self._last()}")
+        values = ", ".join(f"{k}={float(v):.4g}" for k, v in self._values.items())
+        raise NonFiniteLoss(f"non-finite loss at {self.what} {step} ({values} on rank {self.info.rank}); "
+                            f"stopped without saving: the last good checkpoint is {self._last()}")
+
+    def _last(self) -> str:
+        last = checkpoint.list_checkpoints(self.run_dir)
+        return str(last[-1][1]) if last else "none (no checkpoint yet)"
+
+
 def check_finite(terms: dict[str, torch.Tensor], step: int, info, run_dir: Path, what: str = "step") -> None:
     """Stop every rank with an error naming the step and the terms when any rank's loss is not
-    finite. Called before the update, so nothing is saved after it and the newest checkpoint
-    stays the last good one."""
-    bad = torch.tensor(0.0 if all(torch.isfinite(v).all() for v in terms.values()) else 1.0, device=info.device)
-    if info.world_size > 1:
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-    if bad.item() > 0:
-        values = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms.items())
-        last = checkpoint.list_checkpoints(run_dir)
-        raise NonFiniteLoss(f"non-finite loss at {what} {step} ({values} on rank {info.rank}); "
-                            f"stopped without saving: the last good checkpoint is "
-                            f"{last[-1][1] if last else 'none (no checkpoint yet)'}")
+    finite, at once (one synchronisation per call: `FiniteGuard` defers it). Called before the
+    update, so nothing is saved after it and the newest checkpoint stays the last good one."""
+    guard = FiniteGuard(info, run_dir, what)
+    guard.update(terms, step)
+    guard.check()
 
 
 def run_folder(run_dir: str | Path | None, runs_root: str | Path | None, fingerprint: str) -> Path:
@@ -224,12 +270,100 @@ def read_attempts(run_dir: str | Path) -> list[dict]:
 # "disc.", "proj."): that is the layout of its checkpoints and of its final model file.
 
 
-def make_ema(module: torch.nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel | None:
+class EMA(torch.optim.swa_utils.AveragedModel):
+    """torch's `AveragedModel` with the EMA update of `get_ema_multi_avg_fn` (buffers averaged
+    too): the same state dict (`module.<k>`, `n_averaged`) and the same arithmetic, but its
+    update never reads the step counter back from a tensor. `AveragedModel.update_parameters`
+    evaluates `n_averaged == 0` and `> 0` as Python booleans and copies the counter to the
+    device at every call, each a host-device synchronisation on CUDA; here the count is
+    mirrored in a Python int (restored with the state dict)."""
+
+    def __init__(self, module: torch.nn.Module, decay: float):
+        super().__init__(module, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(decay), use_buffers=True)
+        self._count = 0
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._count = int(self.n_averaged)
+
+    @torch.no_grad()
+    def update_parameters(self, model: torch.nn.Module) -> None:
+        mine = [p.detach() for p in itertools.chain(self.module.parameters(), self.module.buffers())]
+        theirs = [p.detach() for p in itertools.chain(model.parameters(), model.buffers())]
+        if len(mine) != len(theirs):
+            raise ValueError("EMA: the model's parameters and buffers differ from the averaged copy's")
+        if self._count == 0:
+            for a, b in zip(mine, theirs):
+                a.copy_(b)
+        else:
+            groups: dict[tuple, tuple[list, list]] = {}
+            for a, b in zip(mine, theirs):
+                g = groups.setdefault((a.device, a.dtype), ([], []))
+                g[0].append(a)
+                g[1].append(b.to(a.device))
+            for ema_list, model_list in groups.values():
+                self.multi_avg_fn(ema_list, model_list, None)  # the decay is bound in the function
+        self._count += 1
+        self.n_averaged.fill_(self._count)
+
+
+def make_ema(module: torch.nn.Module, decay: float) -> EMA | None:
     """An exponential moving average of `module` (buffers included), or None when decay is 0."""
     if decay <= 0:
         return None
-    return torch.optim.swa_utils.AveragedModel(
-        module, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(decay), use_buffers=True)
+    return EMA(module, decay)
+
+
+class Prefetch:
+    """Reads the host side of the next steps' batches on a background thread.
+
+    `fetch(step)` (the trainer's reading: indices, rows from the caches, into pinned memory on
+    CUDA) runs for the steps of `steps` in order, at most `depth` ahead of the consumer, which
+    takes them with `get(step)`; the device side (copies, random draws, the model) stays on the
+    main thread. An error raised by `fetch` is raised again by `get`. Use as a context manager:
+    leaving it stops the thread. The thread does I/O and array copies, which release the GIL;
+    torch ops in `fetch` would compete with the main thread's."""
+
+    def __init__(self, fetch: Callable[[int], Any], steps: range, depth: int = 3):
+        import queue
+
+        self._fetch, self._steps = fetch, steps
+        self._queue: "queue.Queue" = queue.Queue(maxsize=max(1, depth))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="prefetch", daemon=True)
+
+    def _run(self) -> None:
+        import queue
+
+        for step in self._steps:
+            try:
+                item = (step, self._fetch(step), None)
+            except BaseException as e:  # noqa: BLE001 - handed to the consumer
+                item = (step, None, e)
+            while not self._stop.is_set():
+                try:
+                    self._queue.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if self._stop.is_set() or item[2] is not None:
+                return
+
+    def __enter__(self) -> "Prefetch":
+        self._thread.start()
+        return self
+
+    def get(self, step: int) -> Any:
+        got, value, error = self._queue.get()
+        if error is not None:
+            raise error
+        if got != step:
+            raise RuntimeError(f"prefetch: step {got} delivered where step {step} was expected")
+        return value
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def pack_state(**modules: torch.nn.Module | None) -> dict[str, torch.Tensor]:

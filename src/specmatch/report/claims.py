@@ -1,0 +1,196 @@
+"""The claims section of the report: each claim of the paper that the grid tests, with this run's
+numbers, their uncertainty and a verdict.
+
+A comparison of two numbers a and b (lower is better for every quantity here) with standard
+errors sa and sb is read through z = (b - a) / sqrt(sa^2 + sb^2), the advantage of a in units of
+its uncertainty: "supported" when z > 2, "contradicted" when z < -2, "not resolved at this N"
+otherwise. The standard errors are half-sample bootstraps over the evaluated images
+(metrics.bootstrap: `eval-ae`'s `eval.bootstrap`, `fid calc`'s `metrics.bootstrap`); the two
+sides of a comparison are scored on the same images, so treating their errors as independent
+overstates the error of the difference (a conservative verdict). A generation claim is only
+judged between runs that learned: when a run's distance does not beat its own untrained network
+(report.baselines.untrained) by 2 standard errors, the claim is "not resolved: the runs did not
+learn at this length".
+
+The power-law claim is judged on the images' mean band energies: the least-squares fit of log E_k
+on log(k + 1) (scipy.stats.linregress) must explain at least 95% of the variance (R^2) with a
+slope below zero by more than 2 of its standard errors.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+SUPPORTED, CONTRADICTED, UNRESOLVED = "supported", "contradicted", "not resolved at this N"
+Z = 2.0
+R2_POWER_LAW = 0.95
+
+CLAIMS = {
+    "C1": "The images' spectrum follows a power law (energy falling with frequency).",
+    "C2": "ESM brings the latent spectrum to the flattened target: a lower KL(target || latent) than SD-VAE's.",
+    "C3": "DSM keeps low frequencies decodable: a lower low-pass reconstruction distance than SD-VAE's at the "
+          "strongest low-pass.",
+    "C4": "ESM/DSM latents are more diffusable than SD-VAE's: a lower generation distance at equal steps.",
+    "C5": "REPA beats no alignment: a lower generation distance at equal steps.",
+    "C6": "DoG-REPA beats iREPA and REPA: a lower generation distance at equal steps.",
+}
+
+
+def _std(v) -> float | None:
+    return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
+
+
+def compare(better: float, s_better: float | None, worse: float, s_worse: float | None) -> tuple[float | None, str]:
+    """(z, verdict) for the claim that `better` is lower than `worse`."""
+    if s_better is None or s_worse is None:
+        return None, "not resolved: no uncertainty (set the bootstrap parameters)"
+    se = math.hypot(s_better, s_worse)
+    if se == 0:
+        return (math.inf if worse > better else -math.inf if worse < better else 0.0,
+                SUPPORTED if worse > better else CONTRADICTED if worse < better else UNRESOLVED)
+    z = (worse - better) / se
+    return z, SUPPORTED if z > Z else CONTRADICTED if z < -Z else UNRESOLVED
+
+
+def _fmt(v: float, s: float | None) -> str:
+    return f"{v:.4g}" + ("" if s is None else f" ± {s:.2g}")
+
+
+def _row(cid: str, setting: str, evidence: str, z: float | None, verdict: str) -> dict[str, Any]:
+    return {"claim": cid, "statement": CLAIMS[cid], "setting": setting, "evidence": evidence,
+            "z": None if z is None else round(float(z), 2), "verdict": verdict}
+
+
+def power_law(inputs, datasets: list[str]) -> list[dict[str, Any]]:
+    rows = []
+    for ds in datasets:
+        sp = inputs.spectra[ds]
+        m = sp.full
+        e = np.asarray(m.band_energy, np.float64)
+        ok = np.asarray(m.valid_bins, bool) & (e > 0)
+        fit = stats.linregress(np.log(np.arange(1, len(e) + 1))[ok], np.log(e[ok]))
+        r2, z = fit.rvalue ** 2, -fit.slope / fit.stderr if fit.stderr > 0 else math.inf
+        verdict = (SUPPORTED if r2 >= R2_POWER_LAW and z > Z else
+                   CONTRADICTED if fit.slope >= 0 or r2 < 0.8 else UNRESOLVED)
+        rows.append(_row("C1", f"{ds}/{sp.split}, {sp.n_images} images, {m.size[0]}x{m.size[1]}",
+                         f"PSD exponent {fit.slope:.3f} ± {fit.stderr:.2g} (fit of the mean band energies, "
+                         f"R^2 {r2:.3f}; per image {m.psd_exponent_per_image_mean:.3f} ± "
+                         f"{m.psd_exponent_per_image_std:.2g} std)", z, verdict))
+    return rows
+
+
+def _pairs(aes: dict, variants: tuple[str, ...]):
+    """(candidate, SD-VAE) evaluations on the same dataset and architecture."""
+    base = {(m.dataset, m.config): m for m in aes.values() if m.variant == "sdvae"}
+    for m in aes.values():
+        if m.variant in variants and (m.dataset, m.config) in base:
+            yield m, base[(m.dataset, m.config)]
+
+
+def encoding(inputs, names: list[str]) -> list[dict[str, Any]]:
+    aes = {a: inputs.ae_eval[a] for a in names}
+    rows = []
+    for m, sd in _pairs(aes, ("esm", "esm_dsm")):
+        a, b = m.latent_spectrum.kl_target_to_latent, sd.latent_spectrum.kl_target_to_latent
+        sa = m.kl_bootstrap.std if m.kl_bootstrap else None
+        sb = sd.kl_bootstrap.std if sd.kl_bootstrap else None
+        z, verdict = compare(a, sa, b, sb)
+        rows.append(_row("C2", f"{m.dataset}, {m.config}, {m.latent_spectrum.grid[0]}x{m.latent_spectrum.grid[1]} "
+                               f"latents, {m.n} held-out images",
+                         f"{m.name}: {_fmt(a, sa)}; {sd.name}: {_fmt(b, sb)} (ratio {a / b:.3g})", z, verdict))
+    return rows
+
+
+def decoding(inputs, names: list[str]) -> list[dict[str, Any]]:
+    aes = {a: inputs.ae_eval[a] for a in names}
+    rows = []
+    for m, sd in _pairs(aes, ("dsm", "esm_dsm")):
+        ks = sorted(set(m.lowpass) & set(sd.lowpass))
+        if not ks:
+            continue
+        k = ks[-1]
+        a, b = m.lowpass[k], sd.lowpass[k]
+        sa = m.lowpass_bootstrap[k].std if m.lowpass_bootstrap else None
+        sb = sd.lowpass_bootstrap[k].std if sd.lowpass_bootstrap else None
+        z, verdict = compare(a, sa, b, sb)
+        others = "; ".join(f"k={j}: {m.lowpass[j]:.4g} vs {sd.lowpass[j]:.4g}" for j in ks[:-1])
+        rows.append(_row("C3", f"{m.dataset}, {m.config}, {m.n} held-out images, {m.distance_name} between LP_k(x) "
+                               "and Dec(LP_k(mu))",
+                         f"k={k}: {m.name} {_fmt(a, sa)}; {sd.name} {_fmt(b, sb)}" + (f" ({others})" if others else ""),
+                         z, verdict))
+    return rows
+
+
+def _learned(r: dict[str, Any]) -> bool | None:
+    """Whether a run's distance beats its untrained network's by 2 standard errors (None: no
+    baseline)."""
+    u = r.get("untrained")
+    if u is None or (isinstance(u, float) and math.isnan(u)):
+        return None
+    z, _ = compare(r["value"], _std(r.get("value_std")), u, _std(r.get("untrained_std")))
+    return z is not None and z > Z
+
+
+def _generation(cid: str, cand: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
+    setting = (f"{cand['model']} {cand['trained_steps']} steps, {cand['sampler']} {cand['steps']} steps, cfg "
+               f"{cand['cfg_scale']:g}, {int(cand['n_samples'])} samples, {cand['metric']} ({cand['protocol']})")
+    sa, sb = _std(cand.get("value_std")), _std(base.get("value_std"))
+    evidence = f"{cand['diffusion']}: {_fmt(cand['value'], sa)}; {base['diffusion']}: {_fmt(base['value'], sb)}"
+    for r in (cand, base):
+        if r.get("untrained") is not None and not pd.isna(r.get("untrained")):
+            evidence += f" [{r['diffusion']} untrained: {r['untrained']:.4g}]"
+    learned = [_learned(cand), _learned(base)]
+    if False in learned:
+        return _row(cid, setting, evidence, None, "not resolved: the runs did not learn at this length (a distance "
+                                                  "not below its untrained network's)")
+    z, verdict = compare(cand["value"], sa, base["value"], sb)
+    return _row(cid, setting, evidence, z, verdict)
+
+
+def _same_protocol(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    keys = ("model", "process", "trained_steps", "sampler", "steps", "cfg_scale", "cfg_interval", "n_samples",
+            "metric", "protocol")
+    return all(a[k] == b[k] for k in keys)
+
+
+def diffusability(gen_rows: list[dict[str, Any]], variants: dict[str, str]) -> list[dict[str, Any]]:
+    """C4 from E1/E2 rows: each run on ESM/DSM latents against the run on SD-VAE latents of the
+    same dataset under the same protocol (`variants`: autoencoder -> variant, dataset key)."""
+    rows = []
+    base = [r for r in gen_rows if variants.get(r["autoencoder"], ("", ""))[0] == "sdvae"]
+    for r in gen_rows:
+        v, ds = variants.get(r["autoencoder"], ("", ""))
+        if v in ("esm", "dsm", "esm_dsm"):
+            for b in base:
+                if variants[b["autoencoder"]][1] == ds and _same_protocol(r, b):
+                    rows.append(_generation("C4", r, b))
+    return rows
+
+
+def alignment(e3_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """C5 (repa vs none) and C6 (dog vs irepa and vs repa) from E3 rows of the same protocol."""
+    rows = []
+    by_kind: dict[str, list[dict[str, Any]]] = {}
+    for r in e3_rows:
+        by_kind.setdefault(str(r["alignment"]).split(" ")[0], []).append(r)  # 'dog (encoder, ...)' -> dog
+    for cid, cand, base in (("C5", "repa", "none"), ("C6", "dog", "irepa"), ("C6", "dog", "repa")):
+        for a in by_kind.get(cand, []):
+            for b in by_kind.get(base, []):
+                if _same_protocol(a, b):
+                    rows.append(_generation(cid, a, b))
+    return rows
+
+
+def table(inputs, runs: dict[str, dict[str, list[str]]], gen_e12: list[dict[str, Any]],
+          gen_e3: list[dict[str, Any]]) -> pd.DataFrame:
+    """Every claim row of this report, in claim order."""
+    aes = list(dict.fromkeys(runs["E1"]["autoencoders"] + runs["E2"]["autoencoders"] + runs["E4"]["autoencoders"]))
+    variants = {a: (inputs.ae_eval[a].variant, inputs.ae_eval[a].dataset) for a in aes}
+    rows = (power_law(inputs, runs["E4"]["datasets"]) + encoding(inputs, aes) + decoding(inputs, aes)
+            + diffusability(gen_e12, variants) + alignment(gen_e3))
+    return pd.DataFrame(rows, columns=["claim", "statement", "setting", "evidence", "z", "verdict"])
