@@ -16,7 +16,7 @@ checkpoint machinery: seeded batch indices, a posterior sample of the latent cac
 (`LatentReader.sample`), t / noise / label dropout drawn on the CPU and moved to the device,
 the interpolant, bf16 autocast on a GPU, the hidden tokens after block `depth` through the
 projector, -cos against the transformed target (`objectives.transform(resize_grid(raw, grid))`,
-as `Alignment.targets` does), the finiteness check, AdamW, the LR schedule and the EMA update.
+as `Alignment.fetch` and `Alignment.targets_from` do), the finiteness check, AdamW, the LR schedule and the EMA update.
 Its inputs are real caches on disk, written to a temporary folder at start with random
 contents: a latent cache (float32 mu / logvar, memory-mapped), a target cache (float16 raw grids,
 memory-mapped and converted to float32 by `TargetReader.targets`) and a dataset split of uint8
@@ -200,7 +200,7 @@ class Bench:
         self.p = {"kind": args.kind, "irepa_gamma": 1.0, "dog": {"sigma1": 0.8, "sigma2": 2.0}}
 
     def targets(self, source: str, entries: np.ndarray, grid: int) -> torch.Tensor:
-        """`Alignment.targets`: the raw grids of the cache or of the encoder on the entries'
+        """`Alignment.fetch` + `targets_from`: the raw grids of the cache or of the encoder on the entries'
         images, resized to the token grid and transformed for the kind."""
         if source == "cached":
             raw = self.reader.targets(entries).to(self.dev)

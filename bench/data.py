@@ -58,39 +58,34 @@ LATENT_SHAPE = (16, 16, 16)  # f16d16 at 256 px
 TARGET_SHAPE = (768, 16, 16)  # DINOv2-B/14 tokens on the 16x16 grid
 
 
-def latent_cache(root: Path, shards: int, per_shard: int) -> Path:
-    folder = root / "latents"
+def _synthetic_cache(folder: Path, prefix: str, shards: int, per_shard: int, members, manifest: dict) -> Path:
+    """A cache folder as its stage writes it: `shards` npz files of `per_shard` rows, the
+    members of shard j from `members(j)`, and manifest.json (`manifest` plus count and shards)."""
     folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
     files = []
     for j in range(shards):
-        name = f"latents-{j:05d}.npz"
-        write_npz(folder / name, {"mu": rng.standard_normal((per_shard, *LATENT_SHAPE), np.float32),
-                                  "logvar": rng.standard_normal((per_shard, *LATENT_SHAPE), np.float32) - 4,
-                                  "labels": rng.integers(0, 1000, per_shard), "index": np.arange(per_shard),
-                                  "flip": np.zeros(per_shard, bool)})
+        name = f"{prefix}-{j:05d}.npz"
+        write_npz(folder / name, {**members(j), "index": np.arange(per_shard), "flip": np.zeros(per_shard, bool)})
         files.append({"file": name, "count": per_shard, "sha256": sha256_file(folder / name)})
-    (folder / "manifest.json").write_text(json.dumps({
-        "schema": LATENT_SCHEMA, "count": shards * per_shard, "shape": list(LATENT_SHAPE), "scale_factor": 0.25,
-        "num_classes": 1000, "shards": files}))
+    (folder / "manifest.json").write_text(json.dumps({**manifest, "count": shards * per_shard, "shards": files}))
     return folder
+
+
+def latent_cache(root: Path, shards: int, per_shard: int) -> Path:
+    rng = np.random.default_rng(0)
+    return _synthetic_cache(root / "latents", "latents", shards, per_shard, lambda j: {
+        "mu": rng.standard_normal((per_shard, *LATENT_SHAPE), np.float32),
+        "logvar": rng.standard_normal((per_shard, *LATENT_SHAPE), np.float32) - 4,
+        "labels": rng.integers(0, 1000, per_shard)},
+        {"schema": LATENT_SCHEMA, "shape": list(LATENT_SHAPE), "scale_factor": 0.25, "num_classes": 1000})
 
 
 def target_cache(root: Path, shards: int, per_shard: int) -> Path:
-    folder = root / "targets"
-    folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(1)
-    files = []
-    for j in range(shards):
-        name = f"targets-{j:05d}.npz"
-        # random bits stand in for targets (drawing normals would take longer than the whole bench)
-        write_npz(folder / name, {"targets": rng.integers(0, 2 ** 15, (per_shard, *TARGET_SHAPE), np.uint16).view(np.float16),
-                                  "index": np.arange(per_shard), "flip": np.zeros(per_shard, bool)})
-        files.append({"file": name, "count": per_shard, "sha256": sha256_file(folder / name)})
-    (folder / "manifest.json").write_text(json.dumps({
-        "schema": TARGET_SCHEMA, "count": shards * per_shard, "shape": list(TARGET_SHAPE), "dtype": "float16",
-        "shards": files}))
-    return folder
+    # random bits stand in for targets (drawing normals would take longer than the whole bench)
+    return _synthetic_cache(root / "targets", "targets", shards, per_shard, lambda j: {
+        "targets": rng.integers(0, 2 ** 15, (per_shard, *TARGET_SHAPE), np.uint16).view(np.float16)},
+        {"schema": TARGET_SCHEMA, "shape": list(TARGET_SHAPE), "dtype": "float16"})
 
 
 # --------------------------------------------------------------------------- today's path (004e497)

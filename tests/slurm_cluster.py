@@ -120,7 +120,8 @@ class LocalSlurm:
     def _run(self, *cmd: str, **kw) -> subprocess.CompletedProcess:
         return subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=60, **kw)
 
-    def start(self) -> "LocalSlurm":
+    def _take_lock(self) -> None:
+        """Hold the machine-wide lock of the test cluster, or raise Busy."""
         self._lock = open(LOCK, "w")
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -128,6 +129,9 @@ class LocalSlurm:
             self._lock.close()
             self._lock = None
             raise Busy(f"another test session runs the local SLURM cluster ({LOCK} is locked)") from None
+
+    def start(self) -> "LocalSlurm":
+        self._take_lock()
         d = self.dir = Path(tempfile.mkdtemp(prefix="specmatch-slurm-"))
         d.chmod(0o755)  # the munge user must traverse it
         try:
@@ -167,13 +171,7 @@ class LocalSlurm:
     def attach(self, folder: Path) -> "LocalSlurm":
         """Use the orphaned test cluster in `folder` (see `orphan`) for this session, holding the
         lock; `stop` then releases the lock and leaves its daemons as they were found."""
-        self._lock = open(LOCK, "w")
-        try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._lock.close()
-            self._lock = None
-            raise Busy(f"another test session runs the local SLURM cluster ({LOCK} is locked)") from None
+        self._take_lock()
         self.attached = folder
         self._wait_idle()
         return self

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, copy_repo, run_checked
+from conftest import REPO, copy_repo, dag_env, run_checked
 from specmatch import dvc_stages
 from specmatch.cli import build_parser
 from specmatch.cli import main as cli_main
@@ -45,6 +45,34 @@ def test_stage_deps_follow_commands_imports_and_workflow_files():
     assert not [f for f in deps["data"] if "/diffusion/" in f or "/autoencoder/" in f]
     assert "workflow/rules/diffusion.smk" not in deps["data"]
     assert "src/specmatch/resource_manifest.yaml" in deps["evaluation"]  # named by resources.py
+
+
+@pytest.mark.parametrize("preset", ["tiny", "paper"])
+def test_every_rule_of_the_dag_runs_in_exactly_one_dvc_stage(tmp_path, preset):
+    """`dvc repro` runs each stage as `snakemake --allowed-rules ...`: a rule of the DAG left out
+    of every stage fails the stage that needs its output (MissingInputException), and one in two
+    stages writes into another stage's outputs."""
+    import subprocess
+
+    repo = copy_repo(tmp_path / "repo")
+    proc = subprocess.run([str(BIN / "snakemake"), "-n", "--forceall", "--config", f"preset={preset}"],
+                          cwd=repo, env=dag_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    stats = proc.stdout[proc.stdout.index("Job stats:"):].splitlines()[3:]
+    planned = set()
+    for line in stats:
+        parts = line.split()
+        if len(parts) != 2 or parts[0] == "total":
+            break
+        planned.add(parts[0])
+    planned.discard("all")
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    allowed = {name: set(dvc_stages.allowed_rules(dvc_stages._cmd_text(st["cmd"]))) for name, st in stages.items()}
+    for rule in planned:
+        owners = [name for name, rules in allowed.items() if rule in rules]
+        assert len(owners) == 1, (rule, owners)
+    if preset == "tiny":  # the report's floors at each sample count (report.baselines.real_floor)
+        assert "fid_real_floor_n" in planned and "fid_real_floor_n" in allowed["evaluation"]
 
 
 def test_import_graph_of_a_package(tmp_path):

@@ -55,9 +55,9 @@ rule fid_real_floor_n:
         p=as_json(config["metrics"]),
     log:
         f"{RESULTS}/logs/fid_real_floor/{{dataset}}-n{{n}}.log",
-    threads: job_threads("fid_real_floor")
+    threads: job_threads("fid_real_floor_n")
     resources:
-        **job_resources("fid_real_floor"),
+        **job_resources("fid_real_floor_n"),
     shell:
         "specmatch fid calc --samples {input.data} --split test --ref {input.ref} --n-images {wildcards.n}"
         " --name {wildcards.dataset}-real-floor-n{wildcards.n} --params {params.p:q} --out {output} > {log} 2>&1"
@@ -80,7 +80,10 @@ rule export_adm:
         " > {log} 2>&1"
 
 
+# The phase (DVC stage `evaluation`) owns every real floor, the report's per-sample-count ones
+# included (REPORT_FLOORS, set in report.smk; an input function reads it once all rules are in).
 rule evaluation_phase:
     input:
         expand(f"{RESULTS}/fid_ref/{{dataset}}", dataset=DATASETS),
         expand(f"{RESULTS}/fid_floor/{{dataset}}", dataset=DATASETS),
+        lambda wildcards: REPORT_FLOORS,

@@ -95,12 +95,9 @@ class Alignment:
         return cls(p, net, enc.grid, enc.dim, identity, describe, encoder=enc, images=images,
                    hflip=bool(latent_manifest["hflip"]))
 
-    def targets(self, entries: np.ndarray, device: torch.device) -> torch.Tensor:
-        """Alignment targets (B, D, g, g) on the token grid, float32, for cache entries `entries`."""
-        return self.targets_from(self.fetch(entries), device)
-
     def fetch(self, entries: np.ndarray, pin: bool = False) -> torch.Tensor:
-        """The host side of `targets` (a trainer's loader thread runs it): the cached raw
+        """The host side of the targets of cache entries `entries` (a trainer's loader thread
+        runs it, `targets_from` finishes on the device): the cached raw
         targets in their stored dtype, or the clean uint8 images the encoder runs on; in pinned
         memory when `pin`."""
         if self.reader is not None:
@@ -109,7 +106,8 @@ class Alignment:
         return images.pin_memory() if pin else images
 
     def targets_from(self, host: torch.Tensor, device: torch.device) -> torch.Tensor:
-        """The device side of `targets`, from what `fetch` read."""
+        """Alignment targets (B, D, g, g) on the token grid, float32, on `device`, from what
+        `fetch` read."""
         x = host.to(device, non_blocking=True)
         raw = x.float() if self.reader is not None else self.encoder(x)
         return objectives.transform(objectives.resize_grid(raw, self.token_grid[0]), self.kind, self.p)

@@ -47,7 +47,7 @@ from ..errors import SpecmatchError
 from ..runtime import atomic
 from ..runtime.hashing import sha256_file
 from ..runtime.provenance import Provenance
-from ..runtime.weights import load_safetensors
+from ..runtime.weights import load_safetensors, mismatch_problems
 from . import artifact
 from . import model as ae_model
 
@@ -163,14 +163,7 @@ def convert_state_dict(tensors: dict[str, torch.Tensor], cfg: ae_model.AEConfig,
             misshaped.append(f"{key} {tuple(value.shape)} (expected {want[ours]} for {ours})")
             continue
         out[ours] = value.detach().to(torch.float32).contiguous()
-    missing = sorted(set(want) - set(out))
-    problems = []
-    if missing:
-        problems.append(f"missing {len(missing)} tensor(s): {missing}")
-    if unexpected:
-        problems.append(f"unexpected {len(unexpected)} key(s): {sorted(unexpected)}")
-    if misshaped:
-        problems.append(f"misshaped {len(misshaped)}: {misshaped}")
+    problems = mismatch_problems(set(want) - set(out), unexpected, misshaped)
     if twice:
         problems.append(f"given twice (old and new attention names): {twice}")
     if problems:

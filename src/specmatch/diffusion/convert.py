@@ -49,7 +49,7 @@ from ..errors import SpecmatchError
 from ..runtime import atomic
 from ..runtime.hashing import sha256_file
 from ..runtime.provenance import Provenance
-from ..runtime.weights import load_safetensors
+from ..runtime.weights import load_safetensors, mismatch_problems
 from . import artifact, models
 
 log = logging.getLogger(__name__)
@@ -168,17 +168,9 @@ def convert(state: dict[str, torch.Tensor], layout: str, net: torch.nn.Module,
             raise SpecmatchError(f"{where}: pos_embed is not the 2-D sin-cos embedding of a "
                                  f"{net.token_grid[0]}x{net.token_grid[1]} grid of width {net.hidden_dim} "
                                  f"(max difference {float((pe - ours).abs().max()):.3g}); another input_size or patch?")
-    missing = sorted(set(want) - set(state))
-    unexpected = sorted(set(state) - set(want))
     misshaped = [f"{k} {tuple(v.shape)} (expected {want[k]})" for k, v in sorted(state.items())
                  if k in want and tuple(v.shape) != want[k]]
-    problems = []
-    if missing:
-        problems.append(f"missing {len(missing)} tensor(s): {missing}")
-    if unexpected:
-        problems.append(f"unexpected {len(unexpected)} key(s): {unexpected}")
-    if misshaped:
-        problems.append(f"misshaped {len(misshaped)}: {misshaped}")
+    problems = mismatch_problems(set(want) - set(state), set(state) - set(want), misshaped)
     if problems:
         raise SpecmatchError(f"{where}: does not fit {net.name} ({layout} layout, {net.in_channels}x{net.input_size}"
                              f"x{net.input_size}, {net.num_classes} classes): " + "; ".join(problems))

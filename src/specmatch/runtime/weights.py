@@ -107,3 +107,17 @@ def load_torch_weights(path: str | os.PathLike, map_location: Any = "cpu") -> An
         raise _fail(path, f"cannot be read as PyTorch weights with weights_only=True ({type(e).__name__}: {e})",
                     "the file is truncated or corrupt, or not a plain state dict: replace it "
                     "(`specmatch resources check` compares it with its checksum)") from e
+
+
+def mismatch_problems(missing, unexpected, misshaped) -> list[str]:
+    """What keeps a converted state dict from fitting a network, one phrase per kind (missing
+    and unexpected keys sorted, misshaped tensors as given): the importers of released
+    checkpoints join these into their error."""
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)} tensor(s): {sorted(missing)}")
+    if unexpected:
+        problems.append(f"unexpected {len(unexpected)} key(s): {sorted(unexpected)}")
+    if misshaped:
+        problems.append(f"misshaped {len(misshaped)}: {list(misshaped)}")
+    return problems
