@@ -228,6 +228,17 @@ COPY_IGNORE = ("results", ".snakemake", ".git", "__pycache__", ".pytest_cache", 
                ".venv", ".whl", ".gl")
 
 
+def job_stats(output: str) -> dict[str, int]:
+    """Rule -> job count from the "Job stats:" table of a Snakemake run's (or dry run's) output."""
+    jobs = {}
+    for line in output.split("Job stats:", 1)[-1].splitlines()[3:]:
+        parts = line.split()
+        if len(parts) != 2 or parts[0] == "total":
+            break
+        jobs[parts[0]] = int(parts[1])
+    return jobs
+
+
 def dag_env() -> dict[str, str]:
     """The environment of a DAG run: the venv's executables on PATH, a git identity for DVC."""
     import os

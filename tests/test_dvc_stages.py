@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import REPO, copy_repo, dag_env, run_checked
+from conftest import REPO, copy_repo, dag_env, job_stats, run_checked
 from specmatch import dvc_stages
 from specmatch.cli import build_parser
 from specmatch.cli import main as cli_main
@@ -52,22 +53,15 @@ def test_every_rule_of_the_dag_runs_in_exactly_one_dvc_stage(tmp_path, preset):
     """`dvc repro` runs each stage as `snakemake --allowed-rules ...`: a rule of the DAG left out
     of every stage fails the stage that needs its output (MissingInputException), and one in two
     stages writes into another stage's outputs."""
-    import subprocess
-
     repo = copy_repo(tmp_path / "repo")
     proc = subprocess.run([str(BIN / "snakemake"), "-n", "--forceall", "--config", f"preset={preset}"],
                           cwd=repo, env=dag_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    stats = proc.stdout[proc.stdout.index("Job stats:"):].splitlines()[3:]
-    planned = set()
-    for line in stats:
-        parts = line.split()
-        if len(parts) != 2 or parts[0] == "total":
-            break
-        planned.add(parts[0])
+    assert "Job stats:" in proc.stdout, proc.stdout[-3000:]
+    planned = set(job_stats(proc.stdout))
     planned.discard("all")
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-    allowed = {name: set(dvc_stages.allowed_rules(dvc_stages._cmd_text(st["cmd"]))) for name, st in stages.items()}
+    allowed = {name: set(dvc_stages.allowed_rules(st["cmd"])) for name, st in stages.items()}
     for rule in planned:
         owners = [name for name, rules in allowed.items() if rule in rules]
         assert len(owners) == 1, (rule, owners)
@@ -187,10 +181,6 @@ def test_dvc_exp_run_sets_one_parameter(tmp_path):
 # --------------------------------------------------------------------------- Snakemake runs, DVC versions
 
 def _dvc(repo: Path, *args: str, env: dict | None = None):
-    import subprocess
-
-    from conftest import dag_env
-
     proc = subprocess.run([str(BIN / "dvc"), *args], cwd=repo, env=env or dag_env(), capture_output=True, text=True,
                           timeout=1800)
     assert proc.returncode == 0, f"dvc {' '.join(args)}:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"

@@ -16,6 +16,7 @@ import pytest
 
 from conftest import copy_repo as _copy_repo
 from conftest import dag_env as _env
+from conftest import job_stats
 from conftest import run_checked as _run
 
 BIN = Path(sys.executable).parent
@@ -258,14 +259,7 @@ def test_tiny_dag_is_up_to_date_after_run(tiny_run):
 def _planned_jobs(repo: Path, override: str) -> dict[str, int]:
     """Rule -> job count from the "Job stats" table of a dry run with one --config override."""
     proc = _run([str(BIN / "snakemake"), "--cores", "1", "-n", "--config", "preset=tiny", override], repo)
-    lines = (proc.stdout + proc.stderr).split("Job stats:", 1)[-1].splitlines()
-    jobs = {}
-    for line in lines[3:]:
-        parts = line.split()
-        if len(parts) != 2 or parts[0] == "total":
-            break
-        jobs[parts[0]] = int(parts[1])
-    return jobs
+    return job_stats(proc.stdout + proc.stderr)
 
 
 def test_spectra_parameter_change_reruns_only_spectra(tiny_run):

@@ -18,7 +18,7 @@ import yaml
 
 import pytest
 
-from conftest import REPO, SRC, STAND_IN_BIN, copy_repo, dag_env, slurm_snakemake
+from conftest import REPO, SRC, STAND_IN_BIN, copy_repo, dag_env, job_stats, slurm_snakemake
 
 BIN = Path(sys.executable).parent
 STAND_IN = STAND_IN_BIN / "apptainer"
@@ -253,15 +253,9 @@ def _planned_rules(repo: Path) -> collections.Counter:
     """Jobs per rule of the whole tiny DAG (a forced dry run's job stats), the rules without a
     command (`all`, the `*_phase` targets) left out: Snakemake does not submit those."""
     out = _dry_run_shell(repo, "preset=tiny")
-    stats = out[out.index("Job stats:"):].splitlines()[3:]
-    counts = collections.Counter()
-    for line in stats:
-        parts = line.split()
-        if len(parts) != 2 or parts[0] == "total":
-            break
-        if parts[0] != "all" and not parts[0].endswith("_phase"):
-            counts[parts[0]] = int(parts[1])
-    return counts
+    assert "Job stats:" in out, out[-3000:]
+    return collections.Counter({rule: n for rule, n in job_stats(out).items()
+                                if rule != "all" and not rule.endswith("_phase")})
 
 
 @pytest.mark.slow

@@ -258,8 +258,10 @@ def _cmd_text(cmd: Any) -> str:
     return " ".join(cmd) if isinstance(cmd, list) else str(cmd)
 
 
-def allowed_rules(cmd: str) -> list[str]:
-    tokens = cmd.split()
+def allowed_rules(cmd: Any) -> list[str]:
+    """The rules a stage's snakemake command may run (its `--allowed-rules`); `cmd` as dvc.yaml
+    holds it, one string or a list of them."""
+    tokens = _cmd_text(cmd).split()
     if "--allowed-rules" not in tokens:
         return []
     rest = tokens[tokens.index("--allowed-rules") + 1:]
