@@ -1,0 +1,47 @@
+"""Copy a `small` run's report into this folder, so that a new run can be compared with ours.
+
+    .venv/bin/python docs/results/small/collect.py [results/small] [docs/results/small]
+
+Copies the report page, its tables and its figures as they are, except the sample grids: for
+each sample set of the runs in SAMPLE_RUNS and their untrained twins it draws the first 32
+samples with the report's own renderer, under the report's file name (the report's grids hold 64
+samples at about 0.7 MB each; results/small/report/figures/ keeps them).
+"""
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+from specmatch.data.shards import iter_image_batches
+from specmatch.render.figures import image_grid
+
+SAMPLE_RUNS = ("embedded-small-sdvae-uvit", "embedded-small-esm-uvit", "embedded-small-dsm-uvit",
+               "embedded-small-sdvae-sit", "embedded-small-sdvae-sit-repa")
+N_SHOWN = 32
+
+
+def main(results: Path, out: Path) -> None:
+    report = results / "report"
+    if not (report / "index.md").is_file():
+        raise SystemExit(f"{report}: no index.md; run `make small` first (or pass the results folder)")
+    shutil.copy2(report / "index.md", out / "index.md")
+    shutil.rmtree(out / "tables", ignore_errors=True)
+    shutil.copytree(report / "tables", out / "tables")
+    figs = out / "figures"
+    shutil.rmtree(figs, ignore_errors=True)
+    figs.mkdir()
+    for fig in (report / "figures").glob("*.png"):
+        if not fig.name.startswith("samples_"):
+            shutil.copy2(fig, figs / fig.name)
+    for run in SAMPLE_RUNS:
+        for name in (run, f"{run}-untrained"):
+            for sampler in sorted(p for p in (results / "samples" / name).glob("*") if p.is_dir()):
+                images = next(iter_image_batches(sampler, "samples", N_SHOWN))
+                image_grid(images, figs / f"samples_{name}-{sampler.name}.png",
+                           title=f"{name}: {sampler.name}, first {len(images)} samples")
+
+
+if __name__ == "__main__":
+    args = [Path(a) for a in sys.argv[1:]]
+    main(args[0] if args else Path("results/small"), args[1] if len(args) > 1 else Path(__file__).parent)
