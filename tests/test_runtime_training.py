@@ -495,3 +495,31 @@ def test_provenance_time_starts_with_the_stage_command(tmp_path, monkeypatch):
     (tmp_path / "o").mkdir()
     rec = prov.record(tmp_path / "out", tmp_path / "o")
     assert rec["time"]["wall_s"] >= 1.0
+
+
+@pytest.mark.parametrize("decay", ["none", "cosine"])
+def test_lr_factor_matches_torchs_warmup_then_constant_or_cosine_schedulers(decay):
+    """`train.lr_decay`: the learning rate of each update equals torch's own schedulers (LinearLR
+    warm-up from lr/warmup_steps, then ConstantLR(1) or CosineAnnealingLR down to 0 at the last
+    update), including the warm-up-free case and a run no longer than its warm-up."""
+    import types
+
+    from specmatch.runtime.training import lr_factor
+
+    sched = torch.optim.lr_scheduler
+    for warm, total in ((5, 20), (1, 7), (10, 10)):
+        t = types.SimpleNamespace(warmup_steps=warm, steps=total, lr_decay=decay)
+        p = torch.nn.Parameter(torch.zeros(1))
+        ref_opt = torch.optim.SGD([p], lr=3.0)
+        after = (sched.CosineAnnealingLR(ref_opt, T_max=max(1, total - warm)) if decay == "cosine"
+                 else sched.ConstantLR(ref_opt, factor=1.0, total_iters=0))
+        ref = sched.SequentialLR(ref_opt, [sched.LinearLR(ref_opt, 1 / warm, 1.0, total_iters=max(1, warm - 1)), after],
+                                 milestones=[warm - 1]) if warm > 1 else after
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=3.0)
+        ours = sched.LambdaLR(opt, lr_factor(t))
+        for _ in range(total):
+            assert opt.param_groups[0]["lr"] == pytest.approx(ref_opt.param_groups[0]["lr"], abs=1e-12)
+            ref_opt.step(), opt.step(), ref.step(), ours.step()
+    # cosine ends at 0 on the last update, constant stays at the base rate
+    t = types.SimpleNamespace(warmup_steps=2, steps=12, lr_decay=decay)
+    assert lr_factor(t)(11) == pytest.approx(0.0 if decay == "cosine" else 1.0, abs=1e-12)

@@ -50,8 +50,8 @@ from ..runtime import distributed, seeding
 from ..runtime.provenance import Provenance
 from ..runtime.signals import StopRequest
 from ..runtime.training import (AttemptLog, NonFiniteLoss, TrainSettings, batch_indices, check_finite, end_of_step, final_weights,
-                                load_packed, make_ema, pack_state, prepare_rank, resume_point, run_folder,
-                                save_checkpoint, warmup, write_output)
+                                load_packed, lr_factor, make_ema, pack_state, prepare_rank, resume_point, run_folder,
+                                save_checkpoint, write_output)
 from . import artifact
 from . import model as ae_model
 from .discriminator import PatchDiscriminator, generator_adv_loss, hinge_d_loss, sync_batchnorm
@@ -201,8 +201,8 @@ def _train(job: _Job) -> dict[str, Any]:
     ema = make_ema(ae, t.ema_decay)
     opt_g = torch.optim.AdamW(ae.parameters(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
     opt_d = torch.optim.AdamW(disc.parameters(), lr=t.disc_lr or t.lr, betas=t.betas, weight_decay=t.weight_decay)
-    sched_g = torch.optim.lr_scheduler.LambdaLR(opt_g, warmup(t.warmup_steps))
-    sched_d = torch.optim.lr_scheduler.LambdaLR(opt_d, warmup(t.warmup_steps))
+    sched_g = torch.optim.lr_scheduler.LambdaLR(opt_g, lr_factor(t))
+    sched_d = torch.optim.lr_scheduler.LambdaLR(opt_d, lr_factor(t))
     lpips = _lpips_model(obj, job.params["resources_dir"], dev)
 
     step = g_step = d_step = 0

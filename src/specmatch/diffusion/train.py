@@ -51,8 +51,8 @@ from ..runtime.hashing import sha256_file
 from ..runtime.provenance import Provenance
 from ..runtime.signals import StopRequest
 from ..runtime.training import (AttemptLog, FiniteGuard, Interrupted, NonFiniteLoss, Prefetch, RankSetup,
-                                TrainSettings, batch_indices, end_of_step, final_weights, load_packed, make_ema,
-                                pack_state, prepare_rank, resume_point, run_folder, save_checkpoint, warmup,
+                                TrainSettings, batch_indices, end_of_step, final_weights, load_packed, lr_factor,
+                                make_ema, pack_state, prepare_rank, resume_point, run_folder, save_checkpoint,
                                 write_output)
 from . import artifact, models, transport
 
@@ -197,7 +197,7 @@ def _train(job: _Job, net: torch.nn.Module, align) -> dict[str, Any]:
     ema = make_ema(net, t.ema_decay)
     params = list(net.parameters()) + (list(proj.parameters()) if proj is not None else [])
     opt = torch.optim.AdamW(params, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup(t.warmup_steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(t))
 
     step = 0
     resumed = resume_point(run_dir, job.resume, KIND, fp, info)

@@ -12,6 +12,7 @@ import functools
 import itertools
 import json
 import logging
+import math
 import os
 import socket
 import threading
@@ -58,9 +59,21 @@ def batch_indices(n: int, global_batch: int, seed: int, step: int) -> np.ndarray
     return np.asarray(out, dtype=np.int64)
 
 
-def warmup(steps: int):
-    """LambdaLR factor: linear warm-up over `steps` updates, then constant."""
-    return lambda step: min(1.0, (step + 1) / max(1, steps))
+def lr_factor(t: "TrainSettings"):
+    """LambdaLR factor of a run's `train` settings: linear warm-up over `warmup_steps` updates,
+    then constant (`lr_decay: none`, the schedule of every reference recipe) or a half cosine
+    from 1 down to 0 at update `steps` (`lr_decay: cosine`). Annealing is what lets a run of a
+    few hundred updates at a high learning rate settle instead of stopping mid-oscillation."""
+    warm, total, decay = max(1, t.warmup_steps), t.steps, t.lr_decay
+
+    def factor(step: int) -> float:
+        w = min(1.0, (step + 1) / warm)
+        if decay == "none" or step < warm:
+            return w
+        done = min(1.0, (step + 1 - warm) / max(1, total - warm))
+        return w * 0.5 * (1.0 + math.cos(math.pi * done))
+
+    return factor
 
 
 class FiniteGuard:
@@ -157,6 +170,7 @@ class TrainSettings:
     betas: tuple[float, float]
     weight_decay: float
     warmup_steps: int
+    lr_decay: str  # none | cosine (after the warm-up, to 0 at `steps`)
     grad_clip: float | None
     ema_decay: float  # 0 = no EMA
     seed: int
