@@ -59,19 +59,22 @@ def batch_indices(n: int, global_batch: int, seed: int, step: int) -> np.ndarray
     return np.asarray(out, dtype=np.int64)
 
 
-def lr_factor(t: "TrainSettings"):
+def lr_factor(t: TrainSettings):
     """LambdaLR factor of a run's `train` settings: linear warm-up over `warmup_steps` updates,
     then constant (`lr_decay: none`, the schedule of every reference recipe) or a half cosine
     from 1 down to 0 at update `steps` (`lr_decay: cosine`). Annealing is what lets a run of a
-    few hundred updates at a high learning rate settle instead of stopping mid-oscillation."""
+    few hundred updates at a high learning rate settle instead of stopping mid-oscillation.
+    One LambdaLR rather than torch's SequentialLR of LinearLR and CosineAnnealingLR (the test's
+    reference): the scheduler state in checkpoints keeps its format whatever the schedule."""
     warm, total, decay = max(1, t.warmup_steps), t.steps, t.lr_decay
 
     def factor(step: int) -> float:
-        w = min(1.0, (step + 1) / warm)
-        if decay == "none" or step < warm:
-            return w
+        if step < warm:
+            return (step + 1) / warm
+        if decay == "none":
+            return 1.0
         done = min(1.0, (step + 1 - warm) / max(1, total - warm))
-        return w * 0.5 * (1.0 + math.cos(math.pi * done))
+        return 0.5 * (1.0 + math.cos(math.pi * done))
 
     return factor
 
