@@ -41,9 +41,9 @@ include: "workflow/rules/alignment.smk"
 include: "workflow/rules/report.smk"
 
 
-_unknown = set(config["resources"]["rules"]) - {r.name for r in workflow.rules}
+_unknown = REQUESTS.unknown_rules({r.name for r in workflow.rules})
 if _unknown:
-    raise ValueError(f"resources.rules names unknown rules {sorted(_unknown)}; rules: {sorted(r.name for r in workflow.rules)}")
+    raise ValueError(f"resources.rules names unknown rules {_unknown}; rules: {sorted(r.name for r in workflow.rules)}")
 
 
 rule all:

@@ -56,7 +56,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from specmatch import config as config_mod
-from specmatch.alignment import encoders, objectives
+from specmatch.alignment import encoders, objectives, registry
 from specmatch.alignment.targets import MANIFEST as TARGETS_MANIFEST
 from specmatch.alignment.targets import SCHEMA as TARGETS_SCHEMA
 from specmatch.alignment.targets import TargetReader, entry_images
@@ -340,7 +340,7 @@ def main() -> None:
     if not 1 <= args.depth <= net0.n_blocks:
         raise SystemExit(f"--depth {args.depth} is outside [1, {net0.n_blocks}] ({args.model})")
     grid = net0.token_grid[0]
-    projector = args.projector or objectives.DEFAULT_PROJECTOR[args.kind]
+    projector = args.projector or registry.DEFAULT_PROJECTOR[args.kind]
 
     with tempfile.TemporaryDirectory(prefix="specmatch-bench-align-", dir=args.workdir) as tmp:
         tmp = Path(tmp)

@@ -27,7 +27,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from specmatch import container
+from specmatch.ops import container
 
 DEBIAN_RELEASES = {"10": "buster", "11": "bullseye", "12": "bookworm", "13": "trixie"}
 MIRROR = "http://deb.debian.org/debian"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from specmatch import audit
+from specmatch.ops import audit
 from specmatch.cli import main as cli_main
 
 from conftest import MICRO_AE_RUN

@@ -173,6 +173,17 @@ def test_padding_is_part_of_the_fingerprint(data):
                                                             sha)
 
 
+def test_fingerprint_keeps_the_value_that_keys_existing_run_folders():
+    """Run folders and checkpoints are found by the fingerprint: the value the trainer computed
+    before the function moved here (from `config.ae_fingerprint`) must not change."""
+    run = train.config_mod.validate(run_params(), "ae_run")
+    assert train.fingerprint(run, "a" * 64) == "b2a7b111d0d5839766ac5cacea2d2c700423af8662df51adbf4a0349e9004e50"
+    # the run's length and its bookkeeping intervals continue the same run; the data do not
+    longer = {**run, "train": {**run["train"], "steps": 99, "checkpoint_every": 7, "log_every": 3}}
+    assert train.fingerprint(longer, "a" * 64) == train.fingerprint(run, "a" * 64)
+    assert train.fingerprint(run, "b" * 64) != train.fingerprint(run, "a" * 64)
+
+
 def test_adaptive_weight_against_hand_gradients():
     w = torch.tensor([[1.0, -2.0], [0.5, 3.0]], requires_grad=True)
     v = torch.tensor([1.0, 2.0])

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from specmatch import cli, config
+from specmatch import cli, config, grid
 from specmatch.errors import SpecmatchError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -281,75 +281,59 @@ def test_named_sampler_takes_unset_keys_from_diffusion_sample():
     """A named sampler overrides only what it sets: the tiny preset's diffusion.sample
     (n_samples 128, device cpu) must reach it, not the schema defaults (50000, auto)."""
     resolved = config.load(PARAMS_YAML, "tiny")
-    s = config.sampler(resolved, "tiny-sde30-cfg")
+    s = grid.sampler(resolved, "tiny-sde30-cfg")
     assert s["n_samples"] == 128 and s["device"] == "cpu" and s["batch_size"] == 64
     assert s["steps"] == 30 and s["cfg_scale"] == 2.0 and s["cfg_interval"] == [0.0, 0.7]
-    paper = config.sampler(config.load(PARAMS_YAML), "sde250-50k")
+    paper = grid.sampler(config.load(PARAMS_YAML), "sde250-50k")
     assert paper["n_samples"] == 50000 and paper["method"] == "euler-maruyama" and paper["cfg_scale"] == 1.0
 
 
 def test_diffusion_run_merges_shared_train_and_checks_samplers():
     resolved = config.load(PARAMS_YAML, "tiny")
-    run = config.diffusion_run(resolved, "embedded-tiny-dsm-sit")
+    run = grid.diffusion_run(resolved, "embedded-tiny-dsm-sit")
     assert run["train"]["steps"] == 160 and run["train"]["device"] == "cpu"  # from diffusion.train
     assert run["conditional"] is True and run["process"]["kind"] == "linear"
-    paper = config.diffusion_run(config.load(PARAMS_YAML), "celebahq-f8d4-sdvae-uvit")
+    paper = grid.diffusion_run(config.load(PARAMS_YAML), "celebahq-f8d4-sdvae-uvit")
     assert paper["train"]["steps"] == 500000 and paper["train"]["betas"] == [0.99, 0.99]
     assert paper["train"]["batch_size"] == 256 and paper["model"] == "UViT-S/2"
     bad = copy.deepcopy(resolved)
     bad["diffusions"]["embedded-tiny-dsm-sit"]["samplers"] = ["nope"]
     with pytest.raises(SpecmatchError, match="undefined samplers"):
-        config.diffusion_run(bad, "embedded-tiny-dsm-sit")
+        grid.diffusion_run(bad, "embedded-tiny-dsm-sit")
     with pytest.raises(SpecmatchError, match="no diffusion run"):
-        config.diffusion_run(resolved, "missing")
+        grid.diffusion_run(resolved, "missing")
 
 
 def test_named_sampler_with_unknown_key_is_refused(tmp_path):
     params = config.load_yaml(PARAMS_YAML)
     params["samplers"]["dpm50-10k"]["stepz"] = 3
+    resolved = config.resolve(params, REPO / "presets")  # the schema leaves a sampler's keys open
     with pytest.raises(SpecmatchError, match="samplers.dpm50-10k"):
-        config.resolve(params, REPO / "presets")
+        grid.Grid.build(resolved)
 
 
 def test_params_show_run_prints_what_the_stage_receives(capsys):
     assert cli.main(["params", "show", "--preset", "tiny", "--run", "diffusion:embedded-tiny-sdvae-uvit",
                      "--compact"]) == 0
     shown = json.loads(capsys.readouterr().out)
-    assert shown == config.diffusion_run(config.load(PARAMS_YAML, "tiny"), "embedded-tiny-sdvae-uvit")
+    assert shown == grid.diffusion_run(config.load(PARAMS_YAML, "tiny"), "embedded-tiny-sdvae-uvit")
     assert cli.main(["params", "show", "--run", "bogus"]) == 2
 
 
 def test_diffusion_run_alignment_merges_shared_and_keeps_what_acts():
     resolved = config.load(PARAMS_YAML, "tiny")
-    assert config.diffusion_run(resolved, "embedded-tiny-dsm-sit")["alignment"] == {"kind": "none"}
-    dog = config.diffusion_run(resolved, "embedded-tiny-dsm-sit-dog")["alignment"]
+    assert grid.diffusion_run(resolved, "embedded-tiny-dsm-sit")["alignment"] == {"kind": "none"}
+    dog = grid.diffusion_run(resolved, "embedded-tiny-dsm-sit-dog")["alignment"]
     # the tiny preset's shared settings over the paper's defaults, then the run's kind
     assert (dog["kind"], dog["encoder"], dog["depth"], dog["proj_hidden"], dog["weight"]) == (
         "dog", "efficientnet-lite0-s8", 2, 256, 0.5)
     assert dog["projector"] == "mlp" and dog["dog"] == {"sigma1": 0.8, "sigma2": 2.0} and "irepa_gamma" not in dog
-    irepa = config.diffusion_run(resolved, "embedded-tiny-dsm-sit-irepa")["alignment"]
+    irepa = grid.diffusion_run(resolved, "embedded-tiny-dsm-sit-irepa")["alignment"]
     assert irepa["projector"] == "conv" and irepa["irepa_gamma"] == 1.0
     assert "dog" not in irepa and "proj_hidden" not in irepa  # a conv projector has no hidden width
-    repa = config.diffusion_run(config.load(PARAMS_YAML), "imagenet-f16d16-dsm-sit-repa")["alignment"]
+    repa = grid.diffusion_run(config.load(PARAMS_YAML), "imagenet-f16d16-dsm-sit-repa")["alignment"]
     assert (repa["encoder"], repa["depth"], repa["proj_hidden"], repa["projector"]) == ("dinov2-vitb14", 8, 2048, "mlp")
     bad = copy.deepcopy(resolved)
     bad["diffusions"]["embedded-tiny-dsm-sit-dog"]["alignment"]["kind"] = "vrepa"
     with pytest.raises(SpecmatchError, match="alignment"):
-        config.diffusion_run(bad, "embedded-tiny-dsm-sit-dog")
-
-
-def test_diffusion_fingerprint_sees_only_the_alignment_that_acts():
-    resolved = config.load(PARAMS_YAML, "tiny")
-    plain = config.diffusion_run(resolved, "embedded-tiny-dsm-sit")
-    repa = config.diffusion_run(resolved, "embedded-tiny-dsm-sit-repa")
-    fp = config.diffusion_fingerprint(repa, "lat", "tgt")
-    assert fp != config.diffusion_fingerprint(plain, "lat", "tgt")
-    assert fp != config.diffusion_fingerprint(repa, "lat", "other-targets")
-    other_sigma = copy.deepcopy(repa)
-    other_sigma["alignment"]["dog"] = {"sigma1": 0.3, "sigma2": 5.0}  # not used by repa
-    assert config.diffusion_fingerprint(other_sigma, "lat", "tgt") == fp
-    deeper = copy.deepcopy(repa)
-    deeper["alignment"]["depth"] = 3
-    assert config.diffusion_fingerprint(deeper, "lat", "tgt") != fp
-    # a run without alignment ignores the target identity entirely
-    assert config.diffusion_fingerprint(plain, "lat", "a") == config.diffusion_fingerprint(plain, "lat", "b")
+        grid.diffusion_run(bad, "embedded-tiny-dsm-sit-dog")

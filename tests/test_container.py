@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from specmatch import __version__, container
+from specmatch import __version__
+from specmatch.ops import container
 from specmatch.cli import main as cli_main
 from specmatch.errors import SpecmatchError
 

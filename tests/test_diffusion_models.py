@@ -272,7 +272,7 @@ def test_uvit_long_skips_are_used():
 
 def test_time_is_embedded_as_1000_t():
     # Both families embed the DDPM-style step 1000*t by default; an imported checkpoint keeps its
-    # own scale (SiT and REPA: t itself, U-ViT's continuous models: 999 t; diffusion.convert).
+    # own scale (SiT and REPA: t itself, U-ViT's continuous models: 999 t; diffusion.import_model).
     t = torch.tensor([0.0, 0.25, 1.0])
     sit = _tiny("SiT-tiny")
     ref = sit.t_embedder.mlp(timestep_embedding(1000 * t, 256))

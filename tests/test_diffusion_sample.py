@@ -20,10 +20,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from specmatch.diffusion import sample, sampling_record, train
+from specmatch.data import sample_folder
+from specmatch.diffusion import sample, train
 from specmatch.errors import SpecmatchError
-from specmatch.metrics import fid_stage
-from specmatch.report import tables
+from specmatch.metrics import reference, scoring
+from specmatch.report import generation_table as tables
 
 from conftest import load_split
 
@@ -80,7 +81,7 @@ def _sample_args(model, ae, params, out, work):
 
 
 def _protocol(out: Path) -> dict:
-    return json.loads((out / sampling_record.FILE).read_text())
+    return json.loads((out / sample_folder.FILE).read_text())
 
 
 # --------------------------------------------------------------------------- per-index draws
@@ -226,8 +227,8 @@ def test_output_feeds_fid_calc_and_generation_table(tmp_path, models_, uvit_samp
     data, _, _, _ = models_
     _, out = uvit_samples
     assert (out / "grid.png").is_file() and (out / "provenance.json").is_file()
-    fid_stage.ref(data, METRICS, "ref", tmp_path / "ref")
-    m = fid_stage.calc(out, "samples", tmp_path / "ref", METRICS, "gen-u", tmp_path / "m")
+    reference.ref(data, METRICS, "ref", tmp_path / "ref")
+    m = scoring.calc(out, "samples", tmp_path / "ref", METRICS, "gen-u", tmp_path / "m")
     assert m.metric == "FD-EffNetLite0" and np.isfinite(m.value) and m.samples["n"] == 10
     saved = json.loads((tmp_path / "m" / "metrics.json").read_text())
     s = saved["sampling"]

@@ -54,7 +54,7 @@ def trained(micro, tmp_path_factory):
 
 
 def _fingerprint(params, lat) -> str:
-    return config.diffusion_fingerprint(config.validate(params, "diff_run"), train.latents_identity(lat))
+    return train.fingerprint(config.validate(params, "diff_run"), train.latents_identity(lat))
 
 
 def _train_args(lat, run_dir, out, params, name="t"):
@@ -142,6 +142,40 @@ def test_runs_root_keys_the_run_folder_by_params_and_latents(tmp_path, micro):
         train.train(params, lat, tmp_path / "o3", "c")
     assert not (tmp_path / "o3").exists() and not (tmp_path / "r").exists()
 
+
+
+REPA = {"kind": "repa", "encoder": "efficientnet-lite0-s8", "image_size": 64, "depth": 2, "proj_hidden": 64}
+
+
+def test_fingerprint_keeps_the_value_that_keys_existing_run_folders():
+    """Run folders and checkpoints are found by the fingerprint: the values the trainer computed
+    before the function moved here (from `config.diffusion_fingerprint`) must not change."""
+    plain = config.validate(uvit(), "diff_run")
+    assert train.fingerprint(plain, "lat") == "dfea1b704aa4b9739071722b13c9da40459a9e03aafbbead8fac71923c1372cf"
+    repa = config.validate({**sit(), "alignment": REPA}, "diff_run")
+    assert train.fingerprint(repa, "lat", "tgt") == "590c84fbeb4be5e99ccd6f52a40e24190511e34f933f008d52e6d487b7f54cb9"
+
+
+def test_fingerprint_sees_only_the_alignment_that_acts():
+    plain = config.validate(sit(), "diff_run")
+    repa = config.validate({**sit(), "alignment": REPA}, "diff_run")
+    fp = train.fingerprint(repa, "lat", "tgt")
+    assert fp != train.fingerprint(plain, "lat", "tgt")
+    assert fp != train.fingerprint(repa, "lat", "other-targets")
+    other_sigma = {**repa, "alignment": {**repa["alignment"], "dog": {"sigma1": 0.3, "sigma2": 5.0}}}  # not repa's
+    assert train.fingerprint(other_sigma, "lat", "tgt") == fp
+    deeper = {**repa, "alignment": {**repa["alignment"], "depth": 3}}
+    assert train.fingerprint(deeper, "lat", "tgt") != fp
+    # a run without alignment ignores the target identity entirely
+    assert train.fingerprint(plain, "lat", "a") == train.fingerprint(plain, "lat", "b")
+
+
+def test_snapshot_steps_and_run_length_leave_the_fingerprint_alone():
+    a = config.validate(uvit(), "diff_run")
+    b = config.validate(uvit(steps=40, snapshot_steps=[2], checkpoint_every=5, log_every=3), "diff_run")
+    assert a["train"]["snapshot_steps"] == []
+    assert train.fingerprint(a, "x") == train.fingerprint(b, "x")
+    assert train.fingerprint(a, "x") != train.fingerprint(config.validate(uvit(lr=2e-3), "diff_run"), "x")
 
 # --------------------------------------------------------------------------- what the network sees
 

@@ -63,7 +63,7 @@ def test_the_graph_sees_real_imports():
     g = graph()
     assert g.has_edge("specmatch.diffusion.sample", "specmatch.diffusion.artifact")
     assert g.has_edge("specmatch.diffusion.sample", "specmatch.autoencoder.artifact")
-    assert g.has_edge("specmatch.report.paper", "specmatch.render.figures")
+    assert g.has_edge("specmatch.report.figures", "specmatch.render.figures")
     assert g.has_edge("specmatch.diffusion.train", "specmatch.alignment.align")  # an import inside a function
 
 
@@ -83,3 +83,58 @@ def test_stages_do_not_import_the_report():
     users = sorted(m for m in g if not m.startswith("specmatch.report") and m != "specmatch.cli"
                    and any(d.startswith("specmatch.report") for d in g.successors(m)))
     assert not users, f"{users} import specmatch.report (the top-level aggregator); use specmatch.render"
+
+
+# The layers of the package, lowest first. A module may import from its own unit (a top-level
+# module or subpackage) and from units of lower layers, never from a higher layer or from
+# another unit of its own layer (peers stay independent: the trainers of autoencoders and the
+# alignment targets know nothing of each other). docs/architecture.md draws the same picture.
+LAYERS = [
+    {"specmatch", "specmatch.errors"},
+    {"specmatch.runtime"},
+    {"specmatch.config", "specmatch.render", "specmatch.spectral"},
+    {"specmatch.resources"},
+    {"specmatch.data"},
+    {"specmatch.metrics"},
+    {"specmatch.autoencoder", "specmatch.alignment"},
+    {"specmatch.diffusion"},
+    {"specmatch.grid"},
+    {"specmatch.report"},
+    {"specmatch.ops"},
+    {"specmatch.stages"},
+    {"specmatch.cli"},
+]
+
+
+def _unit(module: str) -> str:
+    return ".".join(module.split(".")[:2])
+
+
+def layer_violations(g: nx.DiGraph, layers: list[set[str]]) -> list[str]:
+    rank = {unit: i for i, units in enumerate(layers) for unit in units}
+    out = []
+    for a, b in g.edges():
+        ua, ub = _unit(a), _unit(b)
+        if ua == ub:
+            continue
+        if ua not in rank or ub not in rank:
+            out.append(f"{a} -> {b}: {ua if ua not in rank else ub} is in no layer of LAYERS")
+        elif rank[ua] < rank[ub]:
+            out.append(f"{a} -> {b}: layer {rank[ua]} imports from the higher layer {rank[ub]}")
+        elif rank[ua] == rank[ub] and ua != "specmatch":
+            out.append(f"{a} -> {b}: {ua} and {ub} are peers of layer {rank[ua]}")
+    return sorted(out)
+
+
+def test_layer_check_finds_an_upward_and_a_sideways_import():
+    g = nx.DiGraph([("specmatch.metrics.fid", "specmatch.diffusion.sample"),
+                    ("specmatch.alignment.align", "specmatch.autoencoder.model"),
+                    ("specmatch.diffusion.train", "specmatch.metrics.fid")])
+    found = layer_violations(g, LAYERS)
+    assert len(found) == 2, found
+    assert "higher layer" in found[1] and "peers" in found[0], found
+
+
+def test_no_import_from_a_lower_layer_to_a_higher_one():
+    violations = layer_violations(graph(), LAYERS)
+    assert not violations, "\n".join(violations)

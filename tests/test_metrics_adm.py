@@ -25,7 +25,8 @@ from specmatch.cli import main as cli_main
 from specmatch.data.prepare import prepare
 from specmatch.data.reader import SplitReader
 from specmatch.errors import SpecmatchError
-from specmatch.metrics import adm, bootstrap, features, fid, fid_stage, protocol, record, streaming
+from specmatch.metrics import adm, bootstrap, features, fid, protocol, record, streaming
+from specmatch.metrics import reference, scoring
 from specmatch.runtime.hashing import sha256_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -384,15 +385,15 @@ def _frechet_eigh(mu1, sigma1, mu2, sigma2) -> float:
 def stand_in(monkeypatch, weights):
     """The stages load the Inception through the resources manifest, whose checksum the stand-in
     cannot have: load the stand-in file instead (everything else as in a real run)."""
-    monkeypatch.setattr(fid_stage.feature_nets, "load", lambda name, device="cpu", resources_dir=None:
+    monkeypatch.setattr(reference.feature_nets, "load", lambda name, device="cpu", resources_dir=None:
                         features.build(name, weights, device))
-    monkeypatch.setattr(fid_stage.fid, "frechet_distance", _frechet_eigh)
+    monkeypatch.setattr(reference.fid, "frechet_distance", _frechet_eigh)
 
 
 def test_adm_ref_and_calc_with_dataset_and_reference_batch(tmp_path, small_ds, stand_in, weights):
-    info = fid_stage.ref(small_ds, ADM, "embedded", tmp_path / "ref")
+    info = reference.ref(small_ds, ADM, "embedded", tmp_path / "ref")
     assert info["protocol"]["name"] == "adm" and info["protocol"]["spatial_dim"] == 2023
-    with np.load(tmp_path / "ref" / fid_stage.STATS_NAME) as z:
+    with np.load(tmp_path / "ref" / reference.STATS_NAME) as z:
         assert sorted(z.files) == ["mu", "mu_s", "pr_features", "sigma", "sigma_s"]  # no per-image features
         stats = {k: z[k] for k in z.files}
     images, _ = SplitReader(small_ds, "test").get(np.arange(9))
@@ -402,7 +403,7 @@ def test_adm_ref_and_calc_with_dataset_and_reference_batch(tmp_path, small_ds, s
                                rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(stats["pr_features"], direct.pool, rtol=1e-5, atol=1e-6)
 
-    m = fid_stage.calc(small_ds, "train", tmp_path / "ref", {**ADM, "bootstrap": 3}, "gen", tmp_path / "m")
+    m = scoring.calc(small_ds, "train", tmp_path / "ref", {**ADM, "bootstrap": 3}, "gen", tmp_path / "m")
     saved = json.loads((tmp_path / "m" / record.FILE).read_text())
     assert saved["protocol"]["name"] == "adm" and saved["metric"] == "FID" and "sFID" in saved
     assert set(saved["FID_bootstrap"]) == {"n", "std", "ci95", "seed", "method"} and saved["FID_bootstrap"]["n"] == 3
@@ -416,18 +417,18 @@ def test_adm_ref_and_calc_with_dataset_and_reference_batch(tmp_path, small_ds, s
     batch = tmp_path / "res" / resources.get("adm-imagenet256").file
     batch.parent.mkdir()
     np.savez(batch, arr_0=images, **{k: stats[k] for k in adm.STAT_SHAPES})
-    fid_stage.ref(small_ds, {**ADM, "datasets": {"embedded": {"reference_batch": "adm-imagenet256",
+    reference.ref(small_ds, {**ADM, "datasets": {"embedded": {"reference_batch": "adm-imagenet256",
                                                               "resources_dir": str(batch.parent)}}},
                   "embedded", tmp_path / "ref_b")
-    rb = fid_stage.load_ref(tmp_path / "ref_b")
+    rb = reference.load_ref(tmp_path / "ref_b")
     assert rb.info["source"]["sha256"] == sha256_file(batch) and rb.info["n"] is None
     assert rb.info["source"]["resource"] == "adm-imagenet256" and rb.dataset == "embedded"
     assert all(np.array_equal(getattr(rb, k), stats[k]) for k in adm.STAT_SHAPES)
     np.testing.assert_allclose(rb.pr_features, stats["pr_features"], rtol=1e-6, atol=1e-6)
     # ... and without stored statistics they are computed from arr_0, as the evaluator does
     np.savez(tmp_path / "bare.npz", arr_0=images)
-    fid_stage.ref(None, ADM, "embedded", tmp_path / "ref_c", reference_batch=tmp_path / "bare.npz")
-    rc = fid_stage.load_ref(tmp_path / "ref_c")
+    reference.ref(None, ADM, "embedded", tmp_path / "ref_c", reference_batch=tmp_path / "bare.npz")
+    rc = reference.load_ref(tmp_path / "ref_c")
     assert rc.info["n"] == 9 and rc.info["source"]["statistics"] == "computed from arr_0"
     for k in adm.STAT_SHAPES:
         np.testing.assert_allclose(getattr(rc, k), stats[k], rtol=1e-5, atol=1e-6)
@@ -437,32 +438,32 @@ def test_adm_ref_and_calc_with_dataset_and_reference_batch(tmp_path, small_ds, s
 
 
 def test_adm_bad_inputs_write_nothing(tmp_path, small_ds, stand_in):
-    fid_stage.ref(small_ds, ADM, "embedded", tmp_path / "ref")
+    reference.ref(small_ds, ADM, "embedded", tmp_path / "ref")
     before = sorted(p.name for p in tmp_path.iterdir())
     # another protocol than the reference's
     with pytest.raises(SpecmatchError, match=r"ref/stats.json: the reference was made under protocol adm with "
                                              r"'inception-adm'.*protocol pytorch-fid with 'inception-fid'"):
-        fid_stage.calc(small_ds, "train", tmp_path / "ref", {**ADM, "protocol": "pytorch-fid"}, "x", tmp_path / "o")
+        scoring.calc(small_ds, "train", tmp_path / "ref", {**ADM, "protocol": "pytorch-fid"}, "x", tmp_path / "o")
     # fewer samples than the protocol's minimum (k + 1)
     with pytest.raises(SpecmatchError, match=r"\(train\): 10 images, fewer than the 11 that protocol adm scores "
                                              r"\(metrics.pr_k = 10"):
-        fid_stage.calc(small_ds, "train", tmp_path / "ref", {**ADM, "pr_k": 10}, "x", tmp_path / "o")
+        scoring.calc(small_ds, "train", tmp_path / "ref", {**ADM, "pr_k": 10}, "x", tmp_path / "o")
     # an ADM batch under the pytorch-fid protocol; a broken batch
     np.savez(tmp_path / "b.npz", arr_0=np.zeros((4, 8, 8, 3), np.uint8), mu=np.zeros(2048))
     with pytest.raises(SpecmatchError, match="measured under protocol adm"):
-        fid_stage.ref(None, {**ADM, "protocol": "pytorch-fid"}, "embedded", tmp_path / "o",
+        reference.ref(None, {**ADM, "protocol": "pytorch-fid"}, "embedded", tmp_path / "o",
                       reference_batch=tmp_path / "b.npz")
     with pytest.raises(SpecmatchError, match=r"b.npz: has \['mu'\] but no key 'sigma'"):
-        fid_stage.ref(None, ADM, "embedded", tmp_path / "o", reference_batch=tmp_path / "b.npz")
+        reference.ref(None, ADM, "embedded", tmp_path / "o", reference_batch=tmp_path / "b.npz")
     # a dataset whose parameters name a reference batch that is not in the resources folder
     with pytest.raises(SpecmatchError, match=r"'VIRTUAL_imagenet256_labeled.npz' \(adm-imagenet256: .*missing: "
                                              r"looked in the resources folder .*Nothing is downloaded"):
-        fid_stage.ref(small_ds, {**ADM, "reference_batch": "adm-imagenet256", "resources_dir": str(tmp_path / "no")},
+        reference.ref(small_ds, {**ADM, "reference_batch": "adm-imagenet256", "resources_dir": str(tmp_path / "no")},
                       "embedded", tmp_path / "o")
     # statistics of an older version
     (tmp_path / "old").mkdir()
     np.savez(tmp_path / "old" / "stats.npz", mu=np.zeros(3))
     (tmp_path / "old" / "stats.json").write_text(json.dumps({"dataset": "x", "protocol": {}}))
     with pytest.raises(SpecmatchError, match=r"old/stats.json: key schema is None"):
-        fid_stage.calc(small_ds, "train", tmp_path / "old", ADM, "x", tmp_path / "o")
+        scoring.calc(small_ds, "train", tmp_path / "old", ADM, "x", tmp_path / "o")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(before + ["b.npz", "old"])

@@ -20,7 +20,8 @@ from specmatch.cli import main as cli_main
 from specmatch.data import shards
 from specmatch.data.prepare import prepare
 from specmatch.errors import SpecmatchError
-from specmatch.metrics import features, fid, fid_stage, record
+from specmatch.metrics import features, fid, record
+from specmatch.metrics import reference, scoring
 from specmatch.runtime import hashing
 
 REPO = Path(__file__).resolve().parents[1]
@@ -260,14 +261,14 @@ EFF = {"net": "efficientnet-lite0", "batch_size": 16, "device": "cpu"}
 
 
 def test_fid_ref_and_calc_stages(tmp_path, small_ds):
-    info = fid_stage.ref(small_ds, {**EFF, "split": "test"}, "emb-test", tmp_path / "ref")
+    info = reference.ref(small_ds, {**EFF, "split": "test"}, "emb-test", tmp_path / "ref")
     man = json.loads((small_ds / "manifest.json").read_text())
     assert info["images_sha256"] == man["splits"]["test"]["images_sha256"]
     assert info["protocol"]["metric"] == "FD-EffNetLite0"
     assert info["protocol"]["weights_sha256"] == resources.get("efficientnet-lite0").sha256
     assert sorted(p.name for p in (tmp_path / "ref").iterdir()) == ["provenance.json", "stats.json", "stats.npz"]
-    same = fid_stage.calc(small_ds, "test", tmp_path / "ref", EFF, "self", tmp_path / "self")
-    other = fid_stage.calc(small_ds, "train", tmp_path / "ref", EFF, "train", tmp_path / "train")
+    same = scoring.calc(small_ds, "test", tmp_path / "ref", EFF, "self", tmp_path / "self")
+    other = scoring.calc(small_ds, "train", tmp_path / "ref", EFF, "train", tmp_path / "train")
     saved = json.loads((tmp_path / "self" / "metrics.json").read_text())
     assert "FID" not in saved and saved["metric"] == "FD-EffNetLite0" and saved["FD-EffNetLite0"] == same.value
     assert same.metric == "FD-EffNetLite0" and same.protocol_name == "pytorch-fid" and same.sfid is None
@@ -285,7 +286,7 @@ def test_fid_ref_and_calc_stages(tmp_path, small_ds):
     assert other.value > 1.0
     assert other.samples["n"] == 40 and other.reference["n"] == 24
     # A seeded subset of the split (the real floor at a sample count): its images and no others.
-    sub = fid_stage.calc(small_ds, "train", tmp_path / "ref", EFF, "sub", tmp_path / "sub", n_images=20)
+    sub = scoring.calc(small_ds, "train", tmp_path / "ref", EFF, "sub", tmp_path / "sub", n_images=20)
     keep = shards.subset_indices(40, 20, EFF.get("seed", 0))
     images, _ = load_split(small_ds, "train")
     assert sub.samples["n"] == 20 and sub.samples["images_sha256"] == hashing.sha256_images(images[keep])
@@ -296,29 +297,29 @@ def test_fid_ref_and_calc_stages(tmp_path, small_ds):
 
 
 def test_fid_calc_refuses_other_net_and_writes_nothing(tmp_path, small_ds):
-    fid_stage.ref(small_ds, {**EFF, "split": "test", "max_images": 8}, "r", tmp_path / "ref")
+    reference.ref(small_ds, {**EFF, "split": "test", "max_images": 8}, "r", tmp_path / "ref")
     with pytest.raises(SpecmatchError, match="meaningless"):
-        fid_stage.calc(small_ds, "train", tmp_path / "ref", {**EFF, "net": "inception-fid"}, "x", tmp_path / "out")
+        scoring.calc(small_ds, "train", tmp_path / "ref", {**EFF, "net": "inception-fid"}, "x", tmp_path / "out")
     with pytest.raises(SpecmatchError, match="not reference statistics"):
-        fid_stage.calc(small_ds, "train", tmp_path, EFF, "x", tmp_path / "out")
+        scoring.calc(small_ds, "train", tmp_path, EFF, "x", tmp_path / "out")
     with pytest.raises(SpecmatchError, match="no split 'val'"):
-        fid_stage.calc(small_ds, "val", tmp_path / "ref", EFF, "x", tmp_path / "out")
+        scoring.calc(small_ds, "val", tmp_path / "ref", EFF, "x", tmp_path / "out")
     with pytest.raises(SpecmatchError, match=r"--n-images 41 is not in \[1, 40\]"):
-        fid_stage.calc(small_ds, "train", tmp_path / "ref", EFF, "x", tmp_path / "out", n_images=41)
+        scoring.calc(small_ds, "train", tmp_path / "ref", EFF, "x", tmp_path / "out", n_images=41)
     assert not (tmp_path / "out").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["ref"]
 
 
 def test_fid_ref_missing_weights_names_file(tmp_path, small_ds):
     with pytest.raises(SpecmatchError, match=FILE_NAME):
-        fid_stage.ref(small_ds, {"net": "inception-fid", "resources_dir": str(tmp_path / "empty")}, "r",
+        reference.ref(small_ds, {"net": "inception-fid", "resources_dir": str(tmp_path / "empty")}, "r",
                       tmp_path / "ref")
     assert not (tmp_path / "ref").exists()
 
 
 def test_fid_params_validated(tmp_path, small_ds):
     with pytest.raises(SpecmatchError, match="metrics"):
-        fid_stage.ref(small_ds, {"net": "resnet"}, "r", tmp_path / "ref")
+        reference.ref(small_ds, {"net": "resnet"}, "r", tmp_path / "ref")
 
 
 # --------------------------------------------------------------------------- reconstruction

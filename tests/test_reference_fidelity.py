@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from specmatch import config
+from specmatch import config, grid
 from specmatch.autoencoder import model as ae_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,7 +22,7 @@ def paper():
 
 
 def _ae(p, name="celebahq-f16d16-dsm"):
-    return config.autoencoder_run(p, name)
+    return grid.autoencoder_run(p, name)
 
 
 # (what, value in the resolved paper grid, expected, the doc's text for it)
@@ -48,18 +48,18 @@ CHECKS = [
     ("SD-VAE", lambda p: (_ae(p, "imagenet-sdvae-ft-ema")["pretrained"],
                           _ae(p, "imagenet-sdvae-ft-ema")["latents"]["scale_factor"]), ("sd-vae-ft-ema", 0.18215),
      "`autoencoders.imagenet-sdvae-ft-ema.latents.scale_factor` 0.18215"),
-    ("E3 network", lambda p: {(r["model"], r["autoencoder"]) for r in (config.diffusion_run(p, n) for n in E3)},
+    ("E3 network", lambda p: {(r["model"], r["autoencoder"]) for r in (grid.diffusion_run(p, n) for n in E3)},
      {("SiT-B/2", "imagenet-sdvae-ft-ema")}, "SiT-B/2 on `imagenet-sdvae-ft-ema`"),
-    ("E3 alignment", lambda p: [config.diffusion_run(p, n)["alignment"]["kind"] for n in E3],
+    ("E3 alignment", lambda p: [grid.diffusion_run(p, n)["alignment"]["kind"] for n in E3],
      ["none", "repa", "irepa", "dog"], "`alignment.kind` irepa"),
-    ("REPA depth, weight", lambda p: (config.diffusion_run(p, E3[1])["alignment"]["depth"],
-                                      config.diffusion_run(p, E3[1])["alignment"]["weight"]), (8, 0.5),
+    ("REPA depth, weight", lambda p: (grid.diffusion_run(p, E3[1])["alignment"]["depth"],
+                                      grid.diffusion_run(p, E3[1])["alignment"]["weight"]), (8, 0.5),
      "`alignment.depth` 8, `weight` 0.5"),
-    ("U-ViT optimiser", lambda p: {k: config.diffusion_run(p, "celebahq-f16d16-dsm-uvit")["train"][k]
+    ("U-ViT optimiser", lambda p: {k: grid.diffusion_run(p, "celebahq-f16d16-dsm-uvit")["train"][k]
                                    for k in ("lr", "weight_decay", "betas", "warmup_steps", "grad_clip")},
      {"lr": 2e-4, "weight_decay": 0.03, "betas": [0.99, 0.99], "warmup_steps": 5000, "grad_clip": None},
      "`train.lr` 2e-4, `weight_decay` 0.03, `betas` [0.99, 0.99], `warmup_steps` 5000, `grad_clip` null"),
-    ("sampler SDE", lambda p: {k: config.sampler(p, "sde250-cfg-50k")[k]
+    ("sampler SDE", lambda p: {k: grid.sampler(p, "sde250-cfg-50k")[k]
                                for k in ("method", "steps", "n_samples", "cfg_scale", "cfg_interval")},
      {"method": "euler-maruyama", "steps": 250, "n_samples": 50000, "cfg_scale": 1.8, "cfg_interval": [0.0, 0.7]},
      "`sde250-cfg-50k`: 1.8 on [0, 0.7]"),
@@ -76,7 +76,7 @@ def test_every_sit_run_of_the_paper_grid_clips_at_one_and_follows_repa(paper):
     sit = [n for n in paper["grid"]["diffusions"] if paper["diffusions"][n]["model"].startswith("SiT")]
     assert len(sit) == 10  # E2 (3), E3 (4), E3b aligned (3)
     for n in sit:
-        t = config.diffusion_run(paper, n)["train"]
+        t = grid.diffusion_run(paper, n)["train"]
         assert (t["grad_clip"], t["batch_size"], t["lr"], t["ema_decay"], t["label_dropout"], t["steps"]) == \
             (1.0, 256, 1e-4, 0.9999, 0.1, 400000), n
 

@@ -9,6 +9,7 @@ distinct, so that a wrong column mapping fails."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -18,9 +19,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from specmatch import audit, config
+from specmatch.ops import audit
 from specmatch.cli import main as cli_main
-from specmatch.diffusion import artifact, progress, train
+from specmatch.diffusion import artifact, train
+from specmatch.diffusion import fid_progress as progress
 from specmatch.errors import SpecmatchError
 from specmatch.autoencoder import model as ae_model
 from specmatch.render import figures
@@ -90,13 +92,6 @@ def test_snapshots_survive_a_resume_and_are_recovered_from_kept_checkpoints(tmp_
         artifact.load(tmp_path / "out", snapshot=5)
 
 
-def test_snapshot_steps_leave_the_run_fingerprint_alone():
-    a = config.validate(uvit(), "diff_run")
-    b = config.validate(uvit(snapshot_steps=[2]), "diff_run")
-    assert a["train"]["snapshot_steps"] == []
-    assert config.diffusion_fingerprint(a, "x") == config.diffusion_fingerprint(b, "x")
-
-
 # --------------------------------------------------------------------------- fid-progress
 
 
@@ -108,12 +103,12 @@ SAMPLER = {"method": "dpm-solver", "steps": 3, "batch_size": 4, "shard_size": 8,
 def progress_run(micro_latents, tmp_path_factory):
     """A 4-step U-ViT with a snapshot at step 2, reference statistics of the micro set, and the
     fid-progress output over 8 samples."""
-    from specmatch.metrics import fid_stage
+    from specmatch.metrics import reference
 
     data, ae_dir, lat = micro_latents
     root = tmp_path_factory.mktemp("progress")
     train.train(uvit(steps=4, snapshot_steps=[2]), lat, root / "model", "u", run_dir=root / "run")
-    fid_stage.ref(data, METRICS, "ref", root / "ref")
+    reference.ref(data, METRICS, "ref", root / "ref")
     code = cli_main(["fid-progress", "--model", str(root / "model"), "--autoencoder", str(ae_dir), "--ref",
                      str(root / "ref"), "--name", "u", "--out", str(root / "progress"), "--params",
                      json.dumps({"sampler": SAMPLER, "metrics": METRICS, "n_samples": 8})])
@@ -123,7 +118,7 @@ def progress_run(micro_latents, tmp_path_factory):
 
 def test_progress_scores_snapshots_and_final_weights_as_fid_calc_does(progress_run, tmp_path):
     from specmatch.diffusion import sample
-    from specmatch.metrics import fid_stage
+    from specmatch.metrics import scoring
 
     root, ae_dir = progress_run
     df = pd.read_csv(root / "progress" / "progress.csv")
@@ -132,7 +127,7 @@ def test_progress_scores_snapshots_and_final_weights_as_fid_calc_does(progress_r
     assert df["value"].iloc[0] != df["value"].iloc[1]
     # The final point equals `sample` + `fid calc` of the same weights with the same settings.
     sample.sample(root / "model", ae_dir, {**SAMPLER, "n_samples": 8}, "s", tmp_path / "s", work_dir=tmp_path / "w")
-    m = fid_stage.calc(tmp_path / "s", "samples", root / "ref", METRICS, "m", tmp_path / "m")
+    m = scoring.calc(tmp_path / "s", "samples", root / "ref", METRICS, "m", tmp_path / "m")
     pj = json.loads((root / "progress" / "progress.json").read_text())
     final = pj["points"][1]
     assert final["samples"]["images_sha256"] == m.samples["images_sha256"]  # the same images
@@ -473,6 +468,45 @@ def test_provenance_lists_every_input_and_the_audit_walks_it(report, stage_outpu
     assert not problems and len(tree.inputs) == len(given)
 
 
+def test_provenance_lists_the_inputs_by_kind_in_flag_order(report, stage_outputs):
+    _, out = report
+    rec = json.loads((out / "provenance.json").read_text())
+    roles = {"spectra": "data spectra", "ae_eval": "autoencoder evaluation", "diffusion": "diffusion model",
+             "gen_metrics": "generation metrics", "samples": "samples", "target_spectra": "target spectra",
+             "progress": "metric over training", "floors": "real floor"}
+    expected = [(roles[k], Path(p).resolve()) for k, v in stage_outputs.items()
+                for p in (v if isinstance(v, list) else [v])]
+    assert list(roles) == list(stage_outputs)
+    assert [(i["role"], Path(i["path"]).resolve()) for i in rec["inputs"]] == expected
+
+
+@pytest.mark.parametrize("kind, flag, name", [
+    ("ae_eval", "--ae-eval", "ae-dsm"), ("diffusion", "--diffusion", "s-dsm"),
+    ("gen_metrics", "--gen-metrics", "s-dsm-sde"), ("samples", "--samples", "s-dsm-sde"),
+    ("progress", "--progress", "u-dsm")])
+def test_two_folders_holding_one_name_are_refused(stage_outputs, tmp_path, kind, flag, name):
+    """A folder is known by the name recorded in it: a copy under another path is a duplicate."""
+    first = stage_outputs[kind][0]
+    copy = tmp_path / "elsewhere"
+    shutil.copytree(first, copy)
+    with pytest.raises(SpecmatchError, match=re.escape(f"two {flag} folders hold '{name}': {first} and {copy}") + "$"):
+        paper.Inputs.load(**{**stage_outputs, kind: stage_outputs[kind] + [copy]})
+
+
+def test_inputs_of_another_kind_are_named(stage_outputs, tmp_path):
+    scored = stage_outputs["gen_metrics"][0]
+    with pytest.raises(SpecmatchError, match=re.escape(f"{scored}: --floors takes scores of real images, these are of "
+                                                       "samples (s-dsm-sde)")):
+        paper.Inputs.load(**{**stage_outputs, "floors": [scored]})
+    no_grid = tmp_path / "s"
+    shutil.copytree(stage_outputs["samples"][0], no_grid)
+    (no_grid / "grid.png").unlink()
+    with pytest.raises(SpecmatchError, match=r"s/grid.png: missing \(expected a `specmatch sample` output\)"):
+        paper.Inputs.load(**{**stage_outputs, "samples": [no_grid]})
+    with pytest.raises(TypeError, match=r"unknown input kinds \['ae_evals'\]"):  # a typo would drop the folders
+        paper.Inputs.load(**{**stage_outputs, "ae_evals": stage_outputs["ae_eval"]})
+
+
 def test_audit_names_a_changed_input(stage_outputs, tmp_path):
     outputs = {k: v for k, v in stage_outputs.items()}
     copy = tmp_path / "ae_eval"
@@ -504,7 +538,9 @@ def test_missing_metrics_file_is_named(stage_outputs, tmp_path):
 def test_run_without_inputs_is_named(stage_outputs, tmp_path):
     p = json.loads(json.dumps(PARAMS))
     p["experiments"]["E1"]["autoencoders"].append("ae-nope")
-    with pytest.raises(SpecmatchError, match=r"E1.autoencoders names \['ae-nope'\], but no --ae-eval"):
+    with pytest.raises(SpecmatchError, match=r"E1.autoencoders names \['ae-nope'\], which are not among the "
+                                             r"autoencoders available \(\['ae-dsm', 'ae-esm', 'ae-sdvae'\]\); "
+                                             r"available: .*autoencoders: --ae-eval"):
         _report(stage_outputs, tmp_path / "r", params=p)
     p = json.loads(json.dumps(PARAMS))
     p["progress"]["diffusions"].append("u-esm")

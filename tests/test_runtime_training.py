@@ -1,5 +1,5 @@
-"""Runtime services of the trainers: checkpoints, RNG state and per-step streams, stop signals,
-process-group setup.
+"""Runtime services of the trainers: checkpoints and the training state saved into them, RNG
+state and per-step streams, stop signals, process-group setup.
 
 File hashes are recomputed with hashlib, and "resumes to the same trajectory" is checked by
 running the same optimiser step twice (uninterrupted, and after a save/load trip) and
@@ -24,8 +24,9 @@ import pytest
 import torch
 
 from specmatch.errors import SpecmatchError
-from specmatch.runtime import checkpoint, distributed, seeding, signals
+from specmatch.runtime import checkpoint, distributed, seeding, signals, training
 from specmatch.runtime.checkpoint import CheckpointError, ForeignCheckpointError
+from specmatch.runtime.train_state import TrainingState
 
 REPO = Path(__file__).resolve().parents[1]
 KIND = "autoencoder"
@@ -245,6 +246,83 @@ def test_resolve_resume(tmp_path):
     _flip_byte(first / "model.safetensors")
     with pytest.raises(CheckpointError, match="corrupted"):
         checkpoint.resolve_resume(run, str(first), KIND, FP)
+
+
+# --------------------------------------------------------------------------- training state
+
+_ONE_PROCESS = distributed.DistInfo(0, 1, 0, torch.device("cpu"), None, True)
+
+
+def _gan_run(run_dir: Path, tag: int = 0) -> tuple[TrainingState, dict]:
+    """An autoencoder-shaped run: two networks, an EMA, an unused (None) module, two AdamWs with
+    warm-up schedulers; the same seed gives the same initial weights."""
+    torch.manual_seed(tag)
+    gen, disc = _model(), torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.BatchNorm1d(3))
+    ema = training.make_ema(gen, 0.5)
+    opts = {"opt_g": torch.optim.AdamW(gen.parameters(), lr=1e-2),
+            "opt_d": torch.optim.AdamW(disc.parameters(), lr=1e-3)}
+    scheds = {n.replace("opt", "sched"): torch.optim.lr_scheduler.LambdaLR(o, lambda s: (s + 1) / 4)
+              for n, o in opts.items()}
+    state = TrainingState(KIND, FP, run_dir, _ONE_PROCESS, keep=5,
+                          modules={"ae": gen, "disc": disc, "ema": ema, "proj": None}, optimizers=opts,
+                          schedulers=scheds, counters=("step", "g_step", "d_step"))
+    return state, {"gen": gen, "disc": disc, "ema": ema, **opts, **scheds}
+
+
+def _gan_step(m: dict, x: torch.Tensor) -> None:
+    for net, opt, sched in ((m["gen"], m["opt_g"], m["sched_g"]), (m["disc"], m["opt_d"], m["sched_d"])):
+        opt.zero_grad()
+        net(x if net is m["gen"] else m["gen"](x).detach()).pow(2).mean().backward()
+        opt.step()
+        sched.step()
+    m["ema"].update_parameters(m["gen"])
+
+
+def test_training_state_keeps_the_checkpoint_layout_and_resumes_bitwise(tmp_path):
+    g = torch.Generator().manual_seed(2)
+    batches = [torch.randn(5, 4, generator=g) for _ in range(4)]
+    state, m = _gan_run(tmp_path / "run")
+    for x in batches[:3]:
+        _gan_step(m, x)
+    path = state.save(step=3, g_step=3, d_step=2)
+
+    # The layout the trainers wrote by hand before TrainingState, which old checkpoints have:
+    # optimisers, schedulers, then the counters in state.pt, each module under its prefix.
+    legacy = {"opt_g": m["opt_g"].state_dict(), "opt_d": m["opt_d"].state_dict(), "sched_g": m["sched_g"].state_dict(),
+              "sched_d": m["sched_d"].state_dict(), "step": 3, "g_step": 3, "d_step": 2}
+    tensors = {**{f"ae.{k}": v for k, v in m["gen"].state_dict().items()},
+               **{f"disc.{k}": v for k, v in m["disc"].state_dict().items()},
+               **{f"ema.{k}": v for k, v in m["ema"].state_dict().items()}}
+    old = checkpoint.save(tmp_path / "legacy", 3, tensors, legacy, KIND, FP)
+    assert (path / "state.pt").read_bytes() == (old / "state.pt").read_bytes()
+    assert list(torch.load(path / "state.pt", weights_only=True)) == list(legacy)
+    written, _, _ = checkpoint.load(path, KIND, FP)
+    assert written.keys() == tensors.keys() and all(torch.equal(written[k], v) for k, v in tensors.items())
+
+    _gan_step(m, batches[3])
+    # A fresh process (other initial weights) resumes the old-layout checkpoint and takes the same step.
+    fresh, fm = _gan_run(tmp_path / "legacy", tag=1)
+    start, counts = fresh.resume("auto")
+    assert start == old and counts == {"step": 3, "g_step": 3, "d_step": 2}
+    _gan_step(fm, batches[3])
+    for name in ("gen", "disc", "ema"):
+        for (k, a), b in zip(m[name].state_dict().items(), fm[name].state_dict().values()):
+            assert torch.equal(a, b), f"{name}.{k}"
+    assert fm["opt_d"].param_groups[0]["lr"] == m["opt_d"].param_groups[0]["lr"]
+
+
+def test_training_state_starts_fresh_and_refuses_incomplete_counters(tmp_path):
+    state, _ = _gan_run(tmp_path)
+    assert state.resume("auto") == (None, {"step": 0, "g_step": 0, "d_step": 0})
+    with pytest.raises(ValueError, match=r"counters \['step'\] given, expected \['step', 'g_step', 'd_step'\]"):
+        state.save(step=1)
+    assert checkpoint.list_checkpoints(tmp_path) == []
+    # A checkpoint without one of the run's keys (another trainer's, or a hand-made one) is named.
+    checkpoint.save(tmp_path, 2, state.tensors(), {"opt_g": {}, "step": 2}, KIND, FP)
+    with pytest.raises(CheckpointError, match=r"state.pt lacks \['opt_d', 'sched_g', 'sched_d', 'g_step', 'd_step'\]"):
+        state.resume("auto")
+    with pytest.raises(ValueError, match=r"\['step'\] named twice"):
+        TrainingState(KIND, FP, tmp_path, _ONE_PROCESS, 1, {}, {"step": state.optimizers["opt_g"]}, {})
 
 
 # --------------------------------------------------------------------------- seeding

@@ -317,3 +317,26 @@ def test_temporaries_of_sigkilled_process_are_removed_live_ones_kept(tmp_path):
                 p.kill()
             p.wait(timeout=30)
             p.stdout.close()
+
+
+def test_safetensors_bytes_are_the_same_in_every_process(tmp_path):
+    """safetensors keeps `__metadata__` in a hash map ordered differently in each process; our
+    writer sorts it, so the same weights give the same bytes (and sha256) in every run. Checked
+    in separate processes (the order is decided per process), against safetensors' own reader."""
+    import subprocess
+    import sys
+
+    import torch
+    from safetensors import safe_open
+
+    code = ("import sys, torch; from specmatch.runtime.weights import save_safetensors; "
+            "save_safetensors({'b': torch.arange(6.).reshape(2, 3), 'a': torch.ones(4, dtype=torch.bfloat16)}, "
+            "sys.argv[1], {'kind': 'k', 'step': '7', 'fingerprint': 'f' * 64, 'zeta': 'z', 'alpha': 'é'})")
+    paths = [tmp_path / f"w{i}.safetensors" for i in range(4)]
+    for p in paths:
+        subprocess.run([sys.executable, "-c", code, str(p)], check=True, timeout=120)
+    assert len({p.read_bytes() for p in paths}) == 1
+    with safe_open(str(paths[0]), "pt") as f:
+        assert f.metadata() == {"kind": "k", "step": "7", "fingerprint": "f" * 64, "zeta": "z", "alpha": "é"}
+        assert f.get_tensor("b").tolist() == [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]]
+        assert f.get_tensor("a").dtype == torch.bfloat16

@@ -2,6 +2,7 @@
 
 One resolution path serves Snakemake (the Snakefile), the CLI (`specmatch params show`) and
 the stages (which validate the section they receive), so every consumer sees the same values.
+Which runs those parameters make, and each run's own view of them, is `grid.py`'s.
 """
 
 from __future__ import annotations
@@ -147,58 +148,10 @@ def resolve(params: Mapping[str, Any], presets_dir: str | os.PathLike = "presets
     merged = deep_merge(merged, overrides)
     merged["preset"] = preset
     out = validate(merged, source=f"parameters (params.yaml + preset {preset})")
-    if out["report"]["baselines"]["untrained"]:
-        for name, entry in untrained_baselines(out).items():
-            out["diffusions"][name] = entry
-            out["grid"]["diffusions"].append(name)
-    for name in out.get("samplers") or {}:
-        sampler(out, name)  # each named sampler, resolved over diffusion.sample, must validate
     missing = [d for d in out["grid"]["datasets"] if d not in out["datasets"]]
     if missing:
         raise SpecmatchError(f"grid.datasets names unknown datasets {missing}; defined: {sorted(out['datasets'])}")
     return out
-
-
-UNTRAINED = "-untrained"
-
-
-def _baseline_key(resolved: Mapping[str, Any], name: str) -> tuple:
-    e = resolved["diffusions"][name]
-    t = deep_merge((resolved.get("diffusion") or {}).get("train") or {}, e.get("train") or {})
-    return (e["autoencoder"], e["model"], json.dumps(e["process"], sort_keys=True), bool(e.get("conditional", False)),
-            t.get("seed", 0))
-
-
-def untrained_baselines(resolved: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    """`report.baselines.untrained`: for each group of grid runs that share an autoencoder, a
-    network, a process and a seed (they differ in alignment or length only), the same network
-    untrained (train.steps 0: its seeded initial weights), sampled with every sampler of the
-    group, so that each generation number can be read against what no training gives. Named
-    after the group's first run, `<run>-untrained`."""
-    groups: dict[tuple, list[str]] = {}
-    for name in resolved["grid"]["diffusions"]:
-        if name in resolved["diffusions"] and not name.endswith(UNTRAINED):
-            groups.setdefault(_baseline_key(resolved, name), []).append(name)
-    out = {}
-    for runs in groups.values():
-        first = resolved["diffusions"][runs[0]]
-        samplers = list(dict.fromkeys(s for r in runs for s in resolved["diffusions"][r].get("samplers", [])))
-        out[runs[0] + UNTRAINED] = {"autoencoder": first["autoencoder"], "model": first["model"],
-                                    "process": copy.deepcopy(first["process"]),
-                                    "conditional": first.get("conditional", False), "samplers": samplers,
-                                    "train": {"steps": 0, "snapshot_steps": []}, "alignment": {"kind": "none"}}
-    return out
-
-
-def untrained_baseline_of(resolved: Mapping[str, Any], name: str) -> str | None:
-    """The `-untrained` run that `name` is read against, when the preset makes them."""
-    if not resolved["report"]["baselines"]["untrained"] or name.endswith(UNTRAINED):
-        return None
-    key = _baseline_key(resolved, name)
-    for other in resolved["grid"]["diffusions"]:
-        if other.endswith(UNTRAINED) and _baseline_key(resolved, other) == key:
-            return other
-    return None
 
 
 def load(params_path: str | os.PathLike = "params.yaml", preset: str | None = None) -> dict[str, Any]:
@@ -221,109 +174,3 @@ def parse_params_arg(value: str) -> dict[str, Any]:
         raise SpecmatchError(f"--params must be a JSON/YAML mapping, got {type(obj).__name__}")
     return obj
 
-
-AE_SECTIONS = ("train", "disc", "loss", "eval", "latents")
-
-
-def autoencoder_run(resolved: Mapping[str, Any], name: str) -> dict[str, Any]:
-    """The parameters of autoencoder run `name`: its `autoencoders` entry over the shared
-    `autoencoder` settings, validated with defaults (`$defs/ae_run`)."""
-    runs = resolved.get("autoencoders") or {}
-    if name not in runs:
-        raise SpecmatchError(f"no autoencoder run {name!r} under `autoencoders` (defined: {sorted(runs)})")
-    shared, entry = resolved.get("autoencoder") or {}, runs[name]
-    run = {k: copy.deepcopy(entry[k]) for k in ("dataset", "config", "variant", "pretrained") if k in entry}
-    for key in AE_SECTIONS:
-        run[key] = deep_merge(shared.get(key) or {}, entry.get(key) or {})
-    run["resources_dir"] = shared.get("resources_dir")
-    return validate(run, "ae_run", where=f"autoencoders.{name}", source=f"parameters of autoencoder run {name}")
-
-
-_AE_BOOKKEEPING = ("steps", "checkpoint_every", "keep_checkpoints", "log_every", "device")
-
-
-def ae_fingerprint(run: Mapping[str, Any], data_identity: str | None = None) -> str:
-    """What makes a checkpoint belong to an autoencoder run: everything that shapes the
-    trajectory, not the run's length, its device or its bookkeeping intervals (so a longer
-    `steps` continues the same run). The DAG keys run folders by it, so a parameter change
-    starts a fresh run instead of resuming a foreign one. `data_identity` (the sha256 of the
-    train images) ties the checkpoints to the data they were trained on."""
-    from .runtime.hashing import sha256_json
-
-    train = {k: v for k, v in run["train"].items() if k not in _AE_BOOKKEEPING}
-    return sha256_json({"dataset": run.get("dataset"), "config": run["config"], "variant": run["variant"],
-                        "loss": run.get("loss", {}), "disc": run.get("disc", {}), "train": train,
-                        **({"data": data_identity} if data_identity else {})})
-
-
-def diffusion_run(resolved: Mapping[str, Any], name: str) -> dict[str, Any]:
-    """The parameters of diffusion run `name`: its `diffusions` entry with `train` over the shared
-    `diffusion.train`, validated with defaults (`$defs/diff_run`)."""
-    runs = resolved.get("diffusions") or {}
-    if name not in runs:
-        raise SpecmatchError(f"no diffusion run {name!r} under `diffusions` (defined: {sorted(runs)})")
-    entry = runs[name]
-    shared = (resolved.get("diffusion") or {}).get("train") or {}
-    run = {k: copy.deepcopy(v) for k, v in entry.items() if k not in ("train", "alignment")}
-    run["train"] = deep_merge(shared, entry.get("train") or {})
-    run["alignment"] = deep_merge((resolved.get("diffusion") or {}).get("alignment") or {},
-                                  entry.get("alignment") or {})
-    unknown = [s for s in run.get("samplers", []) if s not in (resolved.get("samplers") or {})]
-    if unknown:
-        raise SpecmatchError(f"diffusions.{name}.samplers names undefined samplers {unknown}; "
-                             f"defined under `samplers`: {sorted(resolved.get('samplers') or {})}")
-    run = validate(run, "diff_run", where=f"diffusions.{name}", source=f"parameters of diffusion run {name}")
-    run["alignment"] = effective_alignment(run["alignment"])
-    return run
-
-
-def effective_alignment(a: Mapping[str, Any]) -> dict[str, Any]:
-    """The alignment settings that act on a run: {"kind": "none"} for none; otherwise without the
-    keys of other kinds (DoG sigmas unless dog, irepa_gamma unless irepa, the MLP width with a
-    conv projector) and with the projector made explicit. Runs are compared (Snakemake's
-    parameter check, the checkpoint fingerprint) on these, so a change of the DoG sigmas does not
-    re-run a REPA run."""
-    from .alignment.specs import DEFAULT_PROJECTOR
-
-    a = copy.deepcopy(dict(a))
-    kind = a.get("kind", "none")
-    if kind == "none":
-        return {"kind": "none"}
-    a["projector"] = a.get("projector") or DEFAULT_PROJECTOR[kind]
-    if kind != "dog":
-        a.pop("dog", None)
-    if kind != "irepa":
-        a.pop("irepa_gamma", None)
-    if a["projector"] != "mlp":
-        a.pop("proj_hidden", None)
-    return a
-
-
-def sampler(resolved: Mapping[str, Any], name: str) -> dict[str, Any]:
-    """Named sampling settings: `samplers.<name>` over the shared `diffusion.sample`."""
-    named = resolved.get("samplers") or {}
-    if name not in named:
-        raise SpecmatchError(f"no sampler {name!r} under `samplers` (defined: {sorted(named)})")
-    shared = (resolved.get("diffusion") or {}).get("sample") or {}
-    return validate(deep_merge(shared, named[name]), "diff_sampler", where=f"samplers.{name}",
-                    source=f"settings of sampler {name}")
-
-
-_DIFF_BOOKKEEPING = ("steps", "checkpoint_every", "keep_checkpoints", "log_every", "device",
-                     "snapshot_steps")
-
-
-def diffusion_fingerprint(run: Mapping[str, Any], latents_identity: str, targets_identity: str | None = None) -> str:
-    """What makes a checkpoint belong to a diffusion run: the network, the process, the
-    trajectory-shaping training settings, the alignment and the identity of the latent cache
-    (and target cache) it reads (so re-extracted latents start a fresh run rather than resume
-    on other data). A run without alignment keeps the fingerprint it had before alignment existed."""
-    from .runtime.hashing import sha256_json
-
-    train = {k: v for k, v in run["train"].items() if k not in _DIFF_BOOKKEEPING}
-    ident = {"model": run["model"], "process": run["process"], "conditional": run.get("conditional"),
-             "train": train, "latents": latents_identity}
-    align = effective_alignment(run.get("alignment") or {})
-    if align["kind"] != "none":
-        ident.update(alignment=align, targets=targets_identity)
-    return sha256_json(ident)

@@ -6,14 +6,14 @@
 
 rule extract_targets:
     input:
-        f"{RESULTS}/data/{{dataset}}",
+        PATHS.data("{dataset}"),
     output:
-        directory(f"{RESULTS}/targets/{{dataset}}/{{encoder}}-{{size}}"),
+        directory(PATHS.targets("{dataset}", "{encoder}", "{size}")),
     params:
         launch=launch("extract_targets"),
         p=lambda w: as_json({**config["targets"], "encoder": w.encoder, "image_size": int(w.size)}),
     log:
-        f"{RESULTS}/logs/extract_targets/{{dataset}}/{{encoder}}-{{size}}.log",
+        PATHS.log("extract_targets", "{dataset}", "{encoder}-{size}"),
     threads: job_threads("extract_targets")
     resources:
         **job_resources("extract_targets"),
@@ -24,13 +24,13 @@ rule extract_targets:
 
 rule target_spectra:
     input:
-        TARGET_CACHES,
+        [PATHS.targets(*c) for c in GRID.target_caches],
     output:
-        directory(f"{RESULTS}/tables/target_spectra"),
+        directory(PATHS.table("target_spectra")),
     params:
         p=target_spectra_json(),
     log:
-        f"{RESULTS}/logs/target_spectra.log",
+        PATHS.log("target_spectra"),
     threads: job_threads("target_spectra")
     resources:
         **job_resources("target_spectra"),
@@ -41,4 +41,4 @@ rule target_spectra:
 
 rule alignment_phase:
     input:
-        rules.target_spectra.output if TARGET_CACHES else [],
+        rules.target_spectra.output if GRID.target_caches else [],

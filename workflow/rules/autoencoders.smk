@@ -10,21 +10,21 @@ rule train_ae:
     input:
         data=ae_dataset,
     output:
-        directory(f"{RESULTS}/autoencoders/{{ae}}"),
+        directory(PATHS.autoencoder("{ae}")),
     wildcard_constraints:
-        ae=names_regex(TRAINED_AES),
+        ae=names_regex(GRID.trained_autoencoders),
     params:
         launch=launch("train_ae"),
         p=ae_json("train", "loss", "disc"),
-        runs_root=ae_runs_root,
+        runs_root=lambda wildcards: PATHS.runs("autoencoders", wildcards.ae),
     log:
-        f"{RESULTS}/logs/train_ae/{{ae}}.log",
+        PATHS.log("train_ae", "{ae}"),
     threads: job_threads("train_ae")
     resources:
         **job_resources("train_ae"),
     # Longest training first (more steps, higher priority), before the short jobs that become
     # ready meanwhile: on a few cores the autoencoder phase then ends when its longest run does.
-    priority: lambda wildcards: 1 + AE_PARAMS[wildcards.ae]["train"]["steps"] // 100
+    priority: lambda wildcards: 1 + GRID.autoencoders[wildcards.ae]["train"]["steps"] // 100
     shell:
         "{params.launch} train-ae --dataset {input.data} --runs-root {params.runs_root} --resume auto"
         " --name {wildcards.ae} --params {params.p:q} --out {output} > {log} 2>&1"
@@ -32,13 +32,13 @@ rule train_ae:
 
 rule import_ae:
     output:
-        directory(f"{RESULTS}/autoencoders/{{ae}}"),
+        directory(PATHS.autoencoder("{ae}")),
     wildcard_constraints:
-        ae=names_regex(PRETRAINED_AES),
+        ae=names_regex(GRID.pretrained_autoencoders),
     params:
         p=ae_json(),
     log:
-        f"{RESULTS}/logs/import_ae/{{ae}}.log",
+        PATHS.log("import_ae", "{ae}"),
     threads: job_threads("import_ae")
     resources:
         **job_resources("import_ae"),
@@ -48,14 +48,14 @@ rule import_ae:
 
 rule eval_ae:
     input:
-        ae=f"{RESULTS}/autoencoders/{{ae}}",
+        ae=PATHS.autoencoder("{ae}"),
         data=ae_dataset,
     output:
-        directory(f"{RESULTS}/ae_eval/{{ae}}"),
+        directory(PATHS.ae_eval("{ae}")),
     params:
         p=ae_json("eval"),
     log:
-        f"{RESULTS}/logs/eval_ae/{{ae}}.log",
+        PATHS.log("eval_ae", "{ae}"),
     threads: job_threads("eval_ae")
     resources:
         **job_resources("eval_ae"),
@@ -66,15 +66,15 @@ rule eval_ae:
 
 rule extract_latents:
     input:
-        ae=f"{RESULTS}/autoencoders/{{ae}}",
+        ae=PATHS.autoencoder("{ae}"),
         data=ae_dataset,
     output:
-        directory(f"{RESULTS}/latents/{{ae}}"),
+        directory(PATHS.latents("{ae}")),
     params:
         launch=launch("extract_latents"),
         p=ae_json("latents"),
     log:
-        f"{RESULTS}/logs/extract_latents/{{ae}}.log",
+        PATHS.log("extract_latents", "{ae}"),
     threads: job_threads("extract_latents")
     resources:
         **job_resources("extract_latents"),
@@ -85,5 +85,5 @@ rule extract_latents:
 
 rule autoencoder_phase:
     input:
-        expand(f"{RESULTS}/ae_eval/{{ae}}", ae=AE_RUNS),
-        expand(f"{RESULTS}/latents/{{ae}}", ae=AE_RUNS),
+        [PATHS.ae_eval(a) for a in GRID.autoencoders],
+        [PATHS.latents(a) for a in GRID.autoencoders],

@@ -3,11 +3,11 @@
 
 rule prepare_data:
     output:
-        directory(f"{RESULTS}/data/{{dataset}}"),
+        directory(PATHS.data("{dataset}")),
     params:
         p=lambda w: as_json(config["datasets"][w.dataset]),
     log:
-        f"{RESULTS}/logs/prepare_data/{{dataset}}.log",
+        PATHS.log("prepare_data", "{dataset}"),
     threads: job_threads("prepare_data")
     resources:
         **job_resources("prepare_data"),
@@ -17,14 +17,14 @@ rule prepare_data:
 
 rule data_spectra:
     input:
-        f"{RESULTS}/data/{{dataset}}",
+        PATHS.data("{dataset}"),
     output:
-        directory(f"{RESULTS}/spectra/{{dataset}}"),
+        directory(PATHS.spectra("{dataset}")),
     params:
         p=as_json(config["spectra"]),
         grids=lambda w: " ".join(str(g) for g in config["datasets"][w.dataset]["latent_grids"]),
     log:
-        f"{RESULTS}/logs/data_spectra/{{dataset}}.log",
+        PATHS.log("data_spectra", "{dataset}"),
     threads: job_threads("data_spectra")
     resources:
         **job_resources("data_spectra"),
@@ -35,5 +35,5 @@ rule data_spectra:
 
 rule data_phase:
     input:
-        expand(f"{RESULTS}/data/{{dataset}}", dataset=DATASETS),
-        expand(f"{RESULTS}/spectra/{{dataset}}", dataset=DATASETS),
+        [PATHS.data(d) for d in GRID.datasets],
+        [PATHS.spectra(d) for d in GRID.datasets],

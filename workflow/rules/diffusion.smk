@@ -11,14 +11,14 @@ rule train_diffusion:
         latents=diff_latents,
         align=diff_align_input,
     output:
-        directory(f"{RESULTS}/diffusion/{{diff}}"),
+        directory(PATHS.diffusion("{diff}")),
     params:
         launch=launch("train_diffusion"),
         p=diff_json,
-        runs_root=lambda wildcards: f"{RESULTS}/runs/diffusion/{wildcards.diff}",
+        runs_root=lambda wildcards: PATHS.runs("diffusion", wildcards.diff),
         align=diff_align_args,
     log:
-        f"{RESULTS}/logs/train_diffusion/{{diff}}.log",
+        PATHS.log("train_diffusion", "{diff}"),
     threads: job_threads("train_diffusion")
     resources:
         **job_resources("train_diffusion"),
@@ -29,16 +29,16 @@ rule train_diffusion:
 
 rule sample:
     input:
-        model=f"{RESULTS}/diffusion/{{diff}}",
+        model=PATHS.diffusion("{diff}"),
         ae=diff_ae,
     output:
-        directory(f"{RESULTS}/samples/{{diff}}/{{sampler}}"),
+        directory(PATHS.samples("{diff}", "{sampler}")),
     params:
         launch=launch("sample"),
         p=sampler_json,
-        work_root=lambda wildcards: f"{RESULTS}/runs/samples/{wildcards.diff}/{wildcards.sampler}",
+        work_root=lambda wildcards: PATHS.runs("samples", wildcards.diff, wildcards.sampler),
     log:
-        f"{RESULTS}/logs/sample/{{diff}}/{{sampler}}.log",
+        PATHS.log("sample", "{diff}", "{sampler}"),
     threads: job_threads("sample")
     resources:
         **job_resources("sample"),
@@ -49,14 +49,14 @@ rule sample:
 
 rule generation_metrics:
     input:
-        samples=f"{RESULTS}/samples/{{diff}}/{{sampler}}",
+        samples=PATHS.samples("{diff}", "{sampler}"),
         ref=diff_ref,
     output:
-        directory(f"{RESULTS}/gen_metrics/{{diff}}/{{sampler}}"),
+        directory(PATHS.gen_metrics("{diff}", "{sampler}")),
     params:
         p=as_json(config["metrics"]),
     log:
-        f"{RESULTS}/logs/generation_metrics/{{diff}}/{{sampler}}.log",
+        PATHS.log("generation_metrics", "{diff}", "{sampler}"),
     threads: job_threads("generation_metrics")
     resources:
         **job_resources("generation_metrics"),
@@ -67,11 +67,11 @@ rule generation_metrics:
 
 rule generation_table:
     input:
-        [f"{RESULTS}/gen_metrics/{d}/{s}" for d, s in DIFF_SAMPLES],
+        [PATHS.gen_metrics(d, s) for d, s in GRID.samples],
     output:
-        directory(f"{RESULTS}/tables/generation"),
+        directory(PATHS.table("generation")),
     log:
-        f"{RESULTS}/logs/generation_table.log",
+        PATHS.log("generation_table"),
     threads: job_threads("generation_table")
     resources:
         **job_resources("generation_table"),
@@ -81,4 +81,4 @@ rule generation_table:
 
 rule diffusion_phase:
     input:
-        rules.generation_table.output if DIFF_SAMPLES else [],
+        rules.generation_table.output if GRID.samples else [],

@@ -10,13 +10,13 @@
 
 rule fid_ref:
     input:
-        f"{RESULTS}/data/{{dataset}}",
+        PATHS.data("{dataset}"),
     output:
-        directory(f"{RESULTS}/fid_ref/{{dataset}}"),
+        directory(PATHS.fid_ref("{dataset}")),
     params:
         p=as_json(config["metrics"]),
     log:
-        f"{RESULTS}/logs/fid_ref/{{dataset}}.log",
+        PATHS.log("fid_ref", "{dataset}"),
     threads: job_threads("fid_ref")
     resources:
         **job_resources("fid_ref"),
@@ -27,14 +27,14 @@ rule fid_ref:
 
 rule fid_real_floor:
     input:
-        data=f"{RESULTS}/data/{{dataset}}",
-        ref=f"{RESULTS}/fid_ref/{{dataset}}",
+        data=PATHS.data("{dataset}"),
+        ref=PATHS.fid_ref("{dataset}"),
     output:
-        directory(f"{RESULTS}/fid_floor/{{dataset}}"),
+        directory(PATHS.fid_floor("{dataset}")),
     params:
         p=as_json(config["metrics"]),
     log:
-        f"{RESULTS}/logs/fid_real_floor/{{dataset}}.log",
+        PATHS.log("fid_real_floor", "{dataset}"),
     threads: job_threads("fid_real_floor")
     resources:
         **job_resources("fid_real_floor"),
@@ -47,14 +47,14 @@ rule fid_real_floor:
 # sets each generation number of N samples beside it (report.baselines.real_floor).
 rule fid_real_floor_n:
     input:
-        data=f"{RESULTS}/data/{{dataset}}",
-        ref=f"{RESULTS}/fid_ref/{{dataset}}",
+        data=PATHS.data("{dataset}"),
+        ref=PATHS.fid_ref("{dataset}"),
     output:
-        directory(f"{RESULTS}/fid_floor/{{dataset}}-n{{n}}"),
+        directory(PATHS.fid_floor("{dataset}", "{n}")),
     params:
         p=as_json(config["metrics"]),
     log:
-        f"{RESULTS}/logs/fid_real_floor/{{dataset}}-n{{n}}.log",
+        PATHS.log("fid_real_floor", "{dataset}-n{n}"),
     threads: job_threads("fid_real_floor_n")
     resources:
         **job_resources("fid_real_floor_n"),
@@ -67,11 +67,11 @@ rule fid_real_floor_n:
 # (docs/metrics.md): snakemake results/<preset>/adm_samples/<diffusion>/<sampler>
 rule export_adm:
     input:
-        f"{RESULTS}/samples/{{diff}}/{{sampler}}",
+        PATHS.samples("{diff}", "{sampler}"),
     output:
-        directory(f"{RESULTS}/adm_samples/{{diff}}/{{sampler}}"),
+        directory(PATHS.adm_samples("{diff}", "{sampler}")),
     log:
-        f"{RESULTS}/logs/export_adm/{{diff}}/{{sampler}}.log",
+        PATHS.log("export_adm", "{diff}", "{sampler}"),
     threads: job_threads("export_adm")
     resources:
         **job_resources("export_adm"),
@@ -81,9 +81,9 @@ rule export_adm:
 
 
 # The phase (DVC stage `evaluation`) owns every real floor, the report's per-sample-count ones
-# included (REPORT_FLOORS, set in report.smk; an input function reads it once all rules are in).
+# included (the grid's report.floors).
 rule evaluation_phase:
     input:
-        expand(f"{RESULTS}/fid_ref/{{dataset}}", dataset=DATASETS),
-        expand(f"{RESULTS}/fid_floor/{{dataset}}", dataset=DATASETS),
-        lambda wildcards: REPORT_FLOORS,
+        [PATHS.fid_ref(d) for d in GRID.datasets],
+        [PATHS.fid_floor(d) for d in GRID.datasets],
+        [PATHS.fid_floor(d, n) for d, n in GRID.report.floors],

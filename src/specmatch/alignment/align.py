@@ -21,7 +21,7 @@ from torch import nn
 from ..data.reader import SplitReader
 from ..errors import SpecmatchError
 from ..runtime.hashing import sha256_file, sha256_json
-from . import encoders, objectives
+from . import encoders, objectives, registry
 from .targets import TargetReader, entry_images
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ class Alignment:
         if self.resized:
             log.warning("alignment: the %s target grid %dx%d is resized to the network's %dx%d token grid",
                         p["encoder"], source_grid, source_grid, *self.token_grid)
-        self.projector_kind = p["projector"] or objectives.DEFAULT_PROJECTOR[self.kind]
+        self.projector_kind = registry.effective(p)["projector"]
         self.projector = objectives.build_projector(self.projector_kind, net.hidden_dim, dim, self.token_grid,
                                                     int(p["proj_hidden"]))
         self.reader, self.encoder, self.images, self.hflip = reader, encoder, images, hflip
@@ -74,7 +74,7 @@ class Alignment:
             reader = TargetReader(targets)
             reader.check_matches(latent_manifest, latents)
             man = reader.manifest
-            want_size = int(p["image_size"] or encoders.spec(p["encoder"]).image_size)
+            want_size = registry.input_size(p)
             if man["encoder"] != p["encoder"] or int(man["image_size"]) != want_size:
                 raise SpecmatchError(f"target cache {targets} holds {man['encoder']} at {man['image_size']} px; the run "
                                      f"asks for {p['encoder']} at {want_size} px")

@@ -31,7 +31,7 @@ from .. import resources
 from ..errors import SpecmatchError
 from ..runtime.hashing import sha256_file
 from ..runtime.weights import load_torch_weights
-from .specs import REGISTRY, EncoderSpec, grid_of, spec  # noqa: F401  (the registry lives without torch)
+from .registry import REGISTRY, EncoderSpec, grid_of, resolved_size, spec  # noqa: F401  (the registry lives without torch)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -183,7 +183,7 @@ def build(name: str, weights: str | Path, image_size: int | None = None, device:
           sha256: str | None = None) -> TargetEncoder:
     """Encoder `name` with the weights of an explicit file (tests; the stages use `load`)."""
     s = spec(name)
-    size = int(image_size or s.image_size)
+    size = resolved_size(name, image_size)
     grid_of(name, size)
     weights = Path(weights)
     # The layers' random initialisation (overwritten by the weights) must not consume the

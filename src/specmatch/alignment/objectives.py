@@ -24,7 +24,6 @@ from torch import nn
 
 from .. import spectral
 from ..errors import SpecmatchError
-from .specs import DEFAULT_PROJECTOR  # noqa: F401  (re-exported: the projector of each kind)
 
 KINDS = ("none", "repa", "irepa", "dog")
 PROJECTORS = ("mlp", "conv")

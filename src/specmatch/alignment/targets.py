@@ -12,7 +12,8 @@ halves the size (DINOv2-B/14 on 2 x 1.28M ImageNet entries: 2 x 1.28M x 256 x 76
 about 1 TB; the on-the-fly mode of train-diffusion avoids it at the cost of an encoder forward
 per step).
 
-Shards are distributed round-robin over torchrun ranks, as for the latent cache.
+Shards are distributed round-robin over torchrun ranks (`data.round_robin`), as for the latent
+cache.
 """
 
 from __future__ import annotations
@@ -24,14 +25,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from .. import config as config_mod
 from ..data.reader import ShardedCache, SplitReader
-from ..data.shards import write_npz
+from ..data.round_robin import write_round_robin
 from ..errors import SpecmatchError
 from ..runtime import distributed
-from ..runtime.hashing import sha256_file
 from ..runtime.provenance import Provenance
 from . import encoders
 
@@ -71,32 +70,24 @@ def _extract(p, info, dataset, name, out):
         raise SpecmatchError(f"{dataset}: the train split is empty")
     enc = encoders.load(p["encoder"], p["image_size"], info.device, p.get("resources_dir"))
     entries = n * (2 if p["hflip"] else 1)
-    size = int(p["shard_size"])
-    n_shards = -(-entries // size)
     dtype = {"float16": np.float16, "float32": np.float32}[p["dtype"]]
 
+    def encode(ids: np.ndarray) -> dict[str, np.ndarray]:
+        parts = []
+        for b in range(0, len(ids), p["batch_size"]):
+            x = entry_images(reader, ids[b:b + p["batch_size"]], p["hflip"]).to(info.device)
+            parts.append(enc(x).cpu().numpy().astype(dtype))
+        return {"targets": np.concatenate(parts), "index": (ids % n).astype(np.int64), "flip": ids >= n}
+
     with distributed.shared_atomic_dir(out, info) as tmp:
-        shards: dict[int, dict[str, Any]] = {}
-        for j in tqdm(range(info.rank, n_shards, info.world_size), desc=f"extract-targets {name}", unit="shard",
-                      disable=not info.is_main):
-            ids = np.arange(j * size, min(entries, (j + 1) * size))
-            parts = []
-            for b in range(0, len(ids), p["batch_size"]):
-                x = entry_images(reader, ids[b:b + p["batch_size"]], p["hflip"]).to(info.device)
-                parts.append(enc(x).cpu().numpy().astype(dtype))
-            fname = f"targets-{j:05d}.npz"
-            write_npz(tmp / fname, {"targets": np.concatenate(parts), "index": (ids % n).astype(np.int64),
-                                    "flip": ids >= n})
-            shards[j] = {"file": fname, "count": int(len(ids)), "sha256": sha256_file(tmp / fname)}
-        gathered = distributed.all_gather_object(shards) if info.world_size > 1 else [shards]
-        distributed.barrier()
+        written = write_round_robin(tmp, "targets", entries, int(p["shard_size"]), encode, info,
+                                    f"extract-targets {name}")
         result = None
         if info.is_main:
-            all_shards = {k: v for part in gathered for k, v in part.items()}
             result = {"schema": SCHEMA, "name": name, **enc.describe(), "dtype": p["dtype"],
                       "shape": [enc.dim, enc.grid, enc.grid], "count": entries, "images": n, "hflip": bool(p["hflip"]),
                       "dataset_images_sha256": reader.images_sha256, "world_size": info.world_size,
-                      "shards": [all_shards[j] for j in range(n_shards)]}
+                      "shards": written.shards}
             (tmp / MANIFEST).write_text(json.dumps(result, indent=1) + "\n")
             prov = Provenance(STAGE, name, p)
             prov.add_input(dataset, "dataset")

@@ -13,10 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from ..errors import SpecmatchError
-from ..runtime.weights import load_safetensors
+from ..runtime.weights import load_safetensors, save_safetensors
 from . import model as ae_model
 
 KIND = "autoencoder"
@@ -26,7 +25,7 @@ WEIGHTS = "model.safetensors"
 
 def write(tmp: Path, weights: dict[str, torch.Tensor], summary: dict[str, Any], fp: str) -> None:
     """The output's files into `tmp` (the stage's atomic_dir)."""
-    save_file(weights, tmp / WEIGHTS, metadata={"kind": KIND, "fingerprint": fp})
+    save_safetensors(weights, tmp / WEIGHTS, metadata={"kind": KIND, "fingerprint": fp})
     (tmp / SUMMARY).write_text(json.dumps(summary, indent=1, default=str) + "\n")
 
 

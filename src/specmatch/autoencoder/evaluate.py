@@ -32,7 +32,7 @@ from ..errors import SpecmatchError
 from ..metrics import bootstrap, features
 from ..metrics.bootstrap import Bootstrap
 from ..metrics.fid import extract, frechet_distance, statistics
-from ..metrics.fid_stage import resolve_device
+from ..runtime.distributed import resolve_device
 from ..metrics.recon import ReconAccumulator, load_lpips
 from ..runtime import atomic
 from ..runtime.hashing import ImageStreamHash

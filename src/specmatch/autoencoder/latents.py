@@ -12,8 +12,8 @@ measured std is recorded either way.
 Diffusion runs on s * z. The noise of entry i comes from a generator seeded by (seed, i), so
 the cache, the scale included, does not depend on the number of processes.
 
-Shards are distributed round-robin over torchrun ranks; every rank writes into the same
-temporary folder, which the main rank renames into place after a barrier.
+Shards are distributed round-robin over torchrun ranks (`data.round_robin`); every rank writes
+into the same temporary folder, which the main rank renames into place after a barrier.
 """
 
 from __future__ import annotations
@@ -25,15 +25,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from .. import config as config_mod
 from ..data.reader import ShardedCache, SplitReader
 from ..data.shards import read_manifest as dataset_manifest
-from ..data.shards import write_npz
+from ..data.round_robin import write_round_robin
 from ..errors import SpecmatchError
 from ..runtime import distributed, seeding
-from ..runtime.hashing import sha256_file
 from ..runtime.provenance import Provenance
 from . import artifact
 from .model import to_float
@@ -62,49 +60,40 @@ def _extract(run, p, info, ae_dir, dataset, name, out):
     if n == 0:
         raise SpecmatchError(f"{dataset}: the train split is empty")
     entries = n * (2 if p["hflip"] else 1)
-    size = int(p["shard_size"])
-    n_shards = -(-entries // size)
     scale_n = entries if p["scale_samples"] is None else min(entries, int(p["scale_samples"]))
     stats = torch.zeros(3, dtype=torch.float64)  # count, sum, sum of squares of the sampled z
 
+    def encode(ids: np.ndarray) -> dict[str, np.ndarray]:
+        mus, logvars = [], []
+        for b in range(0, len(ids), p["batch_size"]):
+            part = ids[b:b + p["batch_size"]]
+            src, flip = part % n, part >= n
+            images, _ = reader.get(src)
+            x = to_float(images, dev)
+            sel = torch.from_numpy(flip).to(dev)[:, None, None, None]
+            x = torch.where(sel, x.flip(-1), x)
+            with torch.no_grad():
+                post = ae.encode(x)
+            mu, logvar = post.mean.float().cpu(), post.logvar.float().cpu()
+            mus.append(mu)
+            logvars.append(logvar)
+            for r, gid in enumerate(part):
+                if gid < scale_n:
+                    g = torch.Generator().manual_seed(seeding.step_seed(p["seed"], int(gid), "latent-scale"))
+                    z = (mu[r] + torch.exp(0.5 * logvar[r]) * torch.randn(mu[r].shape, generator=g)).double()
+                    stats.add_(torch.stack([torch.tensor(float(z.numel()), dtype=torch.float64), z.sum(),
+                                            (z * z).sum()]))
+        _, labels = reader.get(ids % n)
+        return {"mu": torch.cat(mus).numpy(), "logvar": torch.cat(logvars).numpy(), "labels": labels,
+                "index": (ids % n).astype(np.int64), "flip": (ids >= n)}
+
     with distributed.shared_atomic_dir(out, info) as tmp:
-        mine = list(range(info.rank, n_shards, info.world_size))
-        shards: dict[int, dict[str, Any]] = {}
-        for j in tqdm(mine, desc=f"extract-latents {name}", unit="shard", disable=not info.is_main):
-            lo, hi = j * size, min(entries, (j + 1) * size)
-            ids = np.arange(lo, hi)
-            mus, logvars = [], []
-            for b in range(0, len(ids), p["batch_size"]):
-                part = ids[b:b + p["batch_size"]]
-                src, flip = part % n, part >= n
-                images, _ = reader.get(src)
-                x = to_float(images, dev)
-                sel = torch.from_numpy(flip).to(dev)[:, None, None, None]
-                x = torch.where(sel, x.flip(-1), x)
-                with torch.no_grad():
-                    post = ae.encode(x)
-                mu, logvar = post.mean.float().cpu(), post.logvar.float().cpu()
-                mus.append(mu)
-                logvars.append(logvar)
-                for r, gid in enumerate(part):
-                    if gid < scale_n:
-                        g = torch.Generator().manual_seed(seeding.step_seed(p["seed"], int(gid), "latent-scale"))
-                        z = (mu[r] + torch.exp(0.5 * logvar[r]) * torch.randn(mu[r].shape, generator=g)).double()
-                        stats += torch.stack([torch.tensor(float(z.numel()), dtype=torch.float64), z.sum(),
-                                              (z * z).sum()])
-            _, labels = reader.get(ids % n)
-            fname = f"latents-{j:05d}.npz"
-            write_npz(tmp / fname, {"mu": torch.cat(mus).numpy(), "logvar": torch.cat(logvars).numpy(),
-                                    "labels": labels, "index": (ids % n).astype(np.int64),
-                                    "flip": (ids >= n)})
-            shards[j] = {"file": fname, "count": int(len(ids)), "sha256": sha256_file(tmp / fname)}
+        written = write_round_robin(tmp, "latents", entries, int(p["shard_size"]), encode, info,
+                                    f"extract-latents {name}")
         if info.world_size > 1:
             torch.distributed.all_reduce(stats)
-        gathered = distributed.all_gather_object(shards) if info.world_size > 1 else [shards]
-        distributed.barrier()
         result = None
         if info.is_main:
-            all_shards = {k: v for part in gathered for k, v in part.items()}
             count, s1, s2 = stats.tolist()
             mean = s1 / count
             std = float(np.sqrt(max(s2 / count - mean * mean, 0.0)))
@@ -123,7 +112,7 @@ def _extract(run, p, info, ae_dir, dataset, name, out):
                 "latent_mean": mean, "latent_std": std, "scale_elements": int(count),
                 "scale_entries": scale_n, "weights": "ema" if (p["use_ema"] and summary.get("ema")) else "raw",
                 "dataset_images_sha256": reader.images_sha256, "world_size": info.world_size,
-                "shards": [all_shards[j] for j in range(n_shards)],
+                "shards": written.shards,
             }
             (tmp / MANIFEST).write_text(json.dumps(result, indent=1) + "\n")
             prov = Provenance("extract-latents", name, run, seeds={"latents": p["seed"]})

@@ -8,7 +8,7 @@ ResBlock per level and nearest x2 up-sampling, and has no output activation (ima
 
 Module names follow the SD layout (`encoder.down.{level}.block.{i}`, `encoder.mid.attn_1`,
 `decoder.up.{level}` indexed by level, `quant_conv`, ...), so the state dict of an SD-VAE
-checkpoint maps onto the f8d4 model key for key (`autoencoder.pretrained` maps the diffusers
+checkpoint maps onto the f8d4 model key for key (`autoencoder.import_ae` maps the diffusers
 layout). Only the parameter *layout* is shared; the code is this project's own.
 
 Down-sampling padding (`AEConfig.downsample_padding`): the authors' VAE pads its stride-2 convs

@@ -47,11 +47,12 @@ from .. import spectral
 from ..data.reader import SplitReader
 from ..errors import SpecmatchError
 from ..runtime import distributed, seeding
+from ..runtime.hashing import sha256_json
 from ..runtime.provenance import Provenance
 from ..runtime.signals import StopRequest
-from ..runtime.training import (AttemptLog, NonFiniteLoss, TrainSettings, batch_indices, check_finite, end_of_step, final_weights,
-                                load_packed, lr_factor, make_ema, pack_state, prepare_rank, resume_point, run_folder,
-                                save_checkpoint, write_output)
+from ..runtime.train_state import TrainingState, final_weights
+from ..runtime.training import (AttemptLog, NonFiniteLoss, TrainSettings, batch_indices, check_finite, end_of_step,
+                                lr_factor, make_ema, prepare_rank, run_folder, write_output)
 from . import artifact
 from . import model as ae_model
 from .discriminator import PatchDiscriminator, generator_adv_loss, hinge_d_loss, sync_batchnorm
@@ -91,11 +92,20 @@ class _Job:
     resume: str
 
 
+# `train` settings that leave the trajectory alone: a longer `steps` continues the same run.
+_BOOKKEEPING = ("steps", "checkpoint_every", "keep_checkpoints", "log_every", "device")
+
+
 def fingerprint(run: dict[str, Any], images_sha256: str) -> str:
-    """The run's identity with its architecture resolved (a named config's fields, the padding
-    included), so a change of a config's defaults starts a fresh run."""
-    resolved = dataclasses.asdict(ae_model.config(run["config"]))
-    return config_mod.ae_fingerprint({**run, "config": resolved}, images_sha256)
+    """What makes a checkpoint belong to an autoencoder run: everything that shapes the
+    trajectory (not its length, device or bookkeeping intervals), the architecture resolved (a
+    named config's fields, the padding included, so a change of a config's defaults starts a
+    fresh run) and the sha256 of the train images (the data it was trained on). The DAG keys run
+    folders by it, so a parameter change starts a fresh run instead of resuming a foreign one."""
+    train = {k: v for k, v in run["train"].items() if k not in _BOOKKEEPING}
+    return sha256_json({"dataset": run.get("dataset"), "config": dataclasses.asdict(ae_model.config(run["config"])),
+                        "variant": run["variant"], "loss": run.get("loss", {}), "disc": run.get("disc", {}),
+                        "train": train, "data": images_sha256})
 
 
 def turns(schedule: str, step: int, gan_start: int) -> tuple[bool, bool]:
@@ -205,16 +215,12 @@ def _train(job: _Job) -> dict[str, Any]:
     sched_d = torch.optim.lr_scheduler.LambdaLR(opt_d, lr_factor(t))
     lpips = _lpips_model(obj, job.params["resources_dir"], dev)
 
-    step = g_step = d_step = 0
-    resumed = resume_point(run_dir, job.resume, KIND, job.fp, info)
-    if resumed:
-        start, tensors, state = resumed
-        load_packed(tensors, ae=ae, disc=disc, ema=ema)
-        opt_g.load_state_dict(state["opt_g"])
-        opt_d.load_state_dict(state["opt_d"])
-        sched_g.load_state_dict(state["sched_g"])
-        sched_d.load_state_dict(state["sched_d"])
-        step, g_step, d_step = int(state["step"]), int(state["g_step"]), int(state["d_step"])
+    state = TrainingState(KIND, job.fp, run_dir, info, t.keep_checkpoints,
+                          modules={"ae": ae, "disc": disc, "ema": ema}, optimizers={"opt_g": opt_g, "opt_d": opt_d},
+                          schedulers={"sched_g": sched_g, "sched_d": sched_d}, counters=("step", "g_step", "d_step"))
+    start, counts = state.resume(job.resume)
+    step, g_step, d_step = counts["step"], counts["g_step"], counts["d_step"]
+    if start:
         log.info("resumed from %s (iteration %d: generator step %d, discriminator step %d)", start, step, g_step,
                  d_step)
 
@@ -225,11 +231,7 @@ def _train(job: _Job) -> dict[str, Any]:
     log_path = run_dir / "metrics.jsonl"
 
     def save_ckpt() -> Path | None:
-        return save_checkpoint(info, run_dir, step, lambda: pack_state(ae=ae, disc=disc, ema=ema),
-                               lambda: {"opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
-                                        "sched_g": sched_g.state_dict(), "sched_d": sched_d.state_dict(),
-                                        "step": step, "g_step": g_step, "d_step": d_step},
-                               KIND, job.fp, t.keep_checkpoints)
+        return state.save(step=step, g_step=g_step, d_step=d_step)
 
     steps, schedule, hinge_scale = t.steps, d["schedule"], d["hinge_scale"]
     h = reader.resolution // cfg.down_factor

@@ -6,7 +6,7 @@ never through the trainer.
     <out>/diffusion.json         the summary: model, process, latents, alignment, snapshots
     <out>/snapshots/step-<N>.safetensors   EMA (or raw) weights at train.snapshot_steps
 
-`specmatch import-model` (diffusion.convert) writes the same layout from a released checkpoint:
+`specmatch import-model` (diffusion.import_model) writes the same layout from a released checkpoint:
 its summary has `imported` (the source layout, file and sha256) and `time_scale` (the network's
 time input, time_scale * t; absent = 1000, ours), and its file holds the checkpoint's weights
 under `ema.` (or `net.`) only.
@@ -21,12 +21,11 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save, save_file
 
 from ..errors import SpecmatchError
 from ..runtime import atomic, checkpoint
 from ..runtime.jsonfile import read_json
-from ..runtime.weights import load_safetensors
+from ..runtime.weights import load_safetensors, safetensors_bytes, save_safetensors
 from . import models
 
 KIND = "diffusion"
@@ -44,7 +43,7 @@ def write_snapshot(run_dir: Path, step: int, tensors: dict[str, torch.Tensor], f
     path = snapshot_path(run_dir, step)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic.atomic_file(path) as f:
-        f.write(save(detached(tensors), metadata={"kind": KIND, "fingerprint": fp, "step": str(step)}))
+        f.write(safetensors_bytes(detached(tensors), metadata={"kind": KIND, "fingerprint": fp, "step": str(step)}))
 
 
 def detached(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -63,7 +62,7 @@ def write(tmp: Path, weights: dict[str, torch.Tensor], summary: dict[str, Any], 
           snapshot_steps=()) -> None:
     """The output's files into `tmp` (the stage's atomic_dir): weights, the snapshots of
     `snapshot_steps` copied from the run folder (each checked to be of this run), the summary."""
-    save_file(detached(weights), tmp / WEIGHTS, metadata={"kind": KIND, "fingerprint": fp})
+    save_safetensors(detached(weights), tmp / WEIGHTS, metadata={"kind": KIND, "fingerprint": fp})
     for s in snapshot_steps:
         src = snapshot_path(run_dir, s)
         if not snapshot_ok(src, fp):

@@ -33,7 +33,7 @@ What timm has no block for is written here: the time embeddings, U-ViT's long-sk
 adaLN-Zero block and final layer.
 
 Time input: both families embed `time_scale * t` (default 1000, DDPM-style steps). Imported
-checkpoints keep their own scale (`diffusion.convert`): U-ViT's continuous models were trained on
+checkpoints keep their own scale (`diffusion.import_model`): U-ViT's continuous models were trained on
 999 t, SiT's and REPA's on t itself (1), so an imported network carries `time_scale` in its
 summary and is built with it.
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -31,15 +30,17 @@ from tqdm import tqdm
 from .. import config as config_mod
 from ..autoencoder import artifact as ae_artifact
 from ..autoencoder.model import to_uint8
+from ..data import sample_folder
 from ..data.reader import member_layout
-from ..data.shards import MANIFEST_SCHEMA, ShardWriter, write_manifest, write_npz
+from ..data.round_robin import write_round_robin
+from ..data.sample_folder import SamplingProtocol
+from ..data.shards import MANIFEST_SCHEMA, ShardWriter, write_manifest
 from ..errors import SpecmatchError
 from ..runtime import atomic, distributed, seeding
 from ..runtime.hashing import sha256_file, sha256_json
 from ..runtime.provenance import Provenance
 from ..runtime.training import run_folder
-from . import artifact, samplers, sampling_record, transport
-from .sampling_record import SamplingProtocol
+from . import artifact, samplers, transport
 
 log = logging.getLogger(__name__)
 
@@ -144,29 +145,21 @@ def _sample(p, info, model_dir, ae_dir, name, out, work_dir, work_root):
                       "model": sha256_file(model_dir / artifact.WEIGHTS),
                       "autoencoder": sha256_file(ae_dir / "model.safetensors")})
     work = run_folder(work_dir, work_root, fp)
-    n, size = int(p["n_samples"]), int(p["shard_size"])
-    n_shards = -(-n // size)
-    mine = list(range(info.rank, n_shards, info.world_size))
+    n = int(p["n_samples"])
     if info.is_main:
         _claim(work, fp, p)
     distributed.barrier()
 
-    t0, made = time.perf_counter(), 0
-    for j in tqdm(mine, desc=f"sample {name}", unit="shard", disable=not info.is_main):
-        shard = work / f"shard-{j:05d}.npz"
-        lo, hi = j * size, min(n, (j + 1) * size)
-        if _finished(shard, hi - lo):
-            continue
-        images, labels, nfe = generate(net, path, ae, scale, p, range(lo, hi), n, dev, progress=info.is_main)
-        write_npz(shard, {"images": images, "labels": labels.astype(np.int64),
-                          "sources": np.arange(lo, hi, dtype=np.int64), "nfe": np.array([nfe], np.int64)})
-        made += hi - lo
-    elapsed = time.perf_counter() - t0
-    rates = distributed.all_gather_object((made, elapsed)) if info.world_size > 1 else [(made, elapsed)]
+    def make(ids: np.ndarray) -> dict[str, np.ndarray]:
+        images, labels, nfe = generate(net, path, ae, scale, p, ids, n, dev, progress=info.is_main)
+        return {"images": images, "labels": labels.astype(np.int64), "sources": ids, "nfe": np.array([nfe], np.int64)}
+
+    written = write_round_robin(work, "shard", n, int(p["shard_size"]), make, info, f"sample {name}", done=_finished)
+    rates = distributed.all_gather_object((written.made, written.seconds))
     distributed.barrier()
     result = None
     if info.is_main:
-        result = _merge(p, fp, summary, ae_summary, model_dir, ae_dir, work, n, n_shards, name, out, rates,
+        result = _merge(p, fp, summary, ae_summary, model_dir, ae_dir, work, n, written.shards, name, out, rates,
                         info.world_size)
     distributed.barrier()
     return result
@@ -201,7 +194,7 @@ def _finished(shard: Path, count: int) -> bool:
         return False
 
 
-def _merge(p, fp, summary, ae_summary, model_dir, ae_dir, work, n, n_shards, name, out, rates, world):
+def _merge(p, fp, summary, ae_summary, model_dir, ae_dir, work, n, shards, name, out, rates, world):
     from ..render.figures import image_grid
 
     made = sum(r[0] for r in rates)
@@ -211,10 +204,10 @@ def _merge(p, fp, summary, ae_summary, model_dir, ae_dir, work, n, n_shards, nam
     prov.add_input(model_dir, "diffusion model")
     prov.add_input(ae_dir, "autoencoder")
     with atomic.atomic_dir(out) as tmp:
-        res = member_layout(work / "shard-00000.npz", "images.npy").shape[1]
+        res = member_layout(work / shards[0]["file"], "images.npy").shape[1]
         writer = ShardWriter(tmp, SPLIT, res, shard_size=n)
-        for j in range(n_shards):
-            shard = work / f"shard-{j:05d}.npz"
+        for rec in shards:
+            shard = work / rec["file"]
             with np.load(shard, allow_pickle=False) as z:
                 nfe = max(nfe, int(z["nfe"].reshape(-1)[0]))
             writer.add_shard(shard)  # linked, not copied: the sample set is stored once
@@ -233,7 +226,7 @@ def _merge(p, fp, summary, ae_summary, model_dir, ae_dir, work, n, n_shards, nam
             class_balanced=p["class_balanced"] if summary["num_classes"] else None,
             n_samples=n, seed=p["seed"], batch_size=p["batch_size"], world_size=world,
             generated_now=made, seconds=busy, images_per_s=made / busy if made and busy > 0 else None)
-        sampling_record.write(tmp, protocol)
+        sample_folder.write(tmp, protocol)
         with np.load(tmp / entry["shards"][0]["file"], allow_pickle=False) as z:
             image_grid(z["images"][:64], tmp / "grid.png", title=f"{name}: {p['method']} {p['steps']} steps")
         prov.protocol = protocol.to_json()

@@ -43,17 +43,17 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from .. import config as config_mod
-from ..alignment import objectives
+from ..alignment import objectives, registry
 from ..autoencoder.latents import LatentReader
 from ..errors import SpecmatchError
 from ..runtime import checkpoint, distributed, seeding
-from ..runtime.hashing import sha256_file
+from ..runtime.hashing import sha256_file, sha256_json
 from ..runtime.provenance import Provenance
 from ..runtime.signals import StopRequest
+from ..runtime.train_state import TrainingState, final_weights
 from ..runtime.training import (AttemptLog, FiniteGuard, Interrupted, NonFiniteLoss, Prefetch, RankSetup,
-                                TrainSettings, batch_indices, end_of_step, final_weights, load_packed, lr_factor,
-                                make_ema, pack_state, prepare_rank, resume_point, run_folder, save_checkpoint,
-                                write_output)
+                                TrainSettings, batch_indices, end_of_step, lr_factor, make_ema, prepare_rank,
+                                run_folder, write_output)
 from . import artifact, models, transport
 
 log = logging.getLogger(__name__)
@@ -75,6 +75,25 @@ class DiffusionTrainSettings(TrainSettings):
 def latents_identity(latents: str | Path) -> str:
     """The cache's manifest lists the sha256 of every shard: its hash identifies the data."""
     return sha256_file(Path(latents) / "manifest.json")
+
+
+# `train` settings that leave the trajectory alone: a longer `steps` continues the same run.
+_BOOKKEEPING = ("steps", "checkpoint_every", "keep_checkpoints", "log_every", "device", "snapshot_steps")
+
+
+def fingerprint(run: dict[str, Any], latents_id: str, targets_id: str | None = None) -> str:
+    """What makes a checkpoint belong to a diffusion run: the network, the process, the
+    trajectory-shaping training settings, the alignment that acts (`alignment.registry.effective`)
+    and the identity of the latent cache it reads (`latents_identity`) and of the target cache,
+    so re-extracted latents start a fresh run rather than resume on other data. A run without
+    alignment leaves the last two out: it keeps the fingerprint it had before alignment existed."""
+    train = {k: v for k, v in run["train"].items() if k not in _BOOKKEEPING}
+    ident = {"model": run["model"], "process": run["process"], "conditional": run.get("conditional"),
+             "train": train, "latents": latents_id}
+    align = registry.effective(run.get("alignment") or {})
+    if align["kind"] != "none":
+        ident.update(alignment=align, targets=targets_id)
+    return sha256_json(ident)
 
 
 def _num_classes(cache: LatentReader, conditional: bool) -> int:
@@ -116,7 +135,7 @@ def train(run: dict[str, Any], latents: str | Path, out: str | Path, name: str, 
             from ..alignment.align import Alignment
 
             align = Alignment.for_run(run["alignment"], net, cache.manifest, latents, info.device, targets, dataset)
-        fp = config_mod.diffusion_fingerprint(run, latents_identity(latents), align.identity if align else None)
+        fp = fingerprint(run, latents_identity(latents), align.identity if align else None)
         job = _Job(params=run, name=name, train=t, path=transport.from_params(run["process"]), latents=latents,
                    cache=cache, fp=fp, info=info, run_dir=run_folder(run_dir, runs_root, fp), out=Path(out),
                    resume=resume, rank=rank_setup)
@@ -199,14 +218,12 @@ def _train(job: _Job, net: torch.nn.Module, align) -> dict[str, Any]:
     opt = torch.optim.AdamW(params, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(t))
 
-    step = 0
-    resumed = resume_point(run_dir, job.resume, KIND, fp, info)
-    if resumed:
-        start, tensors, state = resumed
-        load_packed(tensors, net=net, ema=ema, proj=proj)
-        opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"])
-        step = int(state["step"])
+    state = TrainingState(KIND, fp, run_dir, info, t.keep_checkpoints,
+                          modules={"net": net, "ema": ema, "proj": proj}, optimizers={"opt": opt},
+                          schedulers={"sched": sched})
+    start, counts = state.resume(job.resume)
+    step = counts["step"]
+    if start:
         log.info("resumed from %s (step %d)", start, step)
     snapshot_steps = sorted(t.snapshot_steps)
     problem = None
@@ -223,11 +240,6 @@ def _train(job: _Job, net: torch.nn.Module, align) -> dict[str, Any]:
     projector = (DDP(proj) if info.world_size > 1 else proj) if proj is not None else None
     run_dir.mkdir(parents=True, exist_ok=True)
     log_path = run_dir / "metrics.jsonl"
-
-    def save_ckpt() -> Path | None:
-        return save_checkpoint(info, run_dir, step, lambda: pack_state(net=net, ema=ema, proj=proj),
-                               lambda: {"opt": opt.state_dict(), "sched": sched.state_dict(), "step": step},
-                               KIND, fp, t.keep_checkpoints)
 
     def save_snapshot() -> None:
         if info.is_main:
@@ -247,7 +259,7 @@ def _train(job: _Job, net: torch.nn.Module, align) -> dict[str, Any]:
 
     def checked_save() -> Path | None:
         guard.check()  # nothing computed after a non-finite loss is saved
-        return save_ckpt()
+        return state.save(step=step)
 
     pin = dev.type == "cuda"
     loader = Prefetch(lambda s: read_rows(cache, align, global_batch, seed, s, rows, pin), range(step, steps),

@@ -28,7 +28,7 @@ from typing import Any, BinaryIO, Iterable, Iterator
 import numpy as np
 
 from ..data.reader import SplitReader
-from ..diffusion import sampling_record
+from ..data import sample_folder
 from ..errors import SpecmatchError
 from ..runtime.atomic import atomic_dir
 from ..runtime.hashing import ImageStreamHash, sha256_file
@@ -235,7 +235,7 @@ def export(samples: str | Path, split: str, name: str, out: str | Path) -> dict[
     if n == 0:
         raise SpecmatchError(f"{folder}: split {split!r} has no images")
     res = reader.resolution
-    sampling = sampling_record.read(folder)
+    sampling = sample_folder.read(folder)
     prov = Provenance("export-adm", name, {"split": split})
     prov.add_input(folder, "samples")
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..diffusion.sampling_record import SamplingProtocol
+from ..data.sample_folder import SamplingProtocol
 from ..errors import SpecmatchError
 from ..runtime.jsonfile import read_json
 from .bootstrap import Bootstrap

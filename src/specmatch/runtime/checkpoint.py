@@ -33,12 +33,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from ..errors import SpecmatchError
 from . import atomic
 from .hashing import sha256_file
-from .weights import load_safetensors
+from .weights import load_safetensors, save_safetensors
 from .provenance import utc_now
 
 log = logging.getLogger(__name__)
@@ -151,7 +150,7 @@ def save(run_dir: str | os.PathLike, step: int, tensors: dict[str, torch.Tensor]
     _check_state(state, "state")
     final = checkpoints_dir(run_dir) / step_dir_name(int(step))
     with atomic.atomic_dir(final) as tmp:
-        save_file(weights, tmp / WEIGHTS, metadata={"kind": kind, "step": str(int(step)),
+        save_safetensors(weights, tmp / WEIGHTS, metadata={"kind": kind, "step": str(int(step)),
                                                     "fingerprint": fingerprint})
         torch.save(state, tmp / STATE)
         meta = {

@@ -67,6 +67,11 @@ def _device_type(device: str) -> str:
     return device
 
 
+def resolve_device(device: str) -> torch.device:
+    """`auto`, `cpu` or `cuda` as the device a single-process stage runs on."""
+    return torch.device(_device_type(device))
+
+
 def _cuda_device(local_rank: int) -> torch.device:
     n = torch.cuda.device_count()
     if local_rank >= n:

@@ -1,5 +1,6 @@
 """Pieces every trainer shares (autoencoders, diffusion): the seeded data order, warm-up, the
-non-finite-loss stop and the signal-triggered interruption.
+non-finite-loss stop, the signal-triggered interruption, the weight average and the output
+folder. What a checkpoint holds, and resuming from one, is `train_state`'s.
 
 Data order: the global batch of step s is a slice of a seeded permutation of the epoch that
 step falls in, a function of (seed, s) only, so a resumed run and a run on any number of
@@ -26,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import SpecmatchError
-from . import atomic, checkpoint, distributed, seeding
+from . import atomic, checkpoint, seeding
 from .provenance import Provenance, utc_now
 from .signals import EXIT_INTERRUPTED
 
@@ -282,11 +283,6 @@ def read_attempts(run_dir: str | Path) -> list[dict]:
     return [attempts[k] for k in sorted(attempts)]
 
 
-# --------------------------------------------------------------------------- trainer state
-# A trainer's tensors travel as one flat dict keyed "<module>.<parameter>" (e.g. "net.", "ema.",
-# "disc.", "proj."): that is the layout of its checkpoints and of its final model file.
-
-
 class EMA(torch.optim.swa_utils.AveragedModel):
     """torch's `AveragedModel` with the EMA update of `get_ema_multi_avg_fn` (buffers averaged
     too): the same state dict (`module.<k>`, `n_averaged`) and the same arithmetic, but its
@@ -383,18 +379,6 @@ class Prefetch:
         self._thread.join()
 
 
-def pack_state(**modules: torch.nn.Module | None) -> dict[str, torch.Tensor]:
-    """The state dicts of the given modules (None ones skipped), prefixed by their names."""
-    return {f"{name}.{k}": v for name, m in modules.items() if m is not None for k, v in m.state_dict().items()}
-
-
-def final_weights(net_prefix: str, net: torch.nn.Module, ema) -> dict[str, torch.Tensor]:
-    """A trained model's file content: the raw weights under `<net_prefix>.` and, when an EMA is
-    kept, the averaged ones under `ema.`, detached on the CPU."""
-    packed = pack_state(**{net_prefix: net, "ema": ema.module if ema is not None else None})
-    return {k: v.detach().cpu().contiguous() for k, v in packed.items()}
-
-
 def write_output(out: Path, run_dir: Path, prov: Provenance, write_files: Callable[[Path], None]) -> None:
     """A trainer's output folder, atomically: the artifact's files (`write_files(tmp)`, the
     artifact module's writer), the run's training log, and the provenance with every attempt
@@ -405,37 +389,3 @@ def write_output(out: Path, run_dir: Path, prov: Provenance, write_files: Callab
         if (run_dir / "metrics.jsonl").exists():
             (tmp / "metrics.jsonl").write_bytes((run_dir / "metrics.jsonl").read_bytes())
         prov.write(out, tmp)
-
-
-def unpack_state(tensors: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
-    """The state dict of module `name` out of a packed dict."""
-    prefix = name + "."
-    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-
-
-def load_packed(tensors: dict[str, torch.Tensor], **modules: torch.nn.Module | None) -> None:
-    for name, m in modules.items():
-        if m is not None:
-            m.load_state_dict(unpack_state(tensors, name))
-
-
-def resume_point(run_dir: Path, resume: str, kind: str, fingerprint: str, info):
-    """The checkpoint to resume from, chosen on the main rank and agreed by all: None, or its
-    (folder, tensors on this rank's device, state)."""
-    start = distributed.broadcast_object(
-        str(checkpoint.resolve_resume(run_dir, resume, kind, fingerprint) or "") if info.is_main else None)
-    if not start:
-        return None
-    tensors, state, _ = checkpoint.load(start, kind, fingerprint, map_location=info.device)
-    return Path(start), tensors, state
-
-
-def save_checkpoint(info, run_dir: Path, step: int, tensors: Callable[[], dict[str, torch.Tensor]],
-                    state: Callable[[], dict], kind: str, fingerprint: str, keep: int) -> Path | None:
-    """Write a checkpoint from the main rank (the callables run there only), then wait for it on
-    every rank."""
-    path = None
-    if info.is_main:
-        path = checkpoint.save(run_dir, step, tensors(), state(), kind, fingerprint, keep=keep)
-    distributed.barrier()
-    return path

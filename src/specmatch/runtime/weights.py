@@ -1,4 +1,5 @@
-"""Reading weight files with errors that name the file and say what is wrong.
+"""Reading weight files with errors that name the file and say what is wrong, and writing
+safetensors files whose bytes depend only on their content.
 
 `safetensors` and `torch.load` report a truncated or foreign file with a low-level error
 (`SafetensorError: MetadataIncompleteBuffer`, `UnpicklingError`, ...) and a traceback. These
@@ -121,3 +122,28 @@ def mismatch_problems(missing, unexpected, misshaped) -> list[str]:
     if misshaped:
         problems.append(f"misshaped {len(misshaped)}: {list(misshaped)}")
     return problems
+
+
+def safetensors_bytes(tensors: dict[str, Any], metadata: dict[str, str] | None = None) -> bytes:
+    """`safetensors.torch.save` with the `__metadata__` keys in sorted order. safetensors keeps the
+    metadata in a hash map whose order changes from one process to the next, so the same weights
+    would give a file with another sha256 at each run (DVC hashes, checkpoint records and the
+    fingerprints that hash weight files would all differ). Reordering keys leaves the header's
+    length, and so every data offset, unchanged."""
+    from safetensors.torch import save
+
+    raw = save(tensors, metadata=metadata)
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + n])
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    if len(text) > n:  # safetensors writes compact JSON too; a longer text means another encoding
+        raise SpecmatchError(f"safetensors header re-encoded to {len(text)} bytes, more than its {n}")
+    return raw[:8] + text + b" " * (n - len(text)) + raw[8 + n:]
+
+
+def save_safetensors(tensors: dict[str, Any], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+    """Write `safetensors_bytes(tensors, metadata)` to `path` (inside a temporary output folder:
+    the caller renames the folder into place)."""
+    Path(path).write_bytes(safetensors_bytes(tensors, metadata))

@@ -1,20 +1,20 @@
-"""The `fid ref` and `fid calc` stages (in the spirit of edm2's `calc_metrics ref|calc`), under a
-named protocol (`protocol.py`: `adm` or `pytorch-fid`).
+"""Reference statistics: the `fid ref` stage (in the spirit of edm2's `calc_metrics ref`), their
+folder's reader, and `Reference`, which every stage that scores images against them uses
+(`fid calc` in `scoring.py`, `fid-progress`), under a named protocol (`protocol.py`: `adm` or
+`pytorch-fid`).
 
 `fid ref` embeds a prepared split in one streaming pass, or reads an ADM reference batch, and
 stores its reference statistics: `stats.npz` with the float64 mean and covariance of the pool
 features (`mu`, `sigma`; `mu_s`, `sigma_s` of the spatial features under `adm`) and the pool
 features of the precision/recall reference (`pr_features`: a seeded subset of `pr_ref_size`
 images, or the batch's `arr_0`), never the features of every image; `stats.json` with the
-sha256 of the images, the source and the protocol. `fid calc` embeds a set of samples (npz
-shards with a manifest: the output of `prepare-data` or of the sampling stage) and writes
-`metrics.json` (`record.py`): FID (or the net's distance), sFID, IS, precision and recall, the
-bootstrap of the distance when asked, and the protocol, which the provenance record repeats.
+sha256 of the images, the source and the protocol. `Reference.measure` gives FID (or the net's
+distance), sFID, IS, precision and recall, the bootstrap of the distance when asked, and the
+protocol, as a `record.GenerationMetrics`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 from dataclasses import dataclass
@@ -22,14 +22,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from .. import resources
 from ..data.reader import SplitReader
 from ..data.shards import iter_image_batches, read_manifest, subset_indices
-from ..diffusion import sampling_record
 from ..errors import SpecmatchError
 from ..runtime import atomic
+from ..runtime.distributed import resolve_device
 from ..runtime.atomic import atomic_dir
 from ..runtime.hashing import sha256_file
 from ..runtime.jsonfile import read_json
@@ -44,14 +43,6 @@ STATS_JSON = "stats.json"
 SCHEMA = "specmatch.fid-ref/2"
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SpecmatchError("metrics.device is 'cuda' but no CUDA device is available")
-    return torch.device(device)
-
-
 def _protocol(net: feature_nets.LoadedNet, s: protocol.Settings, n: int) -> dict[str, Any]:
     return {"name": s.protocol, "metric": net.spec.metric, "feature_net": net.spec.name, "feature_dim": net.spec.dim,
             "spatial_dim": net.spec.spatial_dim or None, "weights_file": net.weights_path.name,
@@ -61,7 +52,7 @@ def _protocol(net: feature_nets.LoadedNet, s: protocol.Settings, n: int) -> dict
             "is_split_size": s.is_split_size, "is_logits": "classifier without its bias"}
 
 
-def _too_few(where: str, n: int, s: protocol.Settings) -> SpecmatchError:
+def too_few(where: str, n: int, s: protocol.Settings) -> SpecmatchError:
     return SpecmatchError(f"{where}: {n} images, fewer than the {s.min_samples} that protocol {s.protocol} scores "
                           f"(metrics.pr_k = {s.pr_k}: the k-th nearest neighbour of precision/recall needs k + 1 "
                           "images, a covariance 2)")
@@ -149,7 +140,7 @@ def ref(dataset: str | Path | None, params: dict[str, Any], name: str, out: str 
     n_used = min(n_split, s.max_images or n_split)
     where = f"{folder} ({s.split})"
     if n_used < s.min_samples:
-        raise _too_few(where, n_used, s)
+        raise too_few(where, n_used, s)
     pr_rows = subset_indices(n_used, s.pr_ref_size, s.seed)
     pr_rows = np.arange(n_used) if pr_rows is None else pr_rows
     dev = resolve_device(s.device)
@@ -188,7 +179,7 @@ def _ref_from_batch(path: Path, digest: str | None, s: protocol.Settings, datase
             raise SpecmatchError(f"{path}: sha256 {batch.sha256}, but metrics.reference_batch names "
                                  f"{s.reference_batch!r} ({res.file}, expected {res.expected})")
     if batch.n_images < s.min_samples:
-        raise _too_few(f"{path}: key 'arr_0'", batch.n_images, s)
+        raise too_few(f"{path}: key 'arr_0'", batch.n_images, s)
     dev = resolve_device(s.device)
     net = feature_nets.load(s.feature_net, dev, s.resources_dir)
     prov = Provenance("fid-ref", name, s.params, seeds={"seed": s.seed})
@@ -250,7 +241,7 @@ class Reference:
         net, s, r = self.net, self.settings, self.stats
         emb = fid.embed(images, net, s.batch_size, self.device, where, keep=True)
         if emb.n < s.min_samples:
-            raise _too_few(where, emb.n, s)
+            raise too_few(where, emb.n, s)
         distance = fid.frechet_distance(emb.pool.mu, emb.pool.sigma, r.mu, r.sigma)
         sfid = None
         if emb.spatial is not None:
@@ -271,35 +262,3 @@ class Reference:
                        "precision_recall_n": info["precision_recall_reference"]["n"]},
             protocol=_protocol(net, s, emb.n), inception_score=score, sfid=sfid, uncertainty=uncertainty,
             warnings=emb.pool.warnings + info.get("warnings", []))
-
-
-def calc(samples: str | Path, split: str, ref_dir: str | Path, params: dict[str, Any], name: str,
-         out: str | Path, n_images: int | None = None) -> record.GenerationMetrics:
-    """FID (sFID, IS, precision/recall) of a sample set against reference statistics; `n_images`:
-    a seeded subset of that many images of the split (the real floor at a sample count)."""
-    reference = Reference(ref_dir, params)
-    s = reference.settings
-    folder = Path(samples)
-    where = f"{folder} ({split})"
-    n = len(SplitReader(folder, split))
-    if n_images is not None:
-        if not 0 < n_images <= n:
-            raise SpecmatchError(f"{where}: --n-images {n_images} is not in [1, {n}], the images of the split")
-        n = n_images
-    if n < s.min_samples:
-        raise _too_few(where, n, s)
-    prov = Provenance("fid-calc", name, {**s.params, "samples_split": split, "n_images": n_images},
-                      seeds={"seed": s.seed})
-    prov.add_input(folder, "samples")
-    reference.add_inputs(prov)
-    m = reference.measure(iter_image_batches(folder, split, s.batch_size, n_images, s.seed), where)
-    # Samples from `specmatch sample`: their protocol goes with the metric.
-    m = dataclasses.replace(m, name=name, samples={"path": str(folder), "split": split, **m.samples},
-                            sampling=sampling_record.read(folder))
-    prov.protocol = {**m.protocol, "reference_stats_sha256": m.reference["stats_sha256"]}
-    with atomic_dir(out) as tmp:
-        record.write(tmp, m)
-        prov.write(out, tmp)
-    log.info("fid calc %s: %s = %.4f (protocol %s) over %d samples", name, m.metric, m.value, m.protocol_name,
-             m.samples["n"])
-    return m

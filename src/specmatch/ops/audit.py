@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import SpecmatchError
-from .runtime.hashing import hash_tree, sha256_file, tree_digest
-from .runtime.provenance import RECORD_NAME
+from ..errors import SpecmatchError
+from ..runtime.hashing import hash_tree, sha256_file, tree_digest
+from ..runtime.provenance import RECORD_NAME
 
 
 @dataclass

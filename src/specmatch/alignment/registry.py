@@ -1,9 +1,13 @@
 """The alignment registries as plain data (no torch import), for the DAG and the parameters:
-the target encoders (`encoders.py` builds them) and each target kind's default projector."""
+the target encoders (`encoders.py` builds them), each target kind's default projector, and the
+alignment settings that act on a run (`effective`, `input_size`): every alignment default is
+resolved here, once."""
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
+from typing import Any, Mapping
 
 from ..errors import SpecmatchError
 
@@ -42,7 +46,37 @@ def spec(name: str) -> EncoderSpec:
 
 def grid_of(name: str, image_size: int | None = None) -> int:
     s = spec(name)
-    size = int(image_size or s.image_size)
+    size = resolved_size(name, image_size)
     if size % s.stride:
         raise SpecmatchError(f"target encoder {name}: image_size {size} is not a multiple of its stride {s.stride}")
     return size // s.stride
+
+
+def resolved_size(name: str, size: int | None = None) -> int:
+    """The input size (pixels) of encoder `name`: `size`, or the encoder's default."""
+    return int(size or spec(name).image_size)
+
+
+def input_size(alignment: Mapping[str, Any]) -> int:
+    """The encoder input size of a run's alignment settings (`image_size`: null for the default)."""
+    return resolved_size(alignment["encoder"], alignment.get("image_size"))
+
+
+def effective(a: Mapping[str, Any]) -> dict[str, Any]:
+    """The alignment settings that act on a run: {"kind": "none"} for none; otherwise without the
+    keys of other kinds (DoG sigmas unless dog, irepa_gamma unless irepa, the MLP width with a
+    conv projector) and with the projector made explicit. Runs are compared (Snakemake's
+    parameter check, the checkpoint fingerprint) on these, so a change of the DoG sigmas does not
+    re-run a REPA run."""
+    a = copy.deepcopy(dict(a))
+    kind = a.get("kind", "none")
+    if kind == "none":
+        return {"kind": "none"}
+    a["projector"] = a.get("projector") or DEFAULT_PROJECTOR[kind]
+    if kind != "dog":
+        a.pop("dog", None)
+    if kind != "irepa":
+        a.pop("irepa_gamma", None)
+    if a["projector"] != "mlp":
+        a.pop("proj_hidden", None)
+    return a

@@ -1,4 +1,4 @@
-"""Released diffusion checkpoints (`specmatch import-model`, diffusion.convert).
+"""Released diffusion checkpoints (`specmatch import-model`, diffusion.import_model).
 
 References, independent of the code under test:
 - SiT and REPA: diffusers' `DiTTransformer2DModel` (the DiT network SiT and REPA use), random
@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from specmatch.diffusion import artifact, convert, models
+from specmatch.diffusion import artifact, models
+from specmatch.diffusion import import_model
 from specmatch.errors import SpecmatchError
 
 diffusers = pytest.importorskip("diffusers")
@@ -96,7 +97,7 @@ def _import(tmp_path, layout, state_or_obj, model="SiT-tiny/2", weights="ema", s
     params = {"layout": layout, "model": model, "autoencoder": "imagenet-sdvae-ft-ema", "in_channels": C,
               "input_size": SIZE, "num_classes": CLASSES, "weights": weights, **kw}
     out = tmp_path / "model"
-    summary = convert.import_model(params, ckpt, "released", out)
+    summary = import_model.import_model(params, ckpt, "released", out)
     net, read = artifact.load(out, use_ema=weights == "ema")
     return net, summary, ckpt
 
@@ -249,15 +250,15 @@ def test_bad_files_and_parameters(tmp_path):
         _import(tmp_path, "repa-sit", sd, model="SiT-S/2")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(SpecmatchError, match="junk.pt: cannot be read"):
-        convert.read_checkpoint(tmp_path / "junk.pt")
+        import_model.read_checkpoint(tmp_path / "junk.pt")
     with pytest.raises(SpecmatchError, match="layout"):
-        convert.import_model({"layout": "dit", "model": "SiT-tiny/2", "autoencoder": "a"}, tmp_path / "junk.pt",
+        import_model.import_model({"layout": "dit", "model": "SiT-tiny/2", "autoencoder": "a"}, tmp_path / "junk.pt",
                              "x", tmp_path / "o")
 
 
 def test_reversed_time_rotation_is_exact():
     t = torch.linspace(0, 1, 7, dtype=torch.float64)
-    rot = convert._reversed_time_rotation(models.SIT_FREQ_DIM)
+    rot = import_model._reversed_time_rotation(models.SIT_FREQ_DIM)
     emb = models.timestep_embedding(t, models.SIT_FREQ_DIM).double()
     torch.testing.assert_close(emb @ rot.T, models.timestep_embedding(1 - t, models.SIT_FREQ_DIM).double(),
                                atol=1e-6, rtol=0)
@@ -266,12 +267,12 @@ def test_reversed_time_rotation_is_exact():
 def test_sample_from_imported_model_and_autoencoder(tmp_path):
     """`specmatch sample` on an imported SiT and an imported SD-VAE-layout autoencoder, as for a
     released checkpoint at scale (here 4 images, 2 Euler steps, guidance on)."""
-    from specmatch.autoencoder import pretrained
+    from specmatch.autoencoder import import_ae
     from specmatch.diffusion import sample
-    from test_autoencoder_pretrained import _random_vae  # the tests folder is on sys.path
+    from test_autoencoder_import import _random_vae  # the tests folder is on sys.path
 
     _random_vae().save_pretrained(tmp_path / "resources" / "sd-vae-ft-ema")
-    pretrained.import_autoencoder({"dataset": "imagenet", "pretrained": "sd-vae-ft-ema",
+    import_ae.import_autoencoder({"dataset": "imagenet", "pretrained": "sd-vae-ft-ema",
                                    "resources_dir": str(tmp_path / "resources")}, "imagenet-sdvae-ft-ema",
                                   tmp_path / "ae")
     _import(tmp_path, "sit", _dit_to_sit_layout(_dit(2 * C)))

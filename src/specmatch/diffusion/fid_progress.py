@@ -4,7 +4,7 @@ The trainer saves the EMA weights at `train.snapshot_steps` (`snapshots/step-<N>
 its output). This stage samples every snapshot, and the final weights, with one sampler and a
 reduced number of samples, decodes them with the run's autoencoder and scores them against the
 dataset's reference statistics with the metric code of `specmatch fid calc`
-(`metrics.fid_stage.Reference`). Sample i of every point starts from the same noise and label
+(`metrics.reference.Reference`). Sample i of every point starts from the same noise and label
 (seeded by its index, `diffusion.sample.generate`), so the curve compares weights, not draws.
 
 Numbers over N samples are biased upwards against those of the final evaluation when N is
@@ -26,7 +26,7 @@ import pandas as pd
 from .. import config as config_mod
 from ..autoencoder import artifact as ae_artifact
 from ..errors import SpecmatchError
-from ..metrics.fid_stage import Reference
+from ..metrics.reference import Reference
 from ..runtime import atomic, distributed
 from ..runtime.jsonfile import read_json
 from ..runtime.provenance import Provenance

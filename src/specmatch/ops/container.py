@@ -35,8 +35,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import __version__
-from .errors import SpecmatchError
+from .. import __version__
+from ..errors import SpecmatchError
 
 # The Python 3 of each distribution release a base image can come from (its `python3` package).
 BASE_PYTHON = {

@@ -15,7 +15,7 @@ import subprocess
 from pathlib import Path
 
 from ..errors import SpecmatchError
-from .images import is_image_file
+from ..data.images import is_image_file
 
 
 def _dvc() -> str:

@@ -1,4 +1,4 @@
-"""The public SD-VAE as an autoencoder of the grid (`specmatch import-ae`, autoencoder.pretrained).
+"""The public SD-VAE as an autoencoder of the grid (`specmatch import-ae`, autoencoder.import_ae).
 
 The independent reference is diffusers' own AutoencoderKL (a test dependency only): a small one
 with random weights is written with `save_pretrained` (config.json +
@@ -16,7 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from specmatch.autoencoder import artifact, evaluate, latents, pretrained
+from specmatch.autoencoder import artifact, evaluate, latents
+from specmatch.autoencoder import import_ae
 from specmatch.autoencoder import model as ae_model
 from specmatch.data.prepare import prepare
 from specmatch.errors import SpecmatchError
@@ -46,7 +47,7 @@ def saved(tmp_path_factory):
     folder = tmp_path_factory.mktemp("sdvae") / "sd-vae-ft-ema"
     vae = _random_vae()
     vae.save_pretrained(folder)
-    assert {p.name for p in folder.iterdir()} >= {pretrained.CONFIG_FILE, pretrained.WEIGHTS_FILE}
+    assert {p.name for p in folder.iterdir()} >= {import_ae.CONFIG_FILE, import_ae.WEIGHTS_FILE}
     return folder, vae
 
 
@@ -64,7 +65,7 @@ def _compare(ours: ae_model.AutoencoderKL, vae) -> None:
 
 def test_import_equals_diffusers_forward(saved):
     folder, vae = saved
-    ours, scaling, raw = pretrained.load_folder(folder)
+    ours, scaling, raw = import_ae.load_folder(folder)
     assert ours.cfg.downsample_padding == "sd" and ours.cfg.channels == SMALL["block_out_channels"]
     assert scaling == pytest.approx(0.18215) and raw["latent_channels"] == 4
     _compare(ours, vae)
@@ -74,7 +75,7 @@ def test_symmetric_padding_would_not_match(saved):
     """The padding matters: the same weights with the authors' symmetric padding give other
     moments (so the test above would catch a wrong padding)."""
     folder, vae = saved
-    ours, _, _ = pretrained.load_folder(folder)
+    ours, _, _ = import_ae.load_folder(folder)
     sym = ae_model.build(ae_model.with_padding(ours.cfg, "symmetric")).eval()
     sym.load_state_dict(ours.state_dict())
     x = torch.rand(1, 3, 32, 32) * 2 - 1
@@ -88,16 +89,16 @@ def test_old_attention_names_are_read(saved, tmp_path):
     folder, vae = saved
     old = tmp_path / "old"
     old.mkdir()
-    (old / pretrained.CONFIG_FILE).write_text((folder / pretrained.CONFIG_FILE).read_text())
-    tensors = load_file(folder / pretrained.WEIGHTS_FILE)
+    (old / import_ae.CONFIG_FILE).write_text((folder / import_ae.CONFIG_FILE).read_text())
+    tensors = load_file(folder / import_ae.WEIGHTS_FILE)
     renamed = {}
     for k, v in tensors.items():
         for new, was in OLD_ATTN.items():
             k = k.replace(f"attentions.0.{new}.", f"attentions.0.{was}.")
         renamed[k] = v
     assert any(".query." in k for k in renamed)
-    save_file(renamed, old / pretrained.WEIGHTS_FILE)
-    ours, _, _ = pretrained.load_folder(old)
+    save_file(renamed, old / import_ae.WEIGHTS_FILE)
+    ours, _, _ = import_ae.load_folder(old)
     _compare(ours, vae)
 
 
@@ -108,7 +109,7 @@ def test_full_sd_config_maps_onto_f8d4():
         vae = diffusers.AutoencoderKL(**SD_KL_F8)
     cfg = ae_model.config({"name": "sd", "channels": SD_KL_F8["block_out_channels"], "z_channels": 4,
                            "downsample_padding": "sd"})
-    state = pretrained.convert_state_dict(vae.state_dict(), cfg)
+    state = import_ae.convert_state_dict(vae.state_dict(), cfg)
     assert len(state) == len(vae.state_dict())
     assert sum(v.numel() for v in state.values()) == 83_653_863  # SD kl-f8
 
@@ -116,10 +117,10 @@ def test_full_sd_config_maps_onto_f8d4():
 def _bad_file(folder: Path, tmp_path: Path, edit) -> Path:
     bad = tmp_path / "bad"
     bad.mkdir()
-    (bad / pretrained.CONFIG_FILE).write_text((folder / pretrained.CONFIG_FILE).read_text())
-    tensors = load_file(folder / pretrained.WEIGHTS_FILE)
+    (bad / import_ae.CONFIG_FILE).write_text((folder / import_ae.CONFIG_FILE).read_text())
+    tensors = load_file(folder / import_ae.WEIGHTS_FILE)
     edit(tensors)
-    save_file(tensors, bad / pretrained.WEIGHTS_FILE)
+    save_file(tensors, bad / import_ae.WEIGHTS_FILE)
     return bad
 
 
@@ -133,7 +134,7 @@ def _bad_file(folder: Path, tmp_path: Path, edit) -> Path:
 def test_bad_checkpoints_are_refused_naming_keys(saved, tmp_path, edit, match):
     folder, _ = saved
     with pytest.raises(SpecmatchError, match=match):
-        pretrained.load_folder(_bad_file(folder, tmp_path, edit))
+        import_ae.load_folder(_bad_file(folder, tmp_path, edit))
 
 
 @pytest.mark.parametrize("change,match", [
@@ -144,12 +145,12 @@ def test_bad_checkpoints_are_refused_naming_keys(saved, tmp_path, edit, match):
 ])
 def test_bad_configs_are_refused_naming_the_key(saved, tmp_path, change, match):
     folder, _ = saved
-    raw = {**json.loads((folder / pretrained.CONFIG_FILE).read_text()), **change}
-    (tmp_path / pretrained.CONFIG_FILE).write_text(json.dumps(raw))
+    raw = {**json.loads((folder / import_ae.CONFIG_FILE).read_text()), **change}
+    (tmp_path / import_ae.CONFIG_FILE).write_text(json.dumps(raw))
     with pytest.raises(SpecmatchError, match=rf"config\.json: {match}"):
-        pretrained.read_config(tmp_path / pretrained.CONFIG_FILE)
+        import_ae.read_config(tmp_path / import_ae.CONFIG_FILE)
     with pytest.raises(SpecmatchError, match="config.json: missing"):
-        pretrained.read_config(tmp_path / "nowhere" / pretrained.CONFIG_FILE)
+        import_ae.read_config(tmp_path / "nowhere" / import_ae.CONFIG_FILE)
 
 
 def test_import_stage_then_latents_with_the_fixed_scale(saved, tmp_path):
@@ -160,7 +161,7 @@ def test_import_stage_then_latents_with_the_fixed_scale(saved, tmp_path):
     run = {"dataset": "embedded", "pretrained": "sd-vae-ft-ema", "resources_dir": str(folder.parent),
            "latents": {"scale_factor": 0.18215, "hflip": False, "device": "cpu", "batch_size": 8}}
     out = tmp_path / "ae"
-    summary = pretrained.import_autoencoder(run, "imagenet-sdvae-ft-ema", out)
+    summary = import_ae.import_autoencoder(run, "imagenet-sdvae-ft-ema", out)
     assert summary["variant"] == "pretrained" and summary["config"]["downsample_padding"] == "sd"
     ae, read = artifact.load(out)
     assert read["pretrained"]["resource"] == "sd-vae-ft-ema" and read["ema"] is False
@@ -184,7 +185,7 @@ def test_import_stage_then_latents_with_the_fixed_scale(saved, tmp_path):
 def test_import_needs_a_present_resource(tmp_path):
     run = {"dataset": "embedded", "pretrained": "sd-vae-ft-mse", "resources_dir": str(tmp_path)}
     with pytest.raises(SpecmatchError, match=r"sd-vae-ft-mse/diffusion_pytorch_model\.safetensors.*missing"):
-        pretrained.import_autoencoder(run, "x", tmp_path / "out")
+        import_ae.import_autoencoder(run, "x", tmp_path / "out")
     with pytest.raises(SpecmatchError, match="resource"):
-        pretrained.import_autoencoder({**run, "pretrained": "no-such-vae"}, "x", tmp_path / "out")
+        import_ae.import_autoencoder({**run, "pretrained": "no-such-vae"}, "x", tmp_path / "out")
     assert not (tmp_path / "out").exists()
