@@ -14,25 +14,26 @@ import pytest
 import yaml
 
 from conftest import REPO, copy_repo, dag_env, job_stats, run_checked
-from specmatch import dvc_stages
-from specmatch.cli import build_parser
+from specmatch import stages
+from specmatch.ops import dvc_stages
 from specmatch.cli import main as cli_main
-from specmatch.metrics import summary
+from specmatch.errors import SpecmatchError
+from specmatch.ops import dvc_metrics as summary
 
 BIN = Path(sys.executable).parent
 
 
 def test_dvc_yaml_deps_are_those_of_the_import_graph():
-    old, new = dvc_stages.check(REPO, build_parser())
+    old, new = dvc_stages.check(REPO, stages.by_words())
     diff = dvc_stages.differences(old, new)
     assert not diff, "dvc.yaml is out of date; run `specmatch dvc deps --write`:\n" + "\n".join(diff)
 
 
 def test_stage_deps_follow_commands_imports_and_workflow_files():
-    deps = dvc_stages.stage_deps(REPO, build_parser())
+    deps = dvc_stages.stage_deps(REPO, stages.by_words())
     assert set(deps) == set(yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"])
     common = {"Snakefile", "presets/${preset}.yaml", "workflow/rules/common.smk", "src/specmatch/cli.py",
-              "src/specmatch/config.py", "src/specmatch/schemas/params.schema.yaml"}
+              "src/specmatch/stages.py", "src/specmatch/config.py", "src/specmatch/schemas/params.schema.yaml"}
     for stage, files in deps.items():
         assert common <= set(files), (stage, common - set(files))
         assert "params.yaml" not in files  # DVC's params file: tracked key by key, not as a file
@@ -41,11 +42,28 @@ def test_stage_deps_follow_commands_imports_and_workflow_files():
     # the latent cache), the spectral DoG targets, the config and its schema
     d = set(deps["diffusion"])
     assert {"src/specmatch/autoencoder/model.py", "src/specmatch/spectral.py", "src/specmatch/diffusion/train.py",
-            "src/specmatch/metrics/summary.py", "workflow/rules/diffusion.smk"} <= d
+            "src/specmatch/ops/dvc_metrics.py", "workflow/rules/diffusion.smk"} <= d
     # and no more than the commands reach: the data stage runs no trainer, evaluation no DataLoader
     assert not [f for f in deps["data"] if "/diffusion/" in f or "/autoencoder/" in f]
     assert "workflow/rules/diffusion.smk" not in deps["data"]
     assert "src/specmatch/resource_manifest.yaml" in deps["evaluation"]  # named by resources.py
+
+
+def test_commands_of_a_shell_text_are_those_of_the_table_of_stages():
+    text = ("{params.launch} train-diffusion --latents {input.latents} --name x\n"
+            "specmatch fid calc --samples s && specmatch dvc metrics a b --out m.json; python -m specmatch.cli x")
+    assert dvc_stages.commands_in(text, stages.by_words()) == [("train-diffusion",), ("fid", "calc"), ("dvc", "metrics")]
+    with pytest.raises(SpecmatchError, match="specmatch fid-calc"):
+        dvc_stages.commands_in("specmatch fid-calc --samples s", stages.by_words())
+
+
+def test_a_command_runs_its_table_module_with_its_parents_and_hooks_only():
+    modules = dvc_stages.command_modules([("train-ae",), ("fid", "ref")], stages.by_words())
+    assert {"specmatch", "specmatch.cli", "specmatch.stages", "specmatch.autoencoder", "specmatch.autoencoder.train",
+            "specmatch.runtime", "specmatch.runtime.signals", "specmatch.metrics", "specmatch.metrics.reference"
+            } == modules
+    with pytest.raises(SpecmatchError, match="`specmatch fid`: no such command"):
+        dvc_stages.command_modules([("fid",)], stages.by_words())
 
 
 @pytest.mark.parametrize("preset", ["tiny", "small", "paper"])
@@ -189,10 +207,10 @@ def _dvc(repo: Path, *args: str, env: dict | None = None):
 
 @pytest.fixture(scope="module")
 def adopted(tiny_run, tmp_path_factory) -> Path:
-    """A copy of the shared tiny DAG run (what `make demo` makes; through `--profile slurm`
-    where the local cluster runs), made a git + DVC repository whose params.yaml names the tiny
-    preset, and adopted by DVC with `specmatch dvc adopt`. The results are hard links (the stages
-    write atomically, so nothing writes into those files)."""
+    """A copy of the shared tiny DAG run (`tiny_run`: what `make demo` makes, run locally), made
+    a git + DVC repository whose params.yaml names the tiny preset, and adopted by DVC with
+    `specmatch dvc adopt`. The results are hard links (the stages write atomically, so nothing
+    writes into those files)."""
     import os
 
     repo = tmp_path_factory.mktemp("adopt") / "repo"
@@ -243,9 +261,17 @@ def test_adopt_refuses_an_incomplete_run(tmp_path):
 @pytest.mark.slow
 def test_dvc_repro_submits_through_the_slurm_profile(adopted, slurm_cluster):
     """`SNAKEMAKE_PROFILE=slurm dvc repro` (docs/cluster.md): the stages' Snakemake submits every
-    job through the SLURM profile, here to the local cluster through the apptainer stand-in."""
-    from conftest import dag_env, stand_in_env
+    job through the SLURM profile, here to the local cluster through the apptainer stand-in, and
+    the outputs DVC records are those the SLURM jobs wrote (the adopted run was a local one)."""
+    from conftest import FAST_STATUS_CHECKS, dag_env, stand_in_env
 
+    data, spectra = (adopted / "results/tiny" / d / "embedded" for d in ("data", "spectra"))
+    assert all(not json.loads((d / "provenance.json").read_text())["scheduler"] for d in (data, spectra))
+    # DVC runs the stage's own command line: the short test jobs' status checks go in the profile.
+    profile = adopted / "slurm" / "config.yaml"
+    text, old = profile.read_text(), "\nslurm-init-seconds-before-status-checks: 20\n"
+    assert FAST_STATUS_CHECKS[0] == "--" + old.split(":")[0].strip() and old in text
+    profile.write_text(text.replace(old, old.replace("20", FAST_STATUS_CHECKS[1]), 1))
     params = adopted / "params.yaml"
     params.write_text(params.read_text().replace("  n_bins: 16\n", "  n_bins: 8\n", 1))
     env = {**stand_in_env(adopted, dag_env()), "SNAKEMAKE_PROFILE": "slurm"}
@@ -255,7 +281,12 @@ def test_dvc_repro_submits_through_the_slurm_profile(adopted, slurm_cluster):
     rules = sorted(j["Comment"].split("_wildcards")[0] for j in jobs)
     assert rules == ["rule_data_spectra", "rule_prepare_data"], rules
     assert all(j["JobState"] == "COMPLETED" for j in jobs), jobs
-    spectra = json.loads((adopted / "results/tiny/spectra/embedded/spectra.json").read_text())
-    assert spectra["n_bins"] == 8
+    job_of = {j["Comment"].split("_wildcards")[0]: j["JobId"] for j in jobs}
+    for folder, rule in ((data, "rule_prepare_data"), (spectra, "rule_data_spectra")):
+        prov = json.loads((folder / "provenance.json").read_text())
+        assert prov["scheduler"]["slurm_job_id"] == job_of[rule], (folder, prov["scheduler"])
+        assert prov["environment"]["container"]["image"] == str(adopted / "containers" / "specmatch.sif")
+    spectra_json = json.loads((spectra / "spectra.json").read_text())
+    assert spectra_json["n_bins"] == 8
     lock = yaml.safe_load((adopted / "dvc.lock").read_text())["stages"]["data"]
     assert lock["params"]["params.yaml"]["spectra"]["n_bins"] == 8

@@ -1,7 +1,7 @@
 """End to end: the tiny DAG through Snakemake, `snakemake --lint`, and `dvc repro`, each in a
 temporary copy of the repository (so the developer's results/ are never touched). The tiny DAG
-runs once per session (the `tiny_run` fixture of conftest.py): through `--profile slurm` on a
-local SLURM cluster where one starts (CI), else locally as `make demo` runs it."""
+runs once per session, locally as `make demo` runs it (the `tiny_run` fixture of conftest.py);
+its submission through `--profile slurm` is tested on a few of its jobs in test_slurm.py."""
 
 from __future__ import annotations
 

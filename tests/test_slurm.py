@@ -1,7 +1,7 @@
 """`snakemake --profile slurm` on a real local SLURM cluster (tests/slurm_cluster.py), with the
 recording `apptainer` stand-in (tests/bin/apptainer): the launch commands of the resources,
-and a training job that SLURM sends SIGUSR1 checkpoints, is submitted again and resumes.
-The tiny DAG's own run through the profile is checked in test_pipeline.py (one shared run)."""
+a few jobs of the tiny DAG submitted with their requests and run in the container, and a
+training job that SLURM sends SIGUSR1 checkpoints, is submitted again and resumes."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ import yaml
 
 import pytest
 
-from conftest import REPO, SRC, STAND_IN_BIN, copy_repo, dag_env, job_stats, slurm_snakemake
+from conftest import (REPO, SLURM_AE, SLURM_DAG_CONFIG, SLURM_DAG_TARGETS, SRC, STAND_IN_BIN, copy_repo, dag_env,
+                      job_stats, slurm_snakemake)
 
 BIN = Path(sys.executable).parent
 STAND_IN = STAND_IN_BIN / "apptainer"
@@ -250,54 +251,79 @@ def test_sigusr1_checkpoints_then_the_job_is_resubmitted_and_resumes(slurm_clust
 
 
 def _planned_rules(repo: Path) -> collections.Counter:
-    """Jobs per rule of the whole tiny DAG (a forced dry run's job stats), the rules without a
-    command (`all`, the `*_phase` targets) left out: Snakemake does not submit those."""
-    out = _dry_run_shell(repo, "preset=tiny")
-    assert "Job stats:" in out, out[-3000:]
-    return collections.Counter({rule: n for rule, n in job_stats(out).items()
-                                if rule != "all" and not rule.endswith("_phase")})
+    """Jobs per rule of the small DAG `slurm_run` submits (a forced dry run's job stats); its
+    targets are stages' outputs, so every planned job has a command and is submitted."""
+    proc = subprocess.run([str(BIN / "snakemake"), "-n", "--forceall", "--config", *SLURM_DAG_CONFIG, "--",
+                           *SLURM_DAG_TARGETS], cwd=repo, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "Job stats:" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return collections.Counter(job_stats(proc.stdout))
+
+
+def _minutes(limit: str) -> int:
+    """`scontrol`'s TimeLimit ([days-]hours:minutes:seconds) in minutes."""
+    days, _, hms = limit.rpartition("-")
+    h, m, sec = (int(x) for x in hms.split(":"))
+    return (int(days or 0) * 24 + h) * 60 + m + (sec > 0)
 
 
 @pytest.mark.slow
-def test_tiny_dag_ran_as_slurm_jobs_in_the_container(tiny_run, slurm_cluster):
-    """Every rule of the tiny DAG ran as its own SLURM job, with the GPUs its resources ask for,
-    its stage inside the container call (`apptainer exec --nv ... --bind <results> IMAGE`), and
-    the job id and image (with its sha256) in the provenance of every output."""
-    assert (tiny_run / ".executor").read_text().strip() == "slurm"
+def test_each_job_runs_as_a_slurm_job_with_its_request_in_the_container(slurm_run, slurm_cluster):
+    """`--profile slurm` on a few jobs of the tiny DAG (conftest.slurm_run: data, spectra, one
+    autoencoder trained on 2 GPUs, its evaluation and latents): every planned job ran as its own
+    SLURM job asking for the GPUs, memory and time its rule's `resources` give; its stage ran
+    inside one container call (`apptainer exec --nv ... --bind <results>,<resources> IMAGE`),
+    on the job's GPUs, the 2-GPU training as torchrun with one rank per GPU; and each output's
+    provenance records its job id and the image with its sha256."""
     from specmatch import config as cfg
 
-    params = cfg.resolve(cfg.load_yaml(tiny_run / "params.yaml"), presets_dir=tiny_run / "presets",
-                         overrides={"preset": "tiny"})
+    params = cfg.resolve(cfg.load_yaml(slurm_run / "params.yaml"), presets_dir=slurm_run / "presets",
+                         overrides=cfg.typed_command_line(dict(c.split("=", 1) for c in SLURM_DAG_CONFIG)))
     res = params["resources"]
-    gpus = {rule: {**res["default"], **res["rules"].get(rule, {})}["gpus"] for rule in _planned_rules(tiny_run)}
+    planned = _planned_rules(slurm_run)
+    # The DAG covers a job without GPUs, jobs on one and a job on two.
+    assert planned == {"prepare_data": 1, "data_spectra": 1, "train_ae": 1, "eval_ae": 1, "extract_latents": 1}
+    request = {rule: {**res["default"], **res["rules"].get(rule, {})} for rule in planned}
+    gpus = {rule: r["gpus"] for rule, r in request.items()}
+    assert sorted(gpus.values()) == [0, 1, 1, 1, 2], gpus
 
-    jobs = {j["JobId"]: j for j in slurm_cluster.jobs() if j.get("WorkDir") == str(tiny_run)}
+    jobs = {j["JobId"]: j for j in slurm_cluster.jobs() if j.get("WorkDir") == str(slurm_run)}
     rule_of = {i: re.match(r"rule_(.+?)(_wildcards_.*)?$", j["Comment"]).group(1) for i, j in jobs.items()}
-    assert collections.Counter(rule_of.values()) == _planned_rules(tiny_run)
-    assert any(gpus.values()) and not all(gpus.values())
+    assert collections.Counter(rule_of.values()) == planned
     for i, j in jobs.items():
+        r = request[rule_of[i]]
         assert j["JobState"] == "COMPLETED", j
-        want = f"gres:gpu:{gpus[rule_of[i]]}" if gpus[rule_of[i]] else None
-        assert j.get("TresPerJob", "").replace("(null)", "") == (want or ""), (rule_of[i], j.get("TresPerJob"))
+        want = f"gres:gpu:{r['gpus']}" if r["gpus"] else ""
+        assert j.get("TresPerJob", "").replace("(null)", "") == want, (rule_of[i], j.get("TresPerJob"))
+        assert _minutes(j["TimeLimit"]) == r["runtime"], (rule_of[i], j["TimeLimit"])
+        assert j["MinMemoryNode"] == f"{r['mem_mb']}M", (rule_of[i], j["MinMemoryNode"])
 
-    calls = [json.loads(line) for line in (tiny_run / "apptainer-calls.jsonl").read_text().splitlines()]
+    calls = [json.loads(line) for line in (slurm_run / "apptainer-calls.jsonl").read_text().splitlines()]
     execs = [c for c in calls if "argv" in c and (c["argv"][0] == "exec" or "exec" in c["argv"][:3])]
     by_job = collections.defaultdict(list)
     for c in execs:
         by_job[c["env"].get("SLURM_JOB_ID")].append(c)
-    assert sorted(by_job) == sorted(jobs), "every job, and only jobs, called the container once"
-    image = tiny_run / "containers" / "specmatch.sif"
-    for i, (c,) in by_job.items():
-        argv = c["argv"]
+    assert sorted(by_job) == sorted(jobs), "every job, and only jobs, called the container"
+    image = slurm_run / "containers" / "specmatch.sif"
+    for i, job_calls in by_job.items():
+        assert len(job_calls) == 1, (rule_of[i], job_calls)
+        (c,) = job_calls
+        argv, n = c["argv"], gpus[rule_of[i]]
         assert "--nv" in argv and any(Path(c["cwd"], a).resolve() == image.resolve() for a in argv), argv
         binds = ",".join(argv[k + 1] for k, a in enumerate(argv) if a == "--bind")
-        assert str(tiny_run / "results") in binds.split(",") and str(tiny_run / "resources") in binds.split(","), binds
-        assert ("CUDA_VISIBLE_DEVICES" in c["env"]) == bool(gpus[rule_of[i]]), (rule_of[i], c["env"])
+        assert str(slurm_run / "results") in binds.split(",") and str(slurm_run / "resources") in binds.split(","), binds
+        # SLURM gives the job's GPUs to the container's command; only a multi-GPU rule starts torchrun.
+        devices = c["env"].get("CUDA_VISIBLE_DEVICES")
+        assert (0 if devices is None else len(devices.split(","))) == n, (rule_of[i], devices)
+        command = argv[-1]
+        launch = re.search(rf"torchrun --standalone --nproc-per-node={n} --no-python specmatch train-ae ", command)
+        assert bool(launch) == (n > 1) and ("torchrun" in command) == (n > 1), (rule_of[i], command)
+    ae = json.loads((slurm_run / "results" / "tiny" / "autoencoders" / SLURM_AE / "autoencoder.json").read_text())
+    assert ae["world_size"] == 2 and ae["generator_steps"] == 4, ae
 
-    sha = (tiny_run / "containers" / "specmatch.sif.sha256").read_text().split()[0]
+    sha = (slurm_run / "containers" / "specmatch.sif.sha256").read_text().split()[0]
     recorded = set()
-    for r in (tiny_run / "results" / "tiny").glob("**/provenance.json"):
-        if "runs" in r.relative_to(tiny_run).parts:
+    for r in (slurm_run / "results" / "tiny").glob("**/provenance.json"):
+        if "runs" in r.relative_to(slurm_run).parts:
             continue  # trainers' working folders
         prov = json.loads(r.read_text())
         recorded.add(prov["scheduler"]["slurm_job_id"])
