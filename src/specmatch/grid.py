@@ -111,7 +111,10 @@ def diffusion_run(resolved: Mapping[str, Any], name: str) -> dict[str, Any]:
     """The parameters of diffusion run `name` (an untrained baseline included): its `diffusions`
     entry with `train` over the shared `diffusion.train`, validated with defaults (`$defs/diff_run`),
     and the alignment that acts on it (`alignment.registry.effective`)."""
-    runs = _diffusion_entries(resolved)
+    return _diffusion_run(resolved, _diffusion_entries(resolved), name)
+
+
+def _diffusion_run(resolved: Mapping[str, Any], runs: Mapping[str, Any], name: str) -> dict[str, Any]:
     if name not in runs:
         raise SpecmatchError(f"no diffusion run {name!r} under `diffusions` (defined: {sorted(runs)})")
     entry = runs[name]
@@ -145,22 +148,27 @@ def _baseline_key(resolved: Mapping[str, Any], entry: Mapping[str, Any]) -> tupl
             bool(entry.get("conditional", False)), t.get("seed", 0))
 
 
-def untrained_baselines(resolved: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    """`report.baselines.untrained`: for each group of grid runs that share an autoencoder, a
-    network, a process and a seed (they differ in alignment or length only), the same network
-    untrained (train.steps 0: its seeded initial weights), sampled with every sampler of the
-    group, so that each generation number can be read against what no training gives. Named
-    after the group's first run, `<run>-untrained`."""
+def _baseline_groups(resolved: Mapping[str, Any]) -> dict[str, list[str]]:
+    """`<run>-untrained` -> the grid runs it stands for: those that share an autoencoder, a
+    network, a process and a seed (they differ in alignment or length only), named after the first."""
     defined = resolved.get("diffusions") or {}
     groups: dict[tuple, list[str]] = {}
     for name in resolved["grid"]["diffusions"]:
         if name in defined and not name.endswith(UNTRAINED):
             groups.setdefault(_baseline_key(resolved, defined[name]), []).append(name)
+    return {runs[0] + UNTRAINED: runs for runs in groups.values()}
+
+
+def untrained_baselines(resolved: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """`report.baselines.untrained`: for each group of grid runs (`_baseline_groups`), the same
+    network untrained (train.steps 0: its seeded initial weights), sampled with every sampler of
+    the group, so that each generation number can be read against what no training gives."""
+    defined = resolved.get("diffusions") or {}
     out = {}
-    for runs in groups.values():
+    for baseline, runs in _baseline_groups(resolved).items():
         first = defined[runs[0]]
         samplers = list(dict.fromkeys(s for r in runs for s in defined[r].get("samplers", [])))
-        out[runs[0] + UNTRAINED] = {"autoencoder": first["autoencoder"], "model": first["model"],
+        out[baseline] = {"autoencoder": first["autoencoder"], "model": first["model"],
                                     "process": copy.deepcopy(first["process"]),
                                     "conditional": first.get("conditional", False), "samplers": samplers,
                                     "train": {"steps": 0, "snapshot_steps": []}, "alignment": {"kind": "none"}}
@@ -308,8 +316,7 @@ class Grid:
 
     def untrained_of(self, diff: str) -> str | None:
         """The `-untrained` run that `diff` is read against, when the preset makes them."""
-        return next((b for b, of in self.untrained.items() if diff in of), None) if not diff.endswith(
-            UNTRAINED) else None
+        return next((b for b, of in self.untrained.items() if diff in of), None)
 
     @classmethod
     def build(cls, resolved: Mapping[str, Any]) -> "Grid":
@@ -326,15 +333,12 @@ class Grid:
         if undefined:
             raise SpecmatchError(f"grid.diffusions names undefined runs {undefined}; "
                                  f"defined: {sorted(resolved.get('diffusions') or {})}")
-        baselines = untrained_baselines(resolved) if resolved["report"]["baselines"]["untrained"] else {}
-        names = list(dict.fromkeys([*grid["diffusions"], *baselines]))
-        diffs = {n: diffusion_run(resolved, n) for n in names if entries[n]["autoencoder"] in aes}
+        groups = _baseline_groups(resolved) if resolved["report"]["baselines"]["untrained"] else {}
+        names = list(dict.fromkeys([*grid["diffusions"], *groups]))
+        diffs = {n: _diffusion_run(resolved, entries, n) for n in names if entries[n]["autoencoder"] in aes}
         samplers = {s: sampler(resolved, s) for s in resolved.get("samplers") or {}}
         samples = tuple((d, s) for d in diffs for s in diffs[d]["samplers"])
-        # Each baseline stands for the trained runs of its group (same autoencoder, network, process, seed).
-        untrained = {b: tuple(d for d in diffs if not d.endswith(UNTRAINED)
-                              and _baseline_key(resolved, entries[d]) == _baseline_key(resolved, baselines[b]))
-                     for b in baselines if b in diffs}
+        untrained = {b: tuple(d for d in runs if d in diffs) for b, runs in groups.items() if b in diffs}
         paths = Paths(f"{resolved['results']}/{resolved['preset']}")
         runs = cls(preset=resolved["preset"], paths=paths, datasets=datasets, autoencoders=_frozen(aes),
                    diffusions=_frozen(diffs), samplers=_frozen({s: samplers[s] for _, s in samples}),

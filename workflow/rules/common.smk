@@ -46,7 +46,7 @@ wildcard_constraints:
 
 def as_json(obj):
     """Parameters go to a stage as one JSON argument (quote it with {params.x:q})."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=dict)
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"))
 
 
 def names_regex(names):
