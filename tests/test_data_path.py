@@ -244,3 +244,22 @@ def test_shards_taken_into_a_split_are_linked_not_copied_and_hashed_as_written(t
     for j, s in enumerate(got["shards"]):
         a, b = (out / s["file"]).stat(), (work / f"shard-{j:05d}.npz").stat()
         assert (a.st_ino, a.st_nlink) == (b.st_ino, 2) and s["sha256"] == sha256_file(out / s["file"])
+
+
+def test_add_shard_takes_the_hash_its_caller_already_has(tmp_path):
+    """`add_shard(path, sha256)`: the record holds the hash given (the round-robin writer's, of
+    the same file), and it is the file's: the manifest equals the one that hashes the file."""
+    from specmatch.data.shards import ShardWriter, write_npz
+    from specmatch.runtime.hashing import sha256_file
+
+    images = np.random.default_rng(1).integers(0, 256, (3, 4, 4, 3), dtype=np.uint8)
+    shard = tmp_path / "shard-00000.npz"
+    write_npz(shard, {"images": images, "labels": np.array([0, 1, 2]), "sources": np.arange(3)})
+    digest = sha256_file(shard)
+    records = []
+    for name, given in (("a", None), ("b", digest)):
+        (tmp_path / name).mkdir()
+        w = ShardWriter(tmp_path / name, "samples", 4, shard_size=3)
+        w.add_shard(shard, given)
+        records.append(w.close())
+    assert records[0] == records[1] and records[1]["shards"][0]["sha256"] == digest

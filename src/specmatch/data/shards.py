@@ -72,12 +72,13 @@ class ShardWriter:
         self.shards.append({"file": name, "count": len(self._buf), "sha256": sha256_file(self.folder / name)})
         self._buf = []
 
-    def add_shard(self, path: Path) -> None:
+    def add_shard(self, path: Path, sha256: str | None = None) -> None:
         """Take a finished shard file (images, labels, sources) into the split as it is, without
         writing it again: hard-linked into the folder under the split's next shard name (moved
         where the file system cannot link, e.g. another device), its images and labels hashed
         in order as if written here. Stage outputs that are made of shards a job wrote before
-        (samples) are so stored once."""
+        (samples) are so stored once. `sha256`: the file's, where the caller has it already (the
+        shard writer's record), so a large sample set is not read a second time for it."""
         import shutil
 
         self._flush()
@@ -92,7 +93,8 @@ class ShardWriter:
             os.link(path, self.folder / name)
         except OSError:
             shutil.move(str(path), self.folder / name)
-        self.shards.append({"file": name, "count": int(len(labels)), "sha256": sha256_file(self.folder / name)})
+        self.shards.append({"file": name, "count": int(len(labels)),
+                            "sha256": sha256 or sha256_file(self.folder / name)})
 
     def close(self) -> dict[str, Any]:
         self._flush()

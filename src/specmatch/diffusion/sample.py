@@ -210,7 +210,7 @@ def _merge(p, fp, summary, ae_summary, model_dir, ae_dir, work, n, shards, name,
             shard = work / rec["file"]
             with np.load(shard, allow_pickle=False) as z:
                 nfe = max(nfe, int(z["nfe"].reshape(-1)[0]))
-            writer.add_shard(shard)  # linked, not copied: the sample set is stored once
+            writer.add_shard(shard, rec["sha256"])  # linked, not copied: the sample set is stored once
         entry = writer.close()
         write_manifest(tmp, {"schema": MANIFEST_SCHEMA, "name": name, "source": "samples", "resolution": res,
                              "classes": [], "num_classes": int(summary["num_classes"]), "splits": {SPLIT: entry},
