@@ -128,6 +128,49 @@ def test_scale_factor_on_a_known_distribution(tmp_path, trained, monkeypatch):
     assert capped["scale_elements"] == 5 * 4 * 16 * 16
 
 
+class _NoisyPosterior(torch.nn.Module):
+    """mu a fixed smooth field of std 0.05, sigma = 1: the samples are white noise to within 0.3%."""
+
+    def encode(self, x):
+        b = x.shape[0]
+        ramp = torch.linspace(-1, 1, 16)
+        mu = 0.05 * (ramp[None, :] + ramp[:, None]).expand(b, 4, 16, 16) / (ramp[None, :] + ramp[:, None]).std(correction=0)
+        return DiagonalGaussian(torch.cat([mu, torch.zeros(b, 4, 16, 16)], 1))
+
+    def decode(self, z):
+        return torch.zeros(len(z), 3, 32, 32)
+
+
+def test_sampled_latents_of_a_posterior_dominated_by_its_noise(tmp_path, trained, monkeypatch):
+    """The latents the diffusion model sees are posterior samples: with sigma 20 times the spread
+    of mu they are white noise, whose spectrum distribution is flat (equal mean power in every
+    band; band 0 has its DC cell zeroed), while mu's is steep. The noise-to-signal ratio is
+    sigma_rms / std(mu) = 1 / 0.05 exactly."""
+    data, ae_dir = trained
+    summary = json.loads((ae_dir / "autoencoder.json").read_text())
+    monkeypatch.setattr(evaluate.artifact, "load", lambda *a, **k: (_NoisyPosterior(), summary))
+    res = evaluate.evaluate({**RUN, "eval": {**RUN["eval"], "lowpass_ks": [0]}}, ae_dir, data, "noisy",
+                            tmp_path / "ev")
+    s = res["sampled_latents"]
+    assert s["sigma_rms"] == pytest.approx(1.0, rel=1e-9) and s["mu_std"] == pytest.approx(0.05, rel=1e-5)
+    assert s["noise_to_signal"] == pytest.approx(20.0, rel=1e-5)
+    counts = spectral.bin_counts(16, 16).double()
+    flat = torch.where(counts > 0, 1.0, 0.0)
+    flat[0] = (counts[0] - 1) / counts[0]
+    flat = (flat / flat.sum()).numpy()
+    # 9 images x 4 channels: a band of c cells is a mean of 36 c squared normals (sd sqrt(2 / 36 c)).
+    sd = np.sqrt(2 / (36 * counts.clamp_min(1).numpy()))
+    valid = counts.numpy() > 0
+    assert np.all(np.abs(np.asarray(s["distribution"])[valid] / flat[valid] - 1) < 4 * sd[valid] + 0.05)
+    assert abs(s["psd_exponent"]) < 0.1 < abs(res["latent_spectrum"]["psd_exponent"])
+    rec = evaluate.read(tmp_path / "ev")
+    assert rec.sampled.noise_to_signal == s["noise_to_signal"] and rec.sampled_flatness_bootstrap.n == 20
+    # Flatter than the image target (a negative exponent): the premise of ESM holds for these latents.
+    assert rec.sampled.psd_exponent - rec.latent_spectrum.target_exponent > 0
+    b = rec.sampled_flatness_bootstrap
+    assert (b.low + b.high) / 2 == pytest.approx(rec.sampled.psd_exponent - rec.latent_spectrum.target_exponent)
+
+
 @pytest.mark.slow
 def test_latent_cache_same_with_two_processes(tmp_path, trained):
     """torchrun with 2 gloo processes writes the cache one process writes (shards round-robin,

@@ -200,7 +200,10 @@ DIFFS = {"u-sdvae": ("ae-sdvae", "UViT-tiny/2", "none", {"dpm": (101.0, 128, 1.0
          # untrained twins (report.baselines.untrained): the U-ViT learned, the SiT did not (201 vs 205 +- 2)
          "u-sdvae-untrained": ("ae-sdvae", "UViT-tiny/2", "none", {"dpm": (300.0, 128, 1.0)}),
          "s-dsm-untrained": ("ae-dsm", "SiT-tiny/2", "none", {"sde": (205.0, 128, 1.0), "sde-cfg": (206.0, 128, 2.0)})}
-STD = {"kl": 0.01, "lp": 0.5, "gen": 2.0}  # bootstrap standard errors of the fixture's numbers
+STD = {"kl": 0.01, "lp": 0.5, "gen": 2.0, "flat": 0.05}  # bootstrap standard errors of the fixture's numbers
+# The latents the diffusion models see (eval-ae's posterior samples): PSD exponent against the
+# target's -1.5; SD-VAE's are flatter by 0.3 (6 standard errors): C4's premise holds.
+TARGET_EXPONENT, SAMPLED_EXPONENT = -1.5, {"ae-sdvae": -1.2, "ae-esm": -1.45, "ae-dsm": -2.2}
 TARGETS = {"repa": (0.0123, -0.5), "irepa": (0.5123, -0.25), "dog": (0.3123, 0.75)}
 PARAMS = {"experiments": {"E1": {"autoencoders": list(AES), "diffusions": ["u-sdvae", "u-esm", "u-dsm"]},
                           "E2": {"autoencoders": ["ae-dsm"], "diffusions": ["s-dsm"]},
@@ -266,11 +269,17 @@ def stage_outputs(tmp_path_factory, micro_latents):
             "lowpass_metric": f"r{METRIC} between LP_k(x) and Dec(LP_k(mu))",
             "latent_spectrum": {"grid": [16, 16], "n_bins": 16, "delta": 1.0, "valid_bins": valid,
                                 "latent_distribution": _dist(i + 1, valid), "target_distribution": _dist(9, valid),
-                                "kl_target_to_latent": kl, "esm_loss_mean": kl + 0.001, "psd_exponent": pe},
+                                "kl_target_to_latent": kl, "esm_loss_mean": kl + 0.001, "psd_exponent": pe,
+                                "target_exponent": TARGET_EXPONENT},
+            "sampled_latents": {"draw": "z = mu + sigma * eps, one draw per image", "distribution": _dist(i + 5, valid),
+                                "kl_target_to_latent": 2 * kl, "psd_exponent": SAMPLED_EXPONENT[ae],
+                                "sigma_rms": 0.5, "mu_std": 1.0, "noise_to_signal": 0.5},
             "protocol": {"split": "test", "n_images": 128, "metric": METRIC, "weights_sha256": W,
                          "feature_net": "efficientnet-lite0-128"},
             "bootstrap": {f"r{METRIC}": _boot(STD["lp"], rfd), "lowpass": {k: _boot(STD["lp"], v) for k, v in lp.items()},
-                          "kl_target_to_latent": _boot(STD["kl"], kl)}})
+                          "kl_target_to_latent": _boot(STD["kl"], kl),
+                          "sampled_kl_target_to_latent": _boot(STD["kl"], 2 * kl),
+                          "sampled_exponent_minus_target": _boot(STD["flat"], SAMPLED_EXPONENT[ae] - TARGET_EXPONENT)}})
         np.savez(d / "reconstructions.npz", originals=originals,
                  reconstructions=np.clip(originals.astype(int) + 20 * (i + 1), 0, 255).astype(np.uint8))
     for diff, (ae, model, kind, samplers) in DIFFS.items():
@@ -593,7 +602,10 @@ def test_claims_section_judges_each_claim_by_its_uncertainty(report):
     assert list(by["C2"]["verdict"]) == ["supported"] and by["C2"]["z"].iloc[0] == pytest.approx(0.1 / np.hypot(
         STD["kl"], STD["kl"]), rel=1e-3)
     assert list(by["C3"]["verdict"]) == ["contradicted"] and "k=12" in by["C3"]["evidence"].iloc[0]
+    assert list(by["C4-premise"]["verdict"]) == ["supported"]
+    assert by["C4-premise"]["z"].iloc[0] == pytest.approx(0.3 / STD["flat"], rel=1e-3)
     assert sorted(by["C4"]["verdict"]) == ["not resolved at this N"] * 2
+    assert "C4c" not in by  # no control autoencoder in this grid
     assert len(by["C5"]) == 1 and len(by["C6"]) == 2
     assert all(v.startswith("not resolved: the runs did not learn") for v in list(by["C5"]["verdict"]) +
                list(by["C6"]["verdict"]))
@@ -607,4 +619,56 @@ def test_claims_section_judges_each_claim_by_its_uncertainty(report):
     assert e1.loc["u-sdvae", "gap_closed"] == pytest.approx(199 / 250, rel=1e-4)
     page = (out / "index.md").read_text()
     assert "## Claims" in page and page.index("## Claims") < page.index("## E1")
-    assert "Not tested" not in page  # every claim has a row here; the small preset's report lists C6 as not tested
+    # Every claim has a row here but the control comparison (no control autoencoder in this grid).
+    assert [line.split(":")[0] for line in page.splitlines() if "Not tested" in line] == ["- C4c"]
+
+
+def _claim_eval(name, variant, psnr, flat, flat_std=0.05, dataset="ds"):
+    from types import SimpleNamespace
+
+    from specmatch.metrics.bootstrap import Bootstrap
+
+    return SimpleNamespace(
+        name=name, variant=variant, dataset=dataset, config="tiny", n=128, psnr=psnr,
+        latent_spectrum=SimpleNamespace(psd_exponent=-2.5, target_exponent=-1.5, kl_target_to_latent=0.05),
+        sampled=SimpleNamespace(psd_exponent=-1.5 + flat, kl_target_to_latent=0.06, noise_to_signal=0.6),
+        sampled_flatness_bootstrap=Bootstrap(20, flat_std, flat - 0.1, flat + 0.1, 0))
+
+
+def _claim_gen(diffusion, autoencoder, value):
+    return {"diffusion": diffusion, "autoencoder": autoencoder, "value": value, "value_std": 1.0, "untrained": 300.0,
+            "untrained_std": 1.0, "model": "UViT-tiny/2", "process": "vp-linear", "trained_steps": 100,
+            "sampler": "dpm-solver", "steps": 20, "cfg_scale": 1.0, "cfg_interval": "0-1", "n_samples": 512,
+            "metric": METRIC, "protocol": "pytorch-fid"}
+
+
+@pytest.mark.parametrize("flat, premise", [(0.3, "supported"), (0.02, "not resolved at this N"),
+                                            (-0.3, "contradicted")])
+def test_c4_is_judged_only_where_its_premise_holds_and_against_the_control(flat, premise):
+    """C4 ("ESM latents are more diffusable than SD-VAE's") needs SD-VAE's sampled latents to be
+    flatter than the target; where they are not (the premise row is not supported), C4 reads
+    "not tested" whatever the generation numbers say. C4c against the no-KL control is judged
+    regardless, and a verdict names a reconstruction more than 1 dB worse than its base's."""
+    from specmatch.report import claims
+
+    evals = {"sd": _claim_eval("sd", "sdvae", 27.0, flat), "esm": _claim_eval("esm", "esm", 25.5, -0.1),
+             "ctl": _claim_eval("ctl", "ae", 25.8, -0.4)}
+    gen = [_claim_gen("u-sd", "sd", 120.0), _claim_gen("u-esm", "esm", 100.0), _claim_gen("u-ctl", "ctl", 110.0)]
+
+    class Inputs:
+        ae_eval = evals
+
+    rows = claims.premise(Inputs, list(evals))
+    assert [(r["claim"], r["verdict"]) for r in rows] == [("C4-premise", premise)]
+    assert rows[0]["z"] == pytest.approx(flat / 0.05, rel=1e-3)
+    by = {r["claim"]: r for r in claims.diffusability(gen, evals)}
+    assert set(by) == {"C4", "C4c"}
+    # 100 +- 1 against 120 +- 1 and 110 +- 1: z = 20 / sqrt(2) and 10 / sqrt(2).
+    assert by["C4c"]["z"] == pytest.approx(10 / np.sqrt(2), rel=1e-3) and by["C4c"]["verdict"] == "supported"
+    if premise == "supported":
+        assert by["C4"]["verdict"].startswith("supported") and by["C4"]["z"] == pytest.approx(20 / np.sqrt(2), rel=1e-3)
+    else:
+        assert by["C4"]["verdict"].startswith(claims.NOT_TESTED)
+    # ESM reconstructs 1.5 dB worse than SD-VAE (more than RECON_GAP_DB), 0.3 dB worse than the control.
+    assert "confounded: esm reconstructs 1.5 dB worse" in by["C4"]["verdict"]
+    assert "confounded" not in by["C4c"]["verdict"]

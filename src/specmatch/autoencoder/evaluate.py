@@ -8,7 +8,12 @@ One pass over the held-out split with deterministic reconstructions (the posteri
   image is);
 - the latent's spectrum distribution (training setting) against the image's delta-tilted target
   at the latent grid: the mean distributions, KL(target || latent) of the means, the mean
-  per-image ESM loss, and the PSD exponent of the latent;
+  per-image ESM loss, and the PSD exponents of the latent and of the target;
+- the same for the latents a diffusion model is trained on, posterior samples z = mu + sigma * eps
+  (one draw per image, seeded by the evaluation seed and the batch): a posterior whose noise is
+  large against the spread of mu flattens the spectrum the diffusion model sees, which the
+  mean's spectrum does not show (docs/method.md §8, "the latents the diffusion model sees");
+  and the posterior noise against the signal, sigma_rms / std(mu) over all latent elements;
 - the first `n_reconstructions` held-out images with their reconstructions (reconstructions.npz,
   uint8, and reconstructions.png: originals above reconstructions), for the report's figures.
 """
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +40,7 @@ from ..metrics.bootstrap import Bootstrap
 from ..metrics.fid import extract, frechet_distance, statistics
 from ..runtime.distributed import resolve_device
 from ..metrics.recon import ReconAccumulator, load_lpips
-from ..runtime import atomic
+from ..runtime import atomic, seeding
 from ..runtime.hashing import ImageStreamHash
 from ..runtime.jsonfile import get_key, read_json
 from ..runtime.provenance import Provenance
@@ -63,6 +69,25 @@ class LatentSpectrum:
     kl_target_to_latent: float
     esm_loss_mean: float
     psd_exponent: float
+    target_exponent: float
+
+
+@dataclass(frozen=True)
+class SampledLatents:
+    """What the diffusion model is trained on: one posterior sample per evaluated image. Their
+    spectrum distribution, KL(target || sampled) and PSD exponent (training setting, the target
+    of `LatentSpectrum`), and the posterior noise against the signal: `sigma_rms` = sqrt(mean
+    sigma^2), `mu_std` = std(mu), both over all latent elements, `noise_to_signal` their ratio.
+    `psd_exponent` is the slope of the mean distribution, as `LatentSpectrum.target_exponent`
+    is of the target's, so that the two compare (`LatentSpectrum.psd_exponent`, of mu, is
+    fitted to the mean band energies)."""
+
+    distribution: list[float]
+    kl_target_to_latent: float
+    psd_exponent: float
+    sigma_rms: float
+    mu_std: float
+    noise_to_signal: float
 
 
 @dataclass(frozen=True)
@@ -85,6 +110,7 @@ class AEEvaluation:
     distance: float
     lowpass: dict[int, float]
     latent_spectrum: LatentSpectrum
+    sampled: SampledLatents
     protocol: dict[str, Any]
     folder: Path
     objective: dict[str, Any]  # the trained objective's fields (autoencoder.objectives.Objective)
@@ -92,6 +118,10 @@ class AEEvaluation:
     distance_bootstrap: Bootstrap | None = None
     lowpass_bootstrap: dict[int, Bootstrap] | None = None
     kl_bootstrap: Bootstrap | None = None
+    # Of the sampled latents: KL(target || sampled), and their PSD exponent minus the target's
+    # (positive: flatter than the target, the "over-noisy" latents of docs/method.md §8).
+    sampled_kl_bootstrap: Bootstrap | None = None
+    sampled_flatness_bootstrap: Bootstrap | None = None
 
     @property
     def reconstructions(self) -> Path:
@@ -104,7 +134,9 @@ def _read_bootstrap(m: dict[str, Any], key: str) -> dict[str, Any]:
         return {}
     return {"distance_bootstrap": Bootstrap.from_json(b[key]),
             "lowpass_bootstrap": {int(k): Bootstrap.from_json(v) for k, v in b["lowpass"].items()},
-            "kl_bootstrap": Bootstrap.from_json(b["kl_target_to_latent"])}
+            "kl_bootstrap": Bootstrap.from_json(b["kl_target_to_latent"]),
+            "sampled_kl_bootstrap": Bootstrap.from_json(b["sampled_kl_target_to_latent"]),
+            "sampled_flatness_bootstrap": Bootstrap.from_json(b["sampled_exponent_minus_target"])}
 
 
 def distance_name(metric: str) -> str:
@@ -136,7 +168,14 @@ def read(folder: str | Path) -> AEEvaluation:
                 target_distribution=list(get("latent_spectrum.target_distribution")),
                 kl_target_to_latent=float(get("latent_spectrum.kl_target_to_latent")),
                 esm_loss_mean=float(get("latent_spectrum.esm_loss_mean")),
-                psd_exponent=float(get("latent_spectrum.psd_exponent"))),
+                psd_exponent=float(get("latent_spectrum.psd_exponent")),
+                target_exponent=float(get("latent_spectrum.target_exponent"))),
+            sampled=SampledLatents(
+                distribution=list(get("sampled_latents.distribution")),
+                kl_target_to_latent=float(get("sampled_latents.kl_target_to_latent")),
+                psd_exponent=float(get("sampled_latents.psd_exponent")),
+                sigma_rms=float(get("sampled_latents.sigma_rms")), mu_std=float(get("sampled_latents.mu_std")),
+                noise_to_signal=float(get("sampled_latents.noise_to_signal"))),
             protocol=dict(get("protocol")), folder=folder, objective=dict(get("objective")),
             **_read_bootstrap(m, key))
     except (TypeError, ValueError, KeyError) as e:
@@ -159,18 +198,25 @@ def evaluate(run: dict[str, Any], ae_dir: str | Path, dataset: str | Path, name:
     blk = 8
     lp_feats: dict[int, dict[str, list[np.ndarray]]] = {k: {"real": [], "recon": []} for k in ks}
     p_lat, p_tgt, esm, energies = [], [], [], []
+    p_smp = []
+    noise = torch.zeros(4, dtype=torch.float64)  # elements, sum sigma^2, sum mu, sum mu^2
     hasher = None
     n_bins, delta = e["n_bins"], e["delta"]
     shown: dict[str, list[np.ndarray]] = {"originals": [], "reconstructions": []}
     n_shown = 0
     with torch.no_grad():
         batches = iter_image_batches(dataset, e["split"], e["batch_size"], e["max_images"], e["seed"])
-        for images in tqdm(batches, desc=f"eval-ae {name}", unit="batch"):
+        for i_batch, images in enumerate(tqdm(batches, desc=f"eval-ae {name}", unit="batch")):
             if hasher is None:
                 hasher = ImageStreamHash(images.shape[1:])
             hasher.update(images)
             x = to_float(images, dev)
-            mu = ae.encode(x).mean
+            posterior = ae.encode(x)
+            mu = posterior.mean
+            draw = torch.Generator(device=dev).manual_seed(seeding.step_seed(e["seed"], i_batch, "eval-posterior"))
+            z = posterior.sample(draw).float()
+            noise += torch.stack([torch.tensor(float(mu.numel())), posterior.var.double().sum().cpu(),
+                                  mu.double().sum().cpu(), mu.double().pow(2).sum().cpu()])
             recon = to_uint8(ae.decode(mu))
             acc.add(images, recon)
             take = min(len(images), e["n_reconstructions"] - n_shown)
@@ -192,13 +238,17 @@ def evaluate(run: dict[str, Any], ae_dir: str | Path, dataset: str | Path, name:
             p_lat.append(spectral.distribution_from_energies(e_z).double().cpu())
             p_tgt.append(spectral.distribution_from_energies(spectral.delta_tilt(e_x, delta)).double().cpu())
             energies.append(e_z.double().cpu())
+            p_smp.append(spectral.distribution_from_energies(
+                spectral.band_energies(z, n_bins, **spectral.TRAINING)).double().cpu())
             # esm_loss is the batch mean of the per-image KLs: weight it by the batch size.
             esm.append(float(spectral.esm_loss(x, mu.float(), delta, n_bins)) * len(x))
     if hasher is None:
         raise SpecmatchError(f"{dataset}: split {e['split']!r} has no images")
     rec = acc.summary()
     valid = spectral.bin_counts(h, w, n_bins) > 0
-    pz, px = torch.cat(p_lat).mean(0), torch.cat(p_tgt).mean(0)
+    pz, px, ps = torch.cat(p_lat).mean(0), torch.cat(p_tgt).mean(0), torch.cat(p_smp).mean(0)
+    n_el, s_var, s_mu, s_mu2 = noise.tolist()
+    sigma_rms, mu_std = math.sqrt(s_var / n_el), math.sqrt(max(s_mu2 / n_el - (s_mu / n_el) ** 2, 0.0))
     metric = net.spec.metric
     result = {
         "name": name, "autoencoder": summary["name"], "variant": summary["variant"], "config": summary["config"]["name"],
@@ -213,6 +263,14 @@ def evaluate(run: dict[str, Any], ae_dir: str | Path, dataset: str | Path, name:
             "kl_target_to_latent": float(spectral.kl_divergence(px, pz, valid)),
             "esm_loss_mean": sum(esm) / rec["n"],
             "psd_exponent": float(spectral.psd_slope(torch.cat(energies).mean(0), valid)[0]),
+            "target_exponent": float(spectral.psd_slope(px, valid)[0]),
+        },
+        "sampled_latents": {
+            "draw": "z = mu + sigma * eps, one draw per image",
+            "distribution": ps.tolist(), "kl_target_to_latent": float(spectral.kl_divergence(px, ps, valid)),
+            "psd_exponent": float(spectral.psd_slope(ps, valid)[0]),
+            "sigma_rms": sigma_rms, "mu_std": mu_std,
+            "noise_to_signal": sigma_rms / mu_std if mu_std > 0 else math.inf,
         },
         "protocol": {"split": e["split"], "n_images": rec["n"], "images_sha256": hasher.hexdigest(),
                      "reconstruction": "posterior mean (deterministic)", "weights": "ema" if (
@@ -222,7 +280,8 @@ def evaluate(run: dict[str, Any], ae_dir: str | Path, dataset: str | Path, name:
                                                           "heads_sha256": lpips.heads_sha256}},
     }
     if e["bootstrap"]:
-        result["bootstrap"] = _bootstraps(e["bootstrap"], e["seed"], metric, acc, lp_feats, p_tgt, p_lat, valid)
+        result["bootstrap"] = _bootstraps(e["bootstrap"], e["seed"], metric, acc, lp_feats, p_tgt, p_lat, valid,
+                                          p_smp)
     prov = Provenance("eval-ae", name, run, seeds={"eval": e["seed"]})
     prov.add_input(ae_dir, "autoencoder")
     prov.add_input(dataset, "dataset")
@@ -239,21 +298,29 @@ def evaluate(run: dict[str, Any], ae_dir: str | Path, dataset: str | Path, name:
 
 
 def _bootstraps(n_boot: int, seed: int, metric: str, acc: ReconAccumulator, lp_feats, p_tgt, p_lat,
-                valid) -> dict[str, Any]:
+                valid, p_smp) -> dict[str, Any]:
     """Half-sample bootstraps over the evaluated images (metrics.bootstrap): the reconstruction
-    distance and each low-pass distance (image i with its own reconstruction on both sides), and
-    KL(target || latent) of the mean distributions."""
+    distance and each low-pass distance (image i with its own reconstruction on both sides),
+    KL(target || latent) of the mean distributions for mu and for the sampled latents, and the
+    sampled latents' PSD exponent minus the target's."""
     real, recon = (np.concatenate(acc.feats[k]) for k in ("real", "recon"))
-    px, pz = torch.cat(p_tgt), torch.cat(p_lat)
+    px, pz, ps = torch.cat(p_tgt), torch.cat(p_lat), torch.cat(p_smp)
 
-    def kl(idx) -> float:
+    def kl(idx, latent=pz) -> float:
         i = torch.as_tensor(np.asarray(idx))
-        return float(spectral.kl_divergence(px[i].mean(0), pz[i].mean(0), valid))
+        return float(spectral.kl_divergence(px[i].mean(0), latent[i].mean(0), valid))
+
+    def flatness(idx) -> float:
+        i = torch.as_tensor(np.asarray(idx))
+        return float(spectral.psd_slope(ps[i].mean(0), valid)[0] - spectral.psd_slope(px[i].mean(0), valid)[0])
 
     return {distance_name(metric): bootstrap.paired(real, recon, n_boot, seed).to_json(),
             "lowpass": {str(k): bootstrap.paired(np.concatenate(f["real"]), np.concatenate(f["recon"]), n_boot,
                                                  seed).to_json() for k, f in lp_feats.items()},
-            "kl_target_to_latent": bootstrap.of_statistic(len(px), kl, n_boot, seed).to_json()}
+            "kl_target_to_latent": bootstrap.of_statistic(len(px), kl, n_boot, seed).to_json(),
+            "sampled_kl_target_to_latent": bootstrap.of_statistic(len(px), lambda i: kl(i, ps), n_boot,
+                                                                  seed).to_json(),
+            "sampled_exponent_minus_target": bootstrap.of_statistic(len(px), flatness, n_boot, seed).to_json()}
 
 
 def _stats(chunks: list[np.ndarray]):

@@ -8,6 +8,9 @@ One generator step of every variant is the same computation with different switc
 where x' is the step's image target and x^ the decoded latent. The variants differ in how a
 step picks its "shared mask" (the spectral view of the paper, docs/method.md §4):
 - `sdvae`: none (x' = x, decode z), KL 1e-6.
+- `ae`: the control of the spectral variants: SD-VAE's objective without its KL term (KL 0, as
+  ESM and DSM have), so that a comparison with it separates the spectral term from the posterior
+  noise that the KL term keeps (the report's claim C4c).
 - `esm`: none; ESM loss on the sampled latent against the image's delta-tilted spectrum, KL 0.
 - `dsm`: k drawn per step from `dsm_ks`; k > 0 low-passes image and latent with the same block
   DCT mask (x' = LP_k(x), decode LP_k(z)); the discriminator's real input is x' too. KL 0.
@@ -40,6 +43,7 @@ MASK_DRAWS = ("shared", "per-rank")
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "sdvae": {"kl_weight": 1e-6},
+    "ae": {"kl_weight": 0.0},
     "esm": {"kl_weight": 0.0, "esm_weight": 0.01},
     "dsm": {"kl_weight": 0.0, "dsm_ks": [0, 8, 10, 12]},
     "scale_eq": {"kl_weight": 1e-6, "scale_factors": [1, 2]},
