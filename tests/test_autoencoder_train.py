@@ -178,10 +178,15 @@ def test_fingerprint_keeps_the_value_that_keys_existing_run_folders():
     before the function moved here (from `config.ae_fingerprint`) must not change."""
     run = train.config_mod.validate(run_params(), "ae_run")
     assert train.fingerprint(run, "a" * 64) == "b2a7b111d0d5839766ac5cacea2d2c700423af8662df51adbf4a0349e9004e50"
-    # the run's length and its bookkeeping intervals continue the same run; the data do not
-    longer = {**run, "train": {**run["train"], "steps": 99, "checkpoint_every": 7, "log_every": 3}}
+    # With a constant schedule the run's length (which checkpoints record and resume compares:
+    # tests/test_run_identity.py), its bookkeeping intervals and train.extend keep the run's
+    # folder; the data do not, nor does the length where the schedule depends on it.
+    longer = {**run, "train": {**run["train"], "steps": 99, "checkpoint_every": 7, "log_every": 3, "extend": True}}
     assert train.fingerprint(longer, "a" * 64) == train.fingerprint(run, "a" * 64)
     assert train.fingerprint(run, "b" * 64) != train.fingerprint(run, "a" * 64)
+    cosine = {**run, "train": {**run["train"], "lr_decay": "cosine"}}
+    assert train.fingerprint({**cosine, "train": {**cosine["train"], "steps": 99}}, "a" * 64) != train.fingerprint(
+        cosine, "a" * 64)
 
 
 def test_adaptive_weight_against_hand_gradients():

@@ -9,6 +9,7 @@ the `tiny` networks; the code path is the product's, only the sizes differ.
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 
 import numpy as np
@@ -20,7 +21,7 @@ from specmatch.autoencoder import latents
 from specmatch.cli import main as cli_main
 from specmatch.diffusion import artifact, models, train
 from specmatch.errors import SpecmatchError
-from specmatch.runtime import checkpoint, distributed
+from specmatch.runtime import checkpoint, distributed, signals
 from specmatch.runtime.training import batch_indices
 
 from conftest import MICRO_AE_RUN, assert_bitwise, kill_and_resume, sigterm_run, torchrun_command, weights
@@ -118,8 +119,14 @@ def test_runs_root_keys_the_run_folder_by_params_and_latents(tmp_path, micro):
     data, ae_dir, lat = micro
     params = uvit(steps=1, batch_size=4)
     root = tmp_path / "runs"
-    code = cli_main(["train-diffusion", "--latents", str(lat), "--runs-root", str(root), "--out",
-                     str(tmp_path / "o1"), "--name", "a", "--params", json.dumps(params)])
+    # In-process, the CLI's early stop handlers (SIGINT among them) would outlive the command.
+    before = {s: signal.getsignal(s) for s in signals.STOP_SIGNALS}
+    try:
+        code = cli_main(["train-diffusion", "--latents", str(lat), "--runs-root", str(root), "--out",
+                         str(tmp_path / "o1"), "--name", "a", "--params", json.dumps(params)])
+    finally:
+        for s, h in before.items():
+            signal.signal(s, h if h is not None else signal.SIG_DFL)
     assert code == 0
     fp1 = _fingerprint(params, lat)
     assert [p.name for p in root.iterdir()] == [fp1[:12]]
@@ -171,11 +178,15 @@ def test_fingerprint_sees_only_the_alignment_that_acts():
 
 
 def test_snapshot_steps_and_run_length_leave_the_fingerprint_alone():
+    """...with a constant schedule, whose checkpoints serve every length (train.extend); with a
+    cosine one the length shapes every update, so it is part of the run."""
     a = config.validate(uvit(), "diff_run")
-    b = config.validate(uvit(steps=40, snapshot_steps=[2], checkpoint_every=5, log_every=3), "diff_run")
-    assert a["train"]["snapshot_steps"] == []
+    b = config.validate(uvit(steps=40, snapshot_steps=[2], checkpoint_every=5, log_every=3, extend=True), "diff_run")
+    assert a["train"]["snapshot_steps"] == [] and a["train"]["extend"] is False
     assert train.fingerprint(a, "x") == train.fingerprint(b, "x")
     assert train.fingerprint(a, "x") != train.fingerprint(config.validate(uvit(lr=2e-3), "diff_run"), "x")
+    assert (train.fingerprint(config.validate(uvit(lr_decay="cosine"), "diff_run"), "x")
+            != train.fingerprint(config.validate(uvit(steps=40, lr_decay="cosine"), "diff_run"), "x"))
 
 # --------------------------------------------------------------------------- what the network sees
 

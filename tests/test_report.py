@@ -70,11 +70,13 @@ def test_snapshots_hold_the_ema_weights_of_their_step(tmp_path, micro_latents):
 def test_snapshots_survive_a_resume_and_are_recovered_from_kept_checkpoints(tmp_path, micro_latents):
     lat = micro_latents[2]
     ref = train.train(uvit(steps=4, snapshot_steps=[1, 2, 3]), lat, tmp_path / "ref", "r", run_dir=tmp_path / "rr")
-    # Interrupted after step 2 (the output of a 2-step run stands in for the kill): its snapshot of
-    # step 1 stays in the run folder; step 2's is taken from the step-2 checkpoint; 3 comes later.
+    # Interrupted after step 2 (the output of a 2-step run stands in for the kill, continued with
+    # train.extend: the schedule is constant): its snapshot of step 1 stays in the run folder;
+    # step 2's is taken from the step-2 checkpoint; 3 comes later.
     train.train(uvit(steps=2, snapshot_steps=[1]), lat, tmp_path / "part", "p", run_dir=tmp_path / "run")
     assert artifact.snapshot_path(tmp_path / "run", 1).is_file() and not artifact.snapshot_path(tmp_path / "run", 2).exists()
-    resumed = train.train(uvit(steps=4, snapshot_steps=[1, 2, 3]), lat, tmp_path / "out", "p", run_dir=tmp_path / "run")
+    resumed = train.train(uvit(steps=4, snapshot_steps=[1, 2, 3], extend=True), lat, tmp_path / "out", "p",
+                          run_dir=tmp_path / "run")
     assert resumed["snapshots"]["steps"] == ref["snapshots"]["steps"] == [1, 2, 3]
     for s in (1, 2, 3):
         assert_bitwise(load_file(artifact.snapshot_path(tmp_path / "out", s)),
@@ -83,7 +85,7 @@ def test_snapshots_survive_a_resume_and_are_recovered_from_kept_checkpoints(tmp_
     # A step that neither a snapshot nor a kept checkpoint remembers cannot be made any more.
     train.train(uvit(steps=3, checkpoint_every=100), lat, tmp_path / "x", "x", run_dir=tmp_path / "run3")
     with pytest.raises(SpecmatchError, match=r"snapshot_steps \[1\] precede .*run3"):
-        train.train(uvit(steps=4, checkpoint_every=100, snapshot_steps=[1]), lat, tmp_path / "y", "x",
+        train.train(uvit(steps=4, checkpoint_every=100, snapshot_steps=[1], extend=True), lat, tmp_path / "y", "x",
                     run_dir=tmp_path / "run3")
     with pytest.raises(SpecmatchError, match=r"snapshot_steps \[9\] of x lie beyond train.steps=4"):
         train.train(uvit(steps=4, snapshot_steps=[9]), lat, tmp_path / "y", "x", run_dir=tmp_path / "run9")
@@ -620,7 +622,8 @@ def test_claims_section_judges_each_claim_by_its_uncertainty(report):
     page = (out / "index.md").read_text()
     assert "## Claims" in page and page.index("## Claims") < page.index("## E1")
     # Every claim has a row here but the control comparison (no control autoencoder in this grid).
-    assert [line.split(":")[0] for line in page.splitlines() if "Not tested" in line] == ["- C4c"]
+    # (C0 needs band-error outputs: tests/test_band_error_stage.py and the tiny DAG).
+    assert [line.split(":")[0] for line in page.splitlines() if "Not tested" in line] == ["- C0", "- C4c"]
 
 
 def _claim_eval(name, variant, psnr, flat, flat_std=0.05, dataset="ds"):
@@ -672,3 +675,40 @@ def test_c4_is_judged_only_where_its_premise_holds_and_against_the_control(flat,
     # ESM reconstructs 1.5 dB worse than SD-VAE (more than RECON_GAP_DB), 0.3 dB worse than the control.
     assert "confounded: esm reconstructs 1.5 dB worse" in by["C4"]["verdict"]
     assert "confounded" not in by["C4c"]["verdict"]
+
+
+@pytest.mark.parametrize("c0, verdict", [
+    ({"learned": 0.5, "learned_se": 0.1, "high_minus_low_mid": 0.3, "high_minus_low_mid_se": 0.1,
+      "t_half_low_mid": 40.0, "t_half_high": 120.0}, "supported"),
+    ({"learned": 0.5, "learned_se": 0.1, "high_minus_low_mid": 0.3, "high_minus_low_mid_se": 0.1,
+      "t_half_low_mid": 40.0, "t_half_high": None}, "supported"),  # the high bands never improved
+    ({"learned": 0.5, "learned_se": 0.1, "high_minus_low_mid": 0.3, "high_minus_low_mid_se": 0.1,
+      "t_half_low_mid": 130.0, "t_half_high": 120.0}, "contradicted"),  # learned later, though worse
+    ({"learned": 0.5, "learned_se": 0.1, "high_minus_low_mid": -0.3, "high_minus_low_mid_se": 0.1,
+      "t_half_low_mid": 40.0, "t_half_high": 120.0}, "contradicted"),
+    ({"learned": 0.5, "learned_se": 0.1, "high_minus_low_mid": 0.1, "high_minus_low_mid_se": 0.1,
+      "t_half_low_mid": 40.0, "t_half_high": 120.0}, "not resolved at this N"),
+    ({"learned": 0.1, "learned_se": 0.1, "high_minus_low_mid": 0.3, "high_minus_low_mid_se": 0.1,
+      "t_half_low_mid": 40.0, "t_half_high": 120.0}, "not tested: the run did not learn at this length"),
+])
+def test_c0_verdict_follows_its_definition(c0, verdict):
+    """docs/band-error.md: C0 needs the run to have learned, the high bands' loss-weighted error
+    above the low and mid bands' by 2 standard errors at the final weights, and the low and mid
+    bands' median half-improvement step before the high bands'."""
+    from specmatch.diffusion import band_error, band_error_stage, transport
+    from specmatch.report import claims
+
+    x0 = torch.randn(8, 1, 8, 8, dtype=torch.float64)
+    path = transport.make_path("vp-linear")
+    P, _ = band_error.coefficient_power(x0)
+    result = band_error.measure(band_error.wiener_model_fn(P, path), path, x0, [0.2, 0.8], n_bins=4, n_boot=4)
+    c0 = {**c0, "rho_final": {"low": 1.0, "mid": 1.1, "high": 1.3}}
+
+    class Inputs:
+        band_error = {"u": ({"diffusion": "u", "trained_steps": 160, "c0": c0},
+                            [band_error_stage.Point(40, "snapshot", result), band_error_stage.Point(160, "final weights",
+                                                                                                      result)])}
+
+    (row,) = claims.frequency_bias(Inputs, ["u"])
+    assert row["claim"] == "C0" and row["verdict"] == verdict, row
+    assert "u: 2 points to step 160" in row["setting"]

@@ -150,6 +150,29 @@ def test_atomic_outputs_get_umask_modes(tmp_path, umask_022):
     assert (tmp_path / "d" / "inner.txt").stat().st_mode & 0o777 == 0o644
 
 
+@pytest.mark.parametrize("mask", [0o022, 0o027, 0o002])
+def test_atomic_dir_gives_privately_created_files_the_umask_mode(tmp_path, mask):
+    """safetensors' save_file creates its file 0600 (as mkstemp does): weights written that way
+    were unreadable by the group while every other output was not. Whatever writes a file in an
+    output folder, the folder comes out with the mode a normally created file gets."""
+    import torch
+    from safetensors.torch import save_file
+
+    old = os.umask(mask)
+    try:
+        assert atomic.file_mode() == 0o666 & ~mask
+        with atomic.atomic_dir(tmp_path / "d") as tmp:
+            save_file({"w": torch.zeros(2)}, str(tmp / "model.safetensors"))
+            (tmp / "sub").mkdir()
+            (tmp / "sub" / "run.sh").write_text("#!/bin/sh\n")
+            os.chmod(tmp / "sub" / "run.sh", 0o700)
+            atomic.write_text(tmp / "meta.json", "{}")
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "d").rglob("*") if p.is_file()}
+    assert modes == {"model.safetensors": 0o666 & ~mask, "run.sh": 0o777 & ~mask, "meta.json": 0o666 & ~mask}
+
+
 # --------------------------------------------------------------------------- hashing
 
 

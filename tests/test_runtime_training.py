@@ -325,6 +325,55 @@ def test_training_state_starts_fresh_and_refuses_incomplete_counters(tmp_path):
         TrainingState(KIND, FP, tmp_path, _ONE_PROCESS, 1, {}, {"step": state.optimizers["opt_g"]}, {})
 
 
+def _settings(steps: int, lr_decay: str = "none", lr: float = 1e-3) -> dict:
+    return {"train": {"steps": steps, "lr": lr, "lr_decay": lr_decay}, "data": "d" * 64}
+
+
+def test_training_state_records_its_settings_and_resumes_only_under_them(tmp_path, caplog):
+    from specmatch.runtime.train_state import RunSettingsError
+
+    state, _ = _gan_run(tmp_path)
+    state.settings = _settings(4)
+    path = state.save(step=2, g_step=2, d_step=1)
+    assert checkpoint.read_meta(path)["settings"] == _settings(4)
+    assert state.resume("auto")[1]["step"] == 2  # a restart with the same settings: no option needed
+
+    other, _ = _gan_run(tmp_path)
+    for settings, extend, named in ((_settings(4, lr=2e-3), True, "train.lr: checkpoint 0.001, asked 0.002"),
+                                    (_settings(8), False, "train.steps: checkpoint 4, asked 8"),
+                                    (_settings(1), True, "at step 2, beyond the asked train.steps 1")):
+        other.settings, other.extend = settings, extend
+        with pytest.raises(RunSettingsError, match=named) as e:
+            other.resume("auto")
+        assert str(path) in str(e.value)
+    other.settings, other.extend = _settings(8), True
+    assert other.resume("auto")[1]["step"] == 2
+    # A cosine schedule's length is in its fingerprint: a mismatch there is foreign, and named.
+    cosine, _ = _gan_run(tmp_path)
+    cosine.fingerprint, cosine.settings, cosine.extend = OTHER_FP, _settings(8, "cosine"), True
+    with pytest.raises(ForeignCheckpointError, match=r"train.lr_decay: checkpoint \"none\", asked \"cosine\"; "
+                                                     r"train.steps: checkpoint 4, asked 8 \(with train.lr_decay cosine"):
+        cosine.resume("auto")
+
+
+def test_a_checkpoint_without_recorded_settings_resumes_but_never_beyond_its_length(tmp_path, caplog):
+    """Checkpoints of earlier versions record no settings: a run in flight across the upgrade
+    still resumes (with a warning), and the one check that needs nothing recorded still holds."""
+    from specmatch.runtime.train_state import RunSettingsError
+
+    old, _ = _gan_run(tmp_path)
+    old.save(step=3, g_step=3, d_step=0)  # settings None: what the earlier versions wrote
+    assert "settings" not in checkpoint.read_meta(tmp_path / "checkpoints" / "step-00000003")
+    new, _ = _gan_run(tmp_path)
+    new.settings = _settings(5)
+    with caplog.at_level(logging.WARNING):
+        assert new.resume("auto")[1]["step"] == 3
+    assert "records no settings" in caplog.text
+    new.settings = _settings(2)
+    with pytest.raises(RunSettingsError, match="at step 3, beyond the asked train.steps 2"):
+        new.resume("auto")
+
+
 # --------------------------------------------------------------------------- seeding
 
 

@@ -17,8 +17,10 @@ Runtime guarantees:
   reconstruction). `disc.schedule: joint` is the LDM code base's two-optimiser scheme instead:
   every iteration a generator update and, from `gan_start`, a discriminator update on the same
   batch. Both counters are logged and recorded.
-- Checkpoints (runtime.checkpoint) every `checkpoint_every` steps, on SIGTERM/SIGUSR1 (then
-  exit code 3) and at the end; `--resume auto` continues from the newest valid one.
+- Checkpoints (runtime.checkpoint) every `checkpoint_every` steps, on a stop signal (SIGTERM,
+  SIGUSR1, SIGINT, SIGHUP; then exit code 3) and at the end; `--resume auto` continues from the
+  newest valid one, only under the settings it records (`runtime.train_state`: another length
+  needs `train.extend` and a constant schedule).
 - A non-finite loss on any rank stops every rank with an error naming the step and the terms;
   nothing is saved after it, so the last checkpoint stays the last good one.
 - The final artefact (weights, config, metrics log, provenance) is written atomically to the
@@ -47,12 +49,12 @@ from .. import spectral
 from ..data.reader import SplitReader
 from ..errors import SpecmatchError
 from ..runtime import distributed, seeding
-from ..runtime.hashing import sha256_json
 from ..runtime.provenance import Provenance
 from ..runtime.signals import StopRequest
 from ..runtime.train_state import TrainingState, final_weights
-from ..runtime.training import (AttemptLog, NonFiniteLoss, TrainSettings, batch_indices, check_finite, end_of_step,
-                                lr_factor, make_ema, prepare_rank, run_folder, write_output)
+from ..runtime.training import (METRICS_FILE, AttemptLog, NonFiniteLoss, TrainSettings, batch_indices, check_finite,
+                                end_of_step, identity_fingerprint, lr_factor, make_ema, prepare_rank, run_folder,
+                                trim_metrics, write_output)
 from . import artifact
 from . import model as ae_model
 from .discriminator import PatchDiscriminator, generator_adv_loss, hinge_d_loss, sync_batchnorm
@@ -85,6 +87,7 @@ class _Job:
     cfg: ae_model.AEConfig
     obj: Objective
     fp: str  # the run's fingerprint: keys its run folder and checkpoints
+    settings: dict[str, Any]  # its `identity`, recorded in each checkpoint and compared on resume
     info: distributed.DistInfo
     dataset: Path
     run_dir: Path
@@ -92,20 +95,29 @@ class _Job:
     resume: str
 
 
-# `train` settings that leave the trajectory alone: a longer `steps` continues the same run.
-_BOOKKEEPING = ("steps", "checkpoint_every", "keep_checkpoints", "log_every", "device")
+# `train` settings that leave the result alone: where it is computed, how often it is saved and
+# logged, and whether another length may continue it.
+_BOOKKEEPING = ("checkpoint_every", "keep_checkpoints", "log_every", "device", "extend")
+
+
+def identity(run: dict[str, Any], images_sha256: str) -> dict[str, Any]:
+    """Everything that shapes an autoencoder run's result: the training settings (not the device
+    or bookkeeping intervals), the architecture resolved (a named config's fields, the padding
+    included, so a change of a config's defaults starts a fresh run), variant, loss,
+    discriminator and the sha256 of the train images (the data it was trained on). Checkpoints
+    record it; a resume compares it (`runtime.train_state`)."""
+    train = {k: v for k, v in run["train"].items() if k not in _BOOKKEEPING}
+    return {"dataset": run.get("dataset"), "config": dataclasses.asdict(ae_model.config(run["config"])),
+            "variant": run["variant"], "loss": run.get("loss", {}), "disc": run.get("disc", {}),
+            "train": train, "data": images_sha256}
 
 
 def fingerprint(run: dict[str, Any], images_sha256: str) -> str:
-    """What makes a checkpoint belong to an autoencoder run: everything that shapes the
-    trajectory (not its length, device or bookkeeping intervals), the architecture resolved (a
-    named config's fields, the padding included, so a change of a config's defaults starts a
-    fresh run) and the sha256 of the train images (the data it was trained on). The DAG keys run
-    folders by it, so a parameter change starts a fresh run instead of resuming a foreign one."""
-    train = {k: v for k, v in run["train"].items() if k not in _BOOKKEEPING}
-    return sha256_json({"dataset": run.get("dataset"), "config": dataclasses.asdict(ae_model.config(run["config"])),
-                        "variant": run["variant"], "loss": run.get("loss", {}), "disc": run.get("disc", {}),
-                        "train": train, "data": images_sha256})
+    """What makes a checkpoint belong to an autoencoder run: the hash of its `identity`, its length
+    left out where the schedule does not depend on it (`runtime.training.identity_fingerprint`).
+    The DAG keys run folders by it, so a parameter change starts a fresh run instead of resuming
+    a foreign one."""
+    return identity_fingerprint(identity(run, images_sha256))
 
 
 def turns(schedule: str, step: int, gan_start: int) -> tuple[bool, bool]:
@@ -184,13 +196,15 @@ def train(run: dict[str, Any], dataset: str | Path, run_dir: str | Path | None, 
     """Train one autoencoder. `run`: the resolved run parameters (schema `$defs/ae_run`).
     Working folder: `run_dir`, or `runs_root/<fingerprint[:12]>` (`runtime.training.run_folder`)."""
     run = config_mod.validate(run, "ae_run", where="autoencoder run", source=f"parameters of {name}")
-    fp = fingerprint(run, SplitReader(dataset, "train").images_sha256)
+    settings = identity(run, SplitReader(dataset, "train").images_sha256)
+    fp = identity_fingerprint(settings)
     t = AETrainSettings.from_params(run["train"], f"train of {name}")
     info = distributed.setup(t.device)
     try:
         return _train(_Job(params=run, name=name, train=t, cfg=ae_model.config(run["config"]),
-                           obj=objective(run["variant"], run.get("loss")), fp=fp, info=info, dataset=Path(dataset),
-                           run_dir=run_folder(run_dir, runs_root, fp), out=Path(out), resume=resume))
+                           obj=objective(run["variant"], run.get("loss")), fp=fp, settings=settings, info=info,
+                           dataset=Path(dataset), run_dir=run_folder(run_dir, runs_root, fp), out=Path(out),
+                           resume=resume))
     finally:
         distributed.teardown()
 
@@ -217,7 +231,8 @@ def _train(job: _Job) -> dict[str, Any]:
 
     state = TrainingState(KIND, job.fp, run_dir, info, t.keep_checkpoints,
                           modules={"ae": ae, "disc": disc, "ema": ema}, optimizers={"opt_g": opt_g, "opt_d": opt_d},
-                          schedulers={"sched_g": sched_g, "sched_d": sched_d}, counters=("step", "g_step", "d_step"))
+                          schedulers={"sched_g": sched_g, "sched_d": sched_d}, counters=("step", "g_step", "d_step"),
+                          settings=job.settings, extend=t.extend)
     start, counts = state.resume(job.resume)
     step, g_step, d_step = counts["step"], counts["g_step"], counts["d_step"]
     if start:
@@ -228,7 +243,9 @@ def _train(job: _Job) -> dict[str, Any]:
     gen = DDP(plain_gen) if info.world_size > 1 else plain_gen
     disc_params = list(disc.parameters())
     run_dir.mkdir(parents=True, exist_ok=True)
-    log_path = run_dir / "metrics.jsonl"
+    if info.is_main:
+        trim_metrics(run_dir, step)
+    log_path = run_dir / METRICS_FILE
 
     def save_ckpt() -> Path | None:
         return state.save(step=step, g_step=g_step, d_step=d_step)
@@ -237,7 +254,8 @@ def _train(job: _Job) -> dict[str, Any]:
     h = reader.resolution // cfg.down_factor
     bar = tqdm(total=steps, initial=step, desc=f"train-ae {job.name}", unit="it", disable=not info.is_main)
     t_last, n_last = time.perf_counter(), step
-    with StopRequest() as stop, AttemptLog(run_dir, info, step, lambda: step):
+    # The attempt lasts until the output is written: a failure of the final save is recorded as one.
+    with StopRequest() as stop, AttemptLog(run_dir, info, step, lambda: step) as attempt:
         while step < steps:
             g_turn, d_turn = turns(schedule, step, obj.gan_start)
             idx = batch_indices(len(reader), global_batch, seed, step)
@@ -316,17 +334,18 @@ def _train(job: _Job) -> dict[str, Any]:
                     f.write(json.dumps(rec_) + "\n")
                 bar.set_postfix({k: f"{rec_[k]:.4f}" for k in ("loss", "l1", "d_loss") if k in rec_})
             end_of_step(step, steps, t.checkpoint_every, stop, info, save_ckpt, bar)
-    bar.close()
-    save_ckpt()
-    distributed.barrier()
-    result = {"steps": step, "generator_steps": g_step, "discriminator_steps": d_step}
-    if info.is_main:
-        result = _write_final(job, ae, ema, reader, step, g_step, d_step)
-    distributed.barrier()
+        bar.close()
+        save_ckpt()
+        distributed.barrier()
+        result = {"steps": step, "generator_steps": g_step, "discriminator_steps": d_step}
+        if info.is_main:
+            result = _write_final(job, ae, ema, reader, step, g_step, d_step, attempt.as_finished())
+        distributed.barrier()
     return result
 
 
-def _write_final(job: _Job, ae, ema, reader: SplitReader, step: int, g_step: int, d_step: int) -> dict[str, Any]:
+def _write_final(job: _Job, ae, ema, reader: SplitReader, step: int, g_step: int, d_step: int,
+                 attempts: list[dict]) -> dict[str, Any]:
     cfg, obj = job.cfg, job.obj
     prov = Provenance(STAGE, job.name, job.params, seeds={"train": job.train.seed})
     prov.add_input(job.dataset, "dataset")
@@ -342,7 +361,7 @@ def _write_final(job: _Job, ae, ema, reader: SplitReader, step: int, g_step: int
                "ema": ema is not None, "dataset_images_sha256": reader.images_sha256,
                "parameters": ae_model.count_parameters(ae)}
     weights = final_weights("ae", ae, ema)
-    write_output(job.out, job.run_dir, prov, lambda tmp: artifact.write(tmp, weights, summary, job.fp))
+    write_output(job.out, job.run_dir, prov, lambda tmp: artifact.write(tmp, weights, summary, job.fp), attempts)
     log.info("autoencoder %s: %d iterations (%d generator, %d discriminator updates), weights in %s", job.name, step,
              g_step, d_step, job.out)
     return summary

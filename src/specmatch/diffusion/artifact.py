@@ -10,6 +10,10 @@ never through the trainer.
 its summary has `imported` (the source layout, file and sha256) and `time_scale` (the network's
 time input, time_scale * t; absent = 1000, ours), and its file holds the checkpoint's weights
 under `ema.` (or `net.`) only.
+
+`load` checks the weights file it reads (model.safetensors or a snapshot) against the sha256 in
+the folder's provenance.json before using it (`runtime.weights.load_stage_weights`;
+`$SPECMATCH_VERIFY=0` skips, and is recorded).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from safetensors import safe_open
 from ..errors import SpecmatchError
 from ..runtime import atomic, checkpoint
 from ..runtime.jsonfile import read_json
-from ..runtime.weights import load_safetensors, safetensors_bytes, save_safetensors
+from ..runtime.weights import load_stage_weights, safetensors_bytes, save_safetensors
 from . import models
 
 KIND = "diffusion"
@@ -78,13 +82,15 @@ def read_summary(folder: str | Path) -> dict[str, Any]:
                      f"{folder}: not a trained diffusion model (no {SUMMARY}); run `specmatch train-diffusion`")
 
 
-def load(folder: str | Path, use_ema: bool = True, device="cpu",
-                 snapshot: int | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
+def load(folder: str | Path, use_ema: bool = True, device="cpu", snapshot: int | None = None,
+         verify: bool | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The network of a finished `train-diffusion` folder (EMA weights when present and asked
     for), in eval mode, with its summary. Only the network's own weights are read: anything a
     training run carried besides them (e.g. an alignment projector) is not needed to sample.
     `snapshot`: the weights of that step's snapshot instead of the final ones (snapshots hold
-    the EMA weights only, or the raw ones of a run without EMA)."""
+    the EMA weights only, or the raw ones of a run without EMA). The file read is checked
+    against the sha256 the folder's provenance.json lists (`verify`: None follows
+    `$SPECMATCH_VERIFY`)."""
     folder = Path(folder)
     summary = read_summary(folder)
     w_path = folder / WEIGHTS
@@ -106,7 +112,9 @@ def load(folder: str | Path, use_ema: bool = True, device="cpu",
         if use_ema != bool(summary.get("ema")):
             raise SpecmatchError(f"{w_path}: snapshots hold the {'EMA' if summary.get('ema') else 'raw'} weights "
                                  f"only, but use_ema is {use_ema}")
-    tensors = load_safetensors(w_path, device=str(device))
+    remedy = ("copy the whole folder again, or make it again with `specmatch " +
+              ("import-model`" if summary.get("imported") else "train-diffusion`"))
+    tensors = load_stage_weights(folder, w_path.relative_to(folder).as_posix(), str(device), verify, remedy)
     state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
     missing, unexpected = net.load_state_dict(state, strict=False)
     if missing or unexpected:

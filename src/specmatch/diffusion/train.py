@@ -17,8 +17,10 @@ Runtime guarantees, as in the autoencoder trainer (`runtime.training`):
   step: the non-finite check (`FiniteGuard`) and the loss are read at log, snapshot and
   checkpoint steps only, and the stop flag travels on the CPU.
 - torch.distributed via torchrun (DDP; NCCL on GPU, gloo on CPU), bf16 autocast on GPU.
-- Checkpoints every `checkpoint_every` steps, on SIGTERM/SIGUSR1 (exit status 3) and at the end;
-  `--resume auto`; a non-finite loss stops every rank and keeps the last good checkpoint.
+- Checkpoints every `checkpoint_every` steps, on a stop signal (SIGTERM, SIGUSR1, SIGINT, SIGHUP;
+  exit status 3) and at the end; `--resume auto`, only under the settings the checkpoint records
+  (`runtime.train_state`: another length needs `train.extend` and a constant schedule); a
+  non-finite loss stops every rank and keeps the last good checkpoint.
 - Optional EMA snapshots at `snapshot_steps` (the weights sampling uses, at those steps), for the
   metric over training (`specmatch fid-progress`): written atomically into the run folder when
   the step is reached, so an interrupted run keeps them, and copied into the output at the end.
@@ -47,13 +49,13 @@ from ..alignment import objectives, registry
 from ..autoencoder.latents import LatentReader
 from ..errors import SpecmatchError
 from ..runtime import checkpoint, distributed, seeding
-from ..runtime.hashing import sha256_file, sha256_json
+from ..runtime.hashing import sha256_file
 from ..runtime.provenance import Provenance
 from ..runtime.signals import StopRequest
 from ..runtime.train_state import TrainingState, final_weights
-from ..runtime.training import (AttemptLog, FiniteGuard, Interrupted, NonFiniteLoss, Prefetch, RankSetup,
-                                TrainSettings, batch_indices, end_of_step, lr_factor, make_ema, prepare_rank,
-                                run_folder, write_output)
+from ..runtime.training import (METRICS_FILE, AttemptLog, FiniteGuard, Interrupted, NonFiniteLoss, Prefetch,
+                                RankSetup, TrainSettings, batch_indices, end_of_step, identity_fingerprint, lr_factor,
+                                make_ema, prepare_rank, run_folder, trim_metrics, write_output)
 from . import artifact, models, transport
 
 log = logging.getLogger(__name__)
@@ -77,23 +79,32 @@ def latents_identity(latents: str | Path) -> str:
     return sha256_file(Path(latents) / "manifest.json")
 
 
-# `train` settings that leave the trajectory alone: a longer `steps` continues the same run.
-_BOOKKEEPING = ("steps", "checkpoint_every", "keep_checkpoints", "log_every", "device", "snapshot_steps")
+# `train` settings that leave the result alone: where it is computed, how often it is saved and
+# logged, which steps' weights are kept aside, and whether another length may continue it.
+_BOOKKEEPING = ("checkpoint_every", "keep_checkpoints", "log_every", "device", "snapshot_steps", "extend")
 
 
-def fingerprint(run: dict[str, Any], latents_id: str, targets_id: str | None = None) -> str:
-    """What makes a checkpoint belong to a diffusion run: the network, the process, the
-    trajectory-shaping training settings, the alignment that acts (`alignment.registry.effective`)
-    and the identity of the latent cache it reads (`latents_identity`) and of the target cache,
-    so re-extracted latents start a fresh run rather than resume on other data. A run without
-    alignment leaves the last two out: it keeps the fingerprint it had before alignment existed."""
+def identity(run: dict[str, Any], latents_id: str, targets_id: str | None = None) -> dict[str, Any]:
+    """Everything that shapes a diffusion run's result: the network, the process, the training
+    settings (not the device or bookkeeping), the alignment that acts
+    (`alignment.registry.effective`) and the identity of the latent cache it reads
+    (`latents_identity`) and of the target cache. A run without alignment leaves the last two
+    out: it keeps the fingerprint it had before alignment existed. Checkpoints record it; a resume
+    compares it (`runtime.train_state`)."""
     train = {k: v for k, v in run["train"].items() if k not in _BOOKKEEPING}
     ident = {"model": run["model"], "process": run["process"], "conditional": run.get("conditional"),
              "train": train, "latents": latents_id}
     align = registry.effective(run.get("alignment") or {})
     if align["kind"] != "none":
         ident.update(alignment=align, targets=targets_id)
-    return sha256_json(ident)
+    return ident
+
+
+def fingerprint(run: dict[str, Any], latents_id: str, targets_id: str | None = None) -> str:
+    """What makes a checkpoint belong to a diffusion run: the hash of its `identity`, its length
+    left out where the schedule does not depend on it (`runtime.training.identity_fingerprint`),
+    so re-extracted latents or another setting start a fresh run rather than resume another."""
+    return identity_fingerprint(identity(run, latents_id, targets_id))
 
 
 def _num_classes(cache: LatentReader, conditional: bool) -> int:
@@ -135,10 +146,11 @@ def train(run: dict[str, Any], latents: str | Path, out: str | Path, name: str, 
             from ..alignment.align import Alignment
 
             align = Alignment.for_run(run["alignment"], net, cache.manifest, latents, info.device, targets, dataset)
-        fp = fingerprint(run, latents_identity(latents), align.identity if align else None)
+        settings = identity(run, latents_identity(latents), align.identity if align else None)
+        fp = identity_fingerprint(settings)
         job = _Job(params=run, name=name, train=t, path=transport.from_params(run["process"]), latents=latents,
-                   cache=cache, fp=fp, info=info, run_dir=run_folder(run_dir, runs_root, fp), out=Path(out),
-                   resume=resume, rank=rank_setup)
+                   cache=cache, fp=fp, settings=settings, info=info, run_dir=run_folder(run_dir, runs_root, fp),
+                   out=Path(out), resume=resume, rank=rank_setup)
         return _train(job, net, align)
     finally:
         distributed.teardown()
@@ -200,6 +212,7 @@ class _Job:
     latents: Path
     cache: LatentReader
     fp: str  # the run's fingerprint: keys its run folder and checkpoints
+    settings: dict[str, Any]  # its `identity`, recorded in each checkpoint and compared on resume
     info: distributed.DistInfo
     run_dir: Path
     out: Path
@@ -220,7 +233,7 @@ def _train(job: _Job, net: torch.nn.Module, align) -> dict[str, Any]:
 
     state = TrainingState(KIND, fp, run_dir, info, t.keep_checkpoints,
                           modules={"net": net, "ema": ema, "proj": proj}, optimizers={"opt": opt},
-                          schedulers={"sched": sched})
+                          schedulers={"sched": sched}, settings=job.settings, extend=t.extend)
     start, counts = state.resume(job.resume)
     step = counts["step"]
     if start:
@@ -239,7 +252,9 @@ def _train(job: _Job, net: torch.nn.Module, align) -> dict[str, Any]:
     model = DDP(net) if info.world_size > 1 else net
     projector = (DDP(proj) if info.world_size > 1 else proj) if proj is not None else None
     run_dir.mkdir(parents=True, exist_ok=True)
-    log_path = run_dir / "metrics.jsonl"
+    if info.is_main:
+        trim_metrics(run_dir, step)
+    log_path = run_dir / METRICS_FILE
 
     def save_snapshot() -> None:
         if info.is_main:
@@ -264,7 +279,8 @@ def _train(job: _Job, net: torch.nn.Module, align) -> dict[str, Any]:
     pin = dev.type == "cuda"
     loader = Prefetch(lambda s: read_rows(cache, align, global_batch, seed, s, rows, pin), range(step, steps),
                       PREFETCH)
-    with StopRequest() as stop, AttemptLog(run_dir, info, step, lambda: step), loader:
+    # The attempt lasts until the output is written: a failure of the final save is recorded as one.
+    with StopRequest() as stop, AttemptLog(run_dir, info, step, lambda: step) as attempt, loader:
         while step < steps:
             host = loader.get(step)
             x0, y, tt, noise, drop = draw_batch(cache, path, host, global_batch, seed, step, rows, t.label_dropout,
@@ -312,14 +328,14 @@ def _train(job: _Job, net: torch.nn.Module, align) -> dict[str, Any]:
                 guard.check()
                 save_snapshot()
             end_of_step(step, steps, t.checkpoint_every, stop, info, checked_save, bar)
-    bar.close()
-    if steps > 0:
-        checked_save()
-    distributed.barrier()
-    result: dict[str, Any] = {"steps": step}
-    if info.is_main:
-        result = _write_final(job, net, ema, step, align, snapshot_steps)
-    distributed.barrier()
+        bar.close()
+        if steps > 0:
+            checked_save()
+        distributed.barrier()
+        result: dict[str, Any] = {"steps": step}
+        if info.is_main:
+            result = _write_final(job, net, ema, step, align, snapshot_steps, attempt.as_finished())
+        distributed.barrier()
     return result
 
 
@@ -348,7 +364,8 @@ def _recover_snapshots(run_dir: Path, steps: list[int], fp: str, has_ema: bool) 
             f"snapshot_steps, or remove {run_dir} to train the run again from step 0 (it then writes them)")
 
 
-def _write_final(job: _Job, net, ema, steps: int, align, snapshot_steps: list[int]) -> dict[str, Any]:
+def _write_final(job: _Job, net, ema, steps: int, align, snapshot_steps: list[int],
+                 attempts: list[dict]) -> dict[str, Any]:
     run, cache = job.params, job.cache
     prov = Provenance(STAGE, job.name, run, seeds={"train": job.train.seed})
     prov.add_input(job.latents, "latents")
@@ -371,6 +388,6 @@ def _write_final(job: _Job, net, ema, steps: int, align, snapshot_steps: list[in
                                 "files": [artifact.snapshot_path(Path(), s).as_posix() for s in snapshot_steps]}
     weights = final_weights("net", net, ema)
     write_output(job.out, job.run_dir, prov,
-                 lambda tmp: artifact.write(tmp, weights, summary, job.fp, job.run_dir, snapshot_steps))
+                 lambda tmp: artifact.write(tmp, weights, summary, job.fp, job.run_dir, snapshot_steps), attempts)
     log.info("diffusion %s: %s, %d steps, weights in %s", job.name, run["model"], steps, job.out)
     return summary

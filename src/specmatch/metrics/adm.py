@@ -30,6 +30,7 @@ import numpy as np
 from ..data.reader import SplitReader
 from ..data import sample_folder
 from ..errors import SpecmatchError
+from ..runtime import integrity
 from ..runtime.atomic import atomic_dir
 from ..runtime.hashing import ImageStreamHash, sha256_file
 from ..runtime.provenance import Provenance
@@ -45,6 +46,9 @@ FILE = "samples.npz"
 EXPORT_JSON = "adm_export.json"
 _FIXED_DATE = (1980, 1, 1, 0, 0, 0)  # zip entry dates: the same images give the same bytes
 _READ_ROWS = 256
+_REPLACE_REFERENCE = ("replace the reference batch (`specmatch resources check` compares it with its checksum; "
+                      "docs/metrics.md names its source)")
+_REMAKE_SAMPLES = "write the sample batch again (`specmatch export-adm` of its sample folder)"
 
 
 def _read_exact(f: BinaryIO, size: int, where: str) -> bytearray:
@@ -69,11 +73,13 @@ def _header(f: BinaryIO, where: str) -> tuple[tuple[int, ...], bool, np.dtype]:
         raise SpecmatchError(f"{where}: not a readable .npy member ({e})") from None
 
 
-def members(path: str | Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-    """{key: (shape, dtype)} of every array of an npz file, read from the headers only."""
+def members(path: str | Path, remedy: str = "") -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """{key: (shape, dtype)} of every array of an npz file, read from the headers only; errors
+    name the file and end with `remedy` (what to do about it)."""
     path = Path(path)
+    tail = f"; {remedy}" if remedy else ""
     if not path.is_file():
-        raise SpecmatchError(f"{path}: no such npz file")
+        raise SpecmatchError(f"{path}: no such npz file{tail}")
     out = {}
     try:
         with zipfile.ZipFile(path) as zf:
@@ -85,13 +91,14 @@ def members(path: str | Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
                 if fortran:
                     raise SpecmatchError(f"{path}: key {name[:-4]!r} is Fortran-ordered; expected a C-ordered array")
                 out[name[:-4]] = (tuple(shape), dtype)
-    except zipfile.BadZipFile as e:
-        raise SpecmatchError(f"{path}: not an npz file ({e})") from None
+    except (zipfile.BadZipFile, EOFError, OSError) as e:
+        raise SpecmatchError(f"{path}: not an npz file, or a damaged one ({type(e).__name__}: {e}){tail}") from None
     return out
 
 
-def iter_rows(path: str | Path, key: str, batch_size: int = _READ_ROWS) -> Iterator[np.ndarray]:
-    """The rows of one array of an npz file in batches, without loading the array."""
+def iter_rows(path: str | Path, key: str, batch_size: int = _READ_ROWS, remedy: str = "") -> Iterator[np.ndarray]:
+    """The rows of one array of an npz file in batches, without loading the array; errors name
+    the file and the key and end with `remedy`."""
     path = Path(path)
     where = f"{path}: key {key!r}"
     try:
@@ -102,7 +109,7 @@ def iter_rows(path: str | Path, key: str, batch_size: int = _READ_ROWS) -> Itera
                 b = min(batch_size, shape[0] - i)
                 yield np.frombuffer(_read_exact(f, b * row, where), dtype=dtype).reshape((b, *shape[1:]))
     except (zipfile.BadZipFile, EOFError) as e:  # a CRC mismatch or a cut file, found while reading
-        raise SpecmatchError(f"{where}: corrupt or truncated ({e})") from None
+        raise SpecmatchError(f"{where}: corrupt or truncated ({e})" + (f"; {remedy}" if remedy else "")) from None
 
 
 def _check_images(path: Path, found: dict, key: str = IMAGES) -> tuple[int, tuple[int, int, int]]:
@@ -126,7 +133,7 @@ class ReferenceBatch:
     stats: dict[str, np.ndarray] | None
 
     def images(self, batch_size: int = _READ_ROWS) -> Iterator[np.ndarray]:
-        return iter_rows(self.path, IMAGES, batch_size)
+        return iter_rows(self.path, IMAGES, batch_size, _REPLACE_REFERENCE)
 
 
 def read_reference_batch(path: str | Path, sha256: str | None = None) -> ReferenceBatch:
@@ -134,7 +141,7 @@ def read_reference_batch(path: str | Path, sha256: str | None = None) -> Referen
     mu, sigma, mu_s, sigma_s with the evaluator's shapes, finite, or none of them. Errors name
     the file and the key. `sha256`: the file's, when the caller hashed it already."""
     path = Path(path)
-    found = members(path)
+    found = members(path, _REPLACE_REFERENCE)
     n, shape = _check_images(path, found)
     present = [k for k in STAT_SHAPES if k in found]
     stats = None
@@ -148,8 +155,8 @@ def read_reference_batch(path: str | Path, sha256: str | None = None) -> Referen
             if got_shape != want or dtype.kind != "f":
                 raise SpecmatchError(f"{path}: key {k!r} is {dtype}{got_shape}, expected float {want} (the ADM "
                                      "evaluator's Inception statistics)")
-        with np.load(path, allow_pickle=False) as z:
-            stats = {k: np.asarray(z[k], dtype=np.float64) for k in STAT_SHAPES}
+        stats = {k: np.asarray(v, dtype=np.float64)
+                 for k, v in integrity.load_npz(path, tuple(STAT_SHAPES), _REPLACE_REFERENCE).items()}
         for k, v in stats.items():
             if not np.isfinite(v).all():
                 raise SpecmatchError(f"{path}: key {k!r} holds non-finite values")
@@ -202,14 +209,14 @@ class SampleBatch:
     labels: np.ndarray | None
 
     def images(self, batch_size: int = _READ_ROWS) -> Iterator[np.ndarray]:
-        return iter_rows(self.path, IMAGES, batch_size)
+        return iter_rows(self.path, IMAGES, batch_size, _REMAKE_SAMPLES)
 
 
 def read_sample_batch(path: str | Path) -> SampleBatch:
     """An ADM sample batch, checked: arr_0 uint8 (N, H, W, 3), arr_1 (if present) N integer
     labels, and no `mu` (which would make the evaluator skip the images)."""
     path = Path(path)
-    found = members(path)
+    found = members(path, _REMAKE_SAMPLES)
     n, shape = _check_images(path, found)
     if "mu" in found:
         raise SpecmatchError(f"{path}: has a key 'mu': the ADM evaluator would read stored statistics instead of "
@@ -219,8 +226,7 @@ def read_sample_batch(path: str | Path) -> SampleBatch:
         lshape, ldtype = found[LABELS]
         if lshape != (n,) or ldtype.kind not in "iu":
             raise SpecmatchError(f"{path}: key {LABELS!r} is {ldtype}{lshape}, expected {n} integer labels")
-        with np.load(path, allow_pickle=False) as z:
-            labels = z[LABELS]
+        labels = integrity.load_npz(path, (LABELS,), _REMAKE_SAMPLES)[LABELS]
     return SampleBatch(path, n, shape, labels)
 
 

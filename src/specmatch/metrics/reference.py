@@ -11,6 +11,10 @@ images, or the batch's `arr_0`), never the features of every image; `stats.json`
 sha256 of the images, the source and the protocol. `Reference.measure` gives FID (or the net's
 distance), sFID, IS, precision and recall, the bootstrap of the distance when asked, and the
 protocol, as a `record.GenerationMetrics`.
+
+Reading `stats.npz` is verifying: it is checked against the sha256 that `fid ref` recorded in the
+folder's provenance.json (`$SPECMATCH_VERIFY=0` skips, and is recorded) and read whole, so a
+damaged file fails with its name and the stage that makes it again.
 """
 
 from __future__ import annotations
@@ -27,10 +31,9 @@ from .. import resources
 from ..data.reader import SplitReader
 from ..data.shards import iter_image_batches, read_manifest, subset_indices
 from ..errors import SpecmatchError
-from ..runtime import atomic
+from ..runtime import atomic, integrity
 from ..runtime.distributed import resolve_device
 from ..runtime.atomic import atomic_dir
-from ..runtime.hashing import sha256_file
 from ..runtime.jsonfile import read_json
 from ..runtime.provenance import Provenance
 from . import adm, bootstrap, fid, protocol, record
@@ -41,6 +44,7 @@ log = logging.getLogger(__name__)
 STATS_NAME = "stats.npz"
 STATS_JSON = "stats.json"
 SCHEMA = "specmatch.fid-ref/2"
+REMAKE = "make the reference statistics again with `specmatch fid ref` (DAG rule fid_ref)"
 
 
 def _protocol(net: feature_nets.LoadedNet, s: protocol.Settings, n: int) -> dict[str, Any]:
@@ -99,17 +103,14 @@ def load_ref(folder: str | Path) -> ReferenceStats:
     if sdim:
         want.update(mu_s=(sdim,), sigma_s=(sdim, sdim))
     npz = folder / STATS_NAME
-    with np.load(npz, allow_pickle=False) as z:
-        for k, shape in want.items():
-            if k not in z.files:
-                raise SpecmatchError(f"{npz}: no key {k!r} (keys: {sorted(z.files)}; protocol "
-                                     f"{info['protocol']['name']})")
-            got = z[k].shape
-            if len(got) != len(shape) or any(w is not None and g != w for g, w in zip(got, shape)):
-                raise SpecmatchError(f"{npz}: key {k!r} has shape {got}, expected {shape}")
-        arrays = {k: z[k] for k in want}
+    integrity.check_recorded(npz, folder, remedy=REMAKE)
+    arrays = integrity.load_npz(npz, tuple(want), f"protocol {info['protocol']['name']}: {REMAKE}")
+    for k, shape in want.items():
+        got = arrays[k].shape
+        if len(got) != len(shape) or any(w is not None and g != w for g, w in zip(got, shape)):
+            raise SpecmatchError(f"{npz}: key {k!r} has shape {got}, expected {shape}; {REMAKE}")
     return ReferenceStats(folder, info, arrays["mu"], arrays["sigma"], arrays.get("mu_s"), arrays.get("sigma_s"),
-                          arrays["pr_features"], sha256_file(npz))
+                          arrays["pr_features"], integrity.file_sha256(npz))
 
 
 def _write_ref(out: str | Path, arrays: dict[str, np.ndarray], info: dict[str, Any], prov: Provenance) -> None:

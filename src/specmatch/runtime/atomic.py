@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import socket
+import stat
 import tempfile
 import time
 from pathlib import Path
@@ -97,9 +98,44 @@ def remove_stale_temporaries(path: str | os.PathLike, folders: bool = True) -> l
 
 
 def _umask() -> int:
+    """The process umask. Linux reports it in /proc/self/status; setting it to read it back (the
+    portable way) opens a window in which files that another thread creates get mode 0666."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def file_mode() -> int:
+    """The mode a normally created file gets here (0666 less the umask): every output file's.
+    Temporaries from mkstemp start at 0600, and a library may create its files that way too;
+    outputs are shared artefacts (a group on a cluster reads the models), so they get this."""
+    return 0o666 & ~_umask()
+
+
+def _shareable(folder: Path) -> None:
+    """Give every file under `folder` the normal mode (`file_mode`; the umask's, plus x where a
+    file had it), so no writer's private mode reaches an output."""
+    mask = _umask()
+    for root, _dirs, files in os.walk(folder):
+        for name in files:
+            p = os.path.join(root, name)
+            st = os.lstat(p)
+            if not stat.S_ISREG(st.st_mode):
+                continue
+            want = (0o777 if st.st_mode & 0o111 else 0o666) & ~mask
+            if stat.S_IMODE(st.st_mode) != want:
+                try:
+                    os.chmod(p, want)
+                except PermissionError:  # a file linked in from someone else's folder: theirs to set
+                    log.warning("%s keeps mode %o (not %o): this user does not own it", p,
+                                stat.S_IMODE(st.st_mode), want)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -122,8 +158,7 @@ def atomic_file(path: str | os.PathLike, mode: str = "wb") -> Iterator:
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(path, folders=False)
     fd, tmp = tempfile.mkstemp(prefix=_prefix(path), suffix=".tmp", dir=path.parent)
-    # mkstemp creates 0600; outputs are shared artefacts, so give them the usual umask mode.
-    os.chmod(tmp, 0o666 & ~_umask())
+    os.chmod(tmp, file_mode())  # mkstemp creates 0600
     try:
         with os.fdopen(fd, mode) as f:
             yield f
@@ -151,7 +186,8 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield an empty temporary folder beside `path`; on success it replaces `path` whole.
 
     On any exception (including KeyboardInterrupt) the temporary folder is removed and an
-    existing `path` is left untouched.
+    existing `path` is left untouched. Its files get the normal mode (`file_mode`) whatever
+    created them.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -160,6 +196,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
+        _shareable(tmp)
         for root, _dirs, files in os.walk(tmp):
             for name in files:
                 with open(os.path.join(root, name), "rb") as f:

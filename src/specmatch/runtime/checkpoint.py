@@ -5,7 +5,8 @@ Layout, one folder per saved step::
     <run_dir>/checkpoints/step-00001000/
         model.safetensors   weights of every module, keys prefixed by module ("ae.", "ema.", ...)
         state.pt            optimisers, schedulers, RNG states, counters (torch.save)
-        meta.json           written last: schema, kind, step, fingerprint, sha256 of each file
+        meta.json           written last: schema, kind, step, fingerprint, sha256 of each file and
+                            the run's settings (what it was asked to train, its length included)
 
 The folder is assembled under a hidden temporary name beside its final name and renamed into
 place (`atomic.atomic_dir`), so a kill at any moment leaves the previous checkpoints plus either
@@ -13,9 +14,10 @@ nothing or a complete new folder; hidden temporaries never count as checkpoints.
 
 `fingerprint` is chosen by the trainer (e.g. the sha256 of the model config and objective). A
 checkpoint with another kind or fingerprint is *foreign*: resuming it would silently train a
-different model, so it is always an error, never skipped. A checkpoint whose bytes do not match
-its meta.json is *corrupted* (a bad disk, a copy cut short): `latest_valid` skips it with a
-warning and falls back to the previous one.
+different model, so it is always an error, never skipped. `settings`, recorded beside it, let
+the resume name what differs (`train_state.TrainingState.resume` compares them). A checkpoint
+whose bytes do not match its meta.json is *corrupted* (a bad disk, a copy cut short):
+`latest_valid` skips it with a warning and falls back to the previous one.
 
 `state.pt` is read with `torch.load(weights_only=True)`: it may hold tensors, numbers, strings,
 None, lists, tuples and dicts (what `optimizer.state_dict()` gives), and no pickled code, so loading a checkpoint cannot execute anything.
@@ -57,7 +59,12 @@ class CheckpointError(SpecmatchError):
 
 
 class ForeignCheckpointError(CheckpointError):
-    """A checkpoint that is intact but belongs to another kind of model or another config."""
+    """A checkpoint that is intact but belongs to another kind of model or another config: the
+    folder `path` and its meta.json `meta`, when known."""
+
+    def __init__(self, message: str, path: Path | None = None, meta: dict[str, Any] | None = None):
+        super().__init__(message)
+        self.path, self.meta = path, meta
 
 
 def step_dir_name(step: int) -> str:
@@ -127,7 +134,8 @@ def _check_state(obj: Any, where: str) -> None:
 
 
 def save(run_dir: str | os.PathLike, step: int, tensors: dict[str, torch.Tensor],
-         state: dict[str, Any], kind: str, fingerprint: str, keep: int = 2) -> Path:
+         state: dict[str, Any], kind: str, fingerprint: str, keep: int = 2,
+         settings: dict[str, Any] | None = None) -> Path:
     """Write `run_dir/checkpoints/step-<step>/` atomically, then prune older ones to `keep`.
 
     Call it on the main rank only (`distributed.is_main()`); the other ranks wait at a barrier.
@@ -138,7 +146,8 @@ def save(run_dir: str | os.PathLike, step: int, tensors: dict[str, torch.Tensor]
     make the next `--resume auto` jump back onto it. Only folders whose meta.json names this
     kind and fingerprint are ever removed. A `state` holding anything that
     `torch.load(weights_only=True)` would refuse (a numpy scalar, an arbitrary object) is a
-    TypeError here, before anything is written.
+    TypeError here, before anything is written. `settings` (JSON: the run's parameters that
+    shape its result) go into meta.json.
     """
     if int(step) != step or step < 0:
         raise ValueError(f"step must be a non-negative integer, got {step!r}")
@@ -148,6 +157,7 @@ def save(run_dir: str | os.PathLike, step: int, tensors: dict[str, torch.Tensor]
         raise ValueError("a checkpoint needs a kind and a fingerprint")
     weights = _cpu_tensors(tensors)
     _check_state(state, "state")
+    settings_json = json.loads(json.dumps(settings, allow_nan=False)) if settings is not None else None
     final = checkpoints_dir(run_dir) / step_dir_name(int(step))
     with atomic.atomic_dir(final) as tmp:
         save_safetensors(weights, tmp / WEIGHTS, metadata={"kind": kind, "step": str(int(step)),
@@ -160,6 +170,7 @@ def save(run_dir: str | os.PathLike, step: int, tensors: dict[str, torch.Tensor]
             "fingerprint": fingerprint,
             "files": {name: sha256_file(tmp / name) for name in (WEIGHTS, STATE)},
             "time": utc_now(),
+            **({"settings": settings_json} if settings_json is not None else {}),
         }
         # Last, so that a folder with a meta.json has every file it lists.
         atomic.write_text(tmp / META, json.dumps(meta, indent=2) + "\n")
@@ -204,6 +215,11 @@ def _prune(run_dir: str | os.PathLike, current: int, keep: int, kind: str,
                 p.unlink(missing_ok=True)
 
 
+def read_meta(ckpt_dir: str | os.PathLike) -> dict[str, Any]:
+    """A checkpoint folder's meta.json, checked for form (its files are `verify`'s)."""
+    return _read_meta(Path(ckpt_dir))
+
+
 def _read_meta(ckpt: Path) -> dict[str, Any]:
     if not ckpt.is_dir():
         raise CheckpointError(f"checkpoint {ckpt}: no such folder")
@@ -223,6 +239,8 @@ def _read_meta(ckpt: Path) -> dict[str, Any]:
     for key, typ in (("kind", str), ("step", int), ("fingerprint", str), ("files", dict)):
         if not isinstance(meta.get(key), typ):
             raise CheckpointError(f"checkpoint {ckpt}: {META} lacks a valid {key!r}; corrupted")
+    if not isinstance(meta.get("settings", {}), dict):  # absent in checkpoints of older versions
+        raise CheckpointError(f"checkpoint {ckpt}: {META} has a 'settings' that is not a mapping; corrupted")
     return meta
 
 
@@ -239,12 +257,12 @@ def verify(ckpt_dir: str | os.PathLike, kind: str | None = None,
     # Identity before content: a foreign checkpoint is the more useful diagnosis, and cheap.
     if kind is not None and meta["kind"] != kind:
         raise ForeignCheckpointError(f"checkpoint {ckpt} is a {meta['kind']!r} checkpoint, "
-                                     f"expected {kind!r}: foreign checkpoint")
+                                     f"expected {kind!r}: foreign checkpoint", ckpt, meta)
     if fingerprint is not None and meta["fingerprint"] != fingerprint:
         raise ForeignCheckpointError(
             f"checkpoint {ckpt} belongs to another configuration: fingerprint expected "
             f"{fingerprint}, found {meta['fingerprint']} (foreign checkpoint; use a fresh run "
-            "folder for a new configuration)")
+            "folder for a new configuration)", ckpt, meta)
     m = _STEP_DIR.match(ckpt.name)
     if m and int(m.group(1)) != meta["step"]:
         raise CheckpointError(f"checkpoint {ckpt}: {META} says step {meta['step']}, the folder "

@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from ..errors import SpecmatchError
 from . import atomic, checkpoint, seeding
+from .hashing import sha256_json
 from .provenance import Provenance, utc_now
 from .signals import EXIT_INTERRUPTED
 
@@ -78,6 +79,54 @@ def lr_factor(t: TrainSettings):
         return 0.5 * (1.0 + math.cos(math.pi * done))
 
     return factor
+
+
+def schedule_uses_length(train: Mapping[str, Any]) -> bool:
+    """Whether the learning rate of an update depends on `train.steps` (`lr_decay: cosine`): then
+    runs of two lengths differ from the warm-up on. With a constant schedule a run of N steps is
+    the first N steps of any longer one."""
+    return train["lr_decay"] != "none"
+
+
+def identity_fingerprint(identity: Mapping[str, Any]) -> str:
+    """The fingerprint of a run whose settings are `identity` (a trainer's `identity`: whatever
+    shapes its result, `train.steps` included): their sha256, less `train.steps` where the
+    schedule does not depend on it. So another length of a cosine run is another run (its own
+    run folder under --runs-root), while a constant-schedule run keeps one folder whatever its
+    length, which `train.extend` may continue (`train_state.TrainingState.resume`)."""
+    train = identity["train"]
+    if not schedule_uses_length(train):
+        identity = {**identity, "train": {k: v for k, v in train.items() if k != "steps"}}
+    return sha256_json(identity)
+
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def trim_metrics(run_dir: Path, step: int) -> None:
+    """Make a run folder's metrics log end at `step`, the step this attempt starts from (0: a
+    fresh run, no log): an interrupted attempt logged steps after its last checkpoint, which the
+    resumed one logs again, and the log must hold each step once. Rewritten atomically, so a kill
+    leaves the old log or the trimmed one; a line cut short by a kill goes too."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.exists():
+        return
+    if step == 0:
+        path.unlink()
+        return
+    keep, dropped = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
+        try:
+            ok = line.endswith("\n") and int(json.loads(line)["step"]) <= step
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            ok = False
+        if ok:
+            keep.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        atomic.write_text(path, "".join(keep))
+        log.info("%s: dropped %d line(s) after step %d, where this attempt resumes", path, dropped, step)
 
 
 class FiniteGuard:
@@ -150,8 +199,9 @@ def run_folder(run_dir: str | Path | None, runs_root: str | Path | None, fingerp
 
 def end_of_step(step: int, steps: int, every: int, stop, info, save, bar) -> None:
     """The trainers' bookkeeping after update `step`: a checkpoint every `every` steps (the final
-    one is written by the caller) and, once SIGTERM/SIGUSR1 arrived on any rank, a checkpoint
-    and `Interrupted`, so the job exits cleanly with its work saved."""
+    one is written by the caller) and, once a stop signal (`signals.STOP_SIGNALS`: SIGTERM,
+    SIGUSR1, SIGINT, SIGHUP) arrived on any rank, a checkpoint and `Interrupted`, so the job exits
+    cleanly with its work saved."""
     if step % every == 0 and step < steps:
         save()
     if stop.should_stop(info):
@@ -184,6 +234,7 @@ class TrainSettings:
     checkpoint_every: int
     keep_checkpoints: int
     log_every: int
+    extend: bool  # continue a checkpoint of another `steps` (constant schedules; `train_state`)
 
     @classmethod
     def from_params(cls, t: Mapping[str, Any], where: str = "train"):
@@ -226,7 +277,11 @@ class AttemptLog:
     (SIGKILL, a node failure) leaves a start line without an end.
 
     A run that starts from step 0 is a new run: the lines of earlier attempts that left no
-    checkpoint behind are dropped. Only the main rank writes."""
+    checkpoint behind are dropped. Only the main rank writes.
+
+    The trainer keeps the attempt open until its output is written, so a failure of the final
+    checkpoint or output ends it as "failed"; the output's provenance, written before the end
+    line, takes the attempts from `as_finished`."""
 
     def __init__(self, run_dir: Path, info, start_step: int, current_step: Callable[[], int]):
         self.path, self.main, self.current_step = Path(run_dir) / ATTEMPTS_FILE, info.is_main, current_step
@@ -245,13 +300,20 @@ class AttemptLog:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if self.main:
-            status = ("finished" if exc_type is None else "interrupted" if issubclass(exc_type, Interrupted)
-                      else "failed")
-            entry = {"event": "end", "attempt": self.number, "time": utc_now(), "step": int(self.current_step()),
-                     "status": status, "wall_s": round(time.monotonic() - self._t0, 3)}
-            if exc is not None and status == "failed":
-                entry["error"] = f"{exc_type.__name__}: {exc}"[:500]
-            self._append(entry)
+            self._append(self._end(exc_type, exc))
+
+    def _end(self, exc_type=None, exc=None) -> dict:
+        status = ("finished" if exc_type is None else "interrupted" if issubclass(exc_type, Interrupted)
+                  else "failed")
+        entry = {"event": "end", "attempt": self.number, "time": utc_now(), "step": int(self.current_step()),
+                 "status": status, "wall_s": round(time.monotonic() - self._t0, 3)}
+        if exc is not None and status == "failed":
+            entry["error"] = f"{exc_type.__name__}: {exc}"[:500]
+        return entry
+
+    def as_finished(self) -> list[dict]:
+        """The run's attempts (`read_attempts`) as they will read once this one has ended well."""
+        return _merge_attempts([*_attempt_lines(self.path), self._end()])
 
     def _append(self, entry: dict) -> None:
         with open(self.path, "a", encoding="utf-8") as f:
@@ -264,15 +326,24 @@ def read_attempts(run_dir: str | Path) -> list[dict]:
     """The attempts of a run folder, oldest first: each its start (time, step, host, pid, world
     size, SLURM job) merged with its end (time, step, status, wall seconds), or with
     `status: "killed or running"` where no end was written."""
-    path = Path(run_dir) / ATTEMPTS_FILE
+    return _merge_attempts(_attempt_lines(Path(run_dir) / ATTEMPTS_FILE))
+
+
+def _attempt_lines(path: Path) -> list[dict]:
     if not path.exists():
         return []
-    attempts: dict[int, dict] = {}
+    entries = []
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
-            e = json.loads(line)
+            entries.append(json.loads(line))
         except json.JSONDecodeError:  # a line cut short by a kill
             continue
+    return entries
+
+
+def _merge_attempts(entries: list[dict]) -> list[dict]:
+    attempts: dict[int, dict] = {}
+    for e in entries:
         a = attempts.setdefault(int(e["attempt"]), {"attempt": int(e["attempt"]), "status": "killed or running"})
         if e["event"] == "start":
             a.update(start=e["time"], start_step=e["step"], host=e["host"], pid=e["pid"],
@@ -379,13 +450,15 @@ class Prefetch:
         self._thread.join()
 
 
-def write_output(out: Path, run_dir: Path, prov: Provenance, write_files: Callable[[Path], None]) -> None:
+def write_output(out: Path, run_dir: Path, prov: Provenance, write_files: Callable[[Path], None],
+                 attempts: list[dict] | None = None) -> None:
     """A trainer's output folder, atomically: the artifact's files (`write_files(tmp)`, the
     artifact module's writer), the run's training log, and the provenance with every attempt
-    that made the run (each start and resumption)."""
-    prov.extra["attempts"] = read_attempts(run_dir)
+    that made the run (each start and resumption): `attempts` (`AttemptLog.as_finished`), or
+    those recorded in the run folder."""
+    prov.extra["attempts"] = attempts if attempts is not None else read_attempts(run_dir)
     with atomic.atomic_dir(out) as tmp:
         write_files(tmp)
-        if (run_dir / "metrics.jsonl").exists():
-            (tmp / "metrics.jsonl").write_bytes((run_dir / "metrics.jsonl").read_bytes())
+        if (run_dir / METRICS_FILE).exists():
+            (tmp / METRICS_FILE).write_bytes((run_dir / METRICS_FILE).read_bytes())
         prov.write(out, tmp)

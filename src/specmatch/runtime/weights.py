@@ -5,6 +5,10 @@ safetensors files whose bytes depend only on their content.
 (`SafetensorError: MetadataIncompleteBuffer`, `UnpicklingError`, ...) and a traceback. These
 helpers check what is cheap to check first (present, header complete, data as long as the
 header says) and turn any remaining failure into a SpecmatchError naming the file.
+`load_stage_weights` reads the weights of a stage output, checked against the sha256 that the
+stage recorded in the folder's provenance.json (`integrity.check_recorded`): a flipped byte gives
+finite-looking nonsense that no structural check sees, and another run's weights copied in are
+well-formed.
 
 A safetensors file is an 8-byte little-endian header length N, N bytes of JSON header (tensor
 name -> dtype, shape, data_offsets; optional `__metadata__`), then the tensor data.
@@ -19,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SpecmatchError
+from . import integrity
 
 # safetensors refuses headers above 100 MB; a larger length means the file is not one.
 _MAX_HEADER = 100_000_000
@@ -92,6 +97,20 @@ def load_safetensors(path: str | os.PathLike, device: str = "cpu") -> dict[str, 
         return load_file(path, device=str(device))
     except Exception as e:  # SafetensorError, OSError, RuntimeError: name the file, no traceback
         raise _fail(path, f"cannot be read as safetensors ({type(e).__name__}: {e})", _HINT) from e
+
+
+def load_stage_weights(folder: str | os.PathLike, rel: str, device: str = "cpu", verify: bool | None = None,
+                       remedy: str = "") -> dict[str, Any]:
+    """`load_safetensors` of the file `rel` of the stage output `folder`, after checking it
+    against the sha256 the folder's provenance.json lists for it (once per process and file
+    version; `verify` None follows `$SPECMATCH_VERIFY`, and a skipped check is recorded in the
+    provenance of what the stage makes). `remedy`: what remakes the file (the stage), named in
+    the error."""
+    path = Path(folder) / rel
+    # The header first: a truncated file gets the precise message rather than a hash mismatch.
+    safetensors_header(path)
+    integrity.check_recorded(path, folder, verify, remedy)
+    return load_safetensors(path, device)
 
 
 def load_torch_weights(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
