@@ -3,14 +3,23 @@
 PYTHON ?= python3.11
 VENV   := .venv
 BIN    := $(CURDIR)/$(VENV)/bin
-# The environment is built once per lock file: .venv links to $(ENV_CACHE)/py311-<hash of the
+# The third-party packages are built once per lock file, in $(ENV_CACHE)/py311-<hash of the
 # lock>, so a fresh clone on a machine that already installed the same pins reuses them (a
 # cache keyed by the lock file, as CI caches are). Installing the ~195 wheels takes minutes
-# on our 2-core machines. `make ENV_CACHE=` builds .venv in place instead.
+# on our 2-core machines. That shared environment holds the locked packages only: each clone's
+# .venv is a venv of its own layered over it (src/specmatch/ops/layered_env.py: the shared
+# packages through a .pth, its console scripts re-pointed at .venv/bin/python) into which the
+# clone alone is installed, so `specmatch` in one clone never runs another clone's code.
+# `make ENV_CACHE=` builds a whole .venv in place instead.
 ENV_CACHE ?= $(HOME)/.cache/specmatch/envs
 LOCK_ID := $(shell cat requirements/lock.txt | sha256sum | cut -c1-16)
-# Per clone: this checkout's editable install into the (possibly shared) environment is done.
+# Per clone: this checkout's .venv and its editable install are done.
 STAMP  := .venv.stamp
+# Made again whatever the stamp says: no .venv, a .venv of the earlier layout (a link to the
+# shared environment, which held whichever clone installed itself last), or a layered one
+# whose shared environment is gone.
+VENV_STALE := $(shell { test ! -x $(VENV)/bin/python || test -L $(VENV) || { test -f $(VENV)/shared-env && \
+  ! test -f "$$(cat $(VENV)/shared-env)/.complete"; }; } && echo FORCE)
 export PATH := $(BIN):$(PATH)
 # Single-threaded BLAS/OpenMP inside each job: the DAG already runs jobs in parallel.
 JOBS ?= 2
@@ -19,7 +28,7 @@ WHEELS ?= /opt/wheels
 PIP_FLAGS := --quiet --disable-pip-version-check --no-compile $(if $(wildcard $(WHEELS)),--find-links $(WHEELS))
 PIP_INSTALL := $(BIN)/python -m pip install $(PIP_FLAGS)
 
-.PHONY: demo small test test-fast bench lint install lock clean-demo help build-env container
+.PHONY: demo small test test-fast bench lint install lock clean-demo help build-env container FORCE
 
 help:
 	@echo "make demo       run the whole tiny DAG on the embedded default (CPU, minutes)"
@@ -30,16 +39,23 @@ help:
 	@echo "make container  check and build the Apptainer image containers/specmatch.sif (needs apptainer)"
 	@echo "make lock       re-resolve requirements/*.in into requirements/lock.txt"
 
-$(STAMP): requirements/lock.txt pyproject.toml
+# Only the line that calls $(MAKE) runs under `make -n` (as make does with every such line):
+# the lines that replace .venv stay apart from it.
+SHARED_ENV = $(ENV_CACHE)/py311-$(LOCK_ID)
+$(STAMP): requirements/lock.txt pyproject.toml $(VENV_STALE)
+	@if [ -z "$(ENV_CACHE)" ] && { [ -L $(VENV) ] || [ -f $(VENV)/shared-env ]; }; then rm -rf $(VENV); fi
 	@if [ -n "$(ENV_CACHE)" ]; then \
-	  env="$(ENV_CACHE)/py311-$(LOCK_ID)"; \
-	  test -f "$$env/.complete" || $(MAKE) --no-print-directory build-env ENV_DIR="$$env" || exit 1; \
-	  rm -rf $(VENV) && ln -s "$$env" $(VENV); \
+	  test -f "$(SHARED_ENV)/.complete" || $(MAKE) --no-print-directory build-env ENV_DIR="$(SHARED_ENV)"; \
 	else \
-	  test -f $(VENV)/.complete || $(MAKE) --no-print-directory build-env ENV_DIR="$(CURDIR)/$(VENV)" || exit 1; \
+	  test -f $(VENV)/.complete || $(MAKE) --no-print-directory build-env ENV_DIR="$(CURDIR)/$(VENV)"; \
+	fi
+	@if [ -n "$(ENV_CACHE)" ]; then \
+	  rm -rf $(VENV) && "$(SHARED_ENV)/bin/python" -I src/specmatch/ops/layered_env.py "$(SHARED_ENV)" $(VENV); \
 	fi
 	$(PIP_INSTALL) --no-deps --no-build-isolation -e .
 	@touch $@
+
+FORCE:
 
 # Internal: a complete environment at ENV_DIR from the lock (--no-deps: the lock is the whole
 # closure, so pip need not resolve). Byte-compiled once on all cores (pip's own compile step is

@@ -4,10 +4,18 @@
 #   snakemake --config preset=tiny   # the embedded default (what `make demo` runs)
 import os
 import signal
+import sys
 
 from snakemake.utils import min_version, validate
 
+import specmatch.ops.layered_env
+
 min_version("9.0")
+
+# Every rule calls `specmatch` by name: the one installed beside this Snakemake (this clone's
+# .venv/bin when run as .venv/bin/snakemake), not whichever comes first on PATH, which may be
+# another clone's environment. Inside the container the image's own comes first again.
+specmatch.ops.layered_env.put_first_on_path(sys.executable)
 
 # Inside a SLURM job, SIGUSR1 is SLURM's warning before the time limit, sent to every process
 # of the job step: it is meant for the trainers (which checkpoint and stop), and this Snakemake

@@ -173,3 +173,27 @@ def test_dvc_lock_cross_check_flags_a_stage_dvc_sees_changed(tmp_path, capsys, m
     assert code == 1 and "stale (dvc.lock): results/data" in out
     assert _audit(["results/data", "--no-dvc"], capsys)[0] == 0
 
+
+
+def test_audit_from_another_folder_finds_the_root_its_records_name(repo, capsys, monkeypatch, tmp_path):
+    """Run from outside the repository without --root, the audit reads the records from the root
+    they were written in (each record names its folder relative to it), not from the working
+    folder, where every file would be missing."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    code, out = _audit([str(repo / "results/lat/manifest.json"), "--no-dvc"], capsys)
+    assert code == 0, out
+    assert "missing" not in out and f"note: records read from the repository root {repo}" in out
+    monkeypatch.chdir(repo / "results")  # a relative path below the root
+    code, out = _audit(["ae", "--no-dvc"], capsys)
+    assert code == 0 and out.startswith("results/ae  [train-ae micro"), out
+    # damage is still found, named from the root
+    (repo / "results/ae/model.safetensors").write_bytes(b"x")
+    code, out = _audit([str(repo / "results/lat"), "--no-dvc"], capsys)
+    assert code == 1 and "modified: results/ae/model.safetensors" in out
+    # a stage folder moved away from the path its record names: say what to pass
+    moved = tmp_path / "moved"
+    shutil.copytree(repo / "results/data", moved)
+    code, out = _audit([str(moved), "--no-dvc"], capsys)
+    assert code == 2 and "written as 'results/data'" in out and "pass that root as --root" in out

@@ -101,18 +101,59 @@ def test_the_grid_is_frozen():
 
 
 @pytest.mark.parametrize("overrides, message", [
-    ({"grid": {"autoencoders": ["nope"]}}, r"grid.autoencoders names undefined runs \['nope'\]"),
-    ({"grid": {"diffusions": ["nope"]}}, r"grid.diffusions names undefined runs \['nope'\]"),
+    ({"grid": {"autoencoders": ["nope"]}}, r"grid.autoencoders: 'nope' \(item 0\) names no entry of `autoencoders`"),
+    ({"grid": {"diffusions": ["nope"]}}, r"grid.diffusions: 'nope' \(item 0\) names no entry of `diffusions`"),
+    ({"grid": {"diffusions": ["embedded-tiny-dsm-sit", "embedded-tiny-dsm-sitt-untrained"]}},
+     r"grid.diffusions names undefined runs \['embedded-tiny-dsm-sitt-untrained'\] \(did you mean "
+     r"'embedded-tiny-dsm-sit-untrained'\?\)"),
     ({"report": {"experiments": {"E1": {"diffusions": ["embedded-tiny-nope"]}}}},
-     r"report.experiments.E1.diffusions names \['embedded-tiny-nope'\]"),
+     r"report.experiments.E1.diffusions: 'embedded-tiny-nope' \(item 0\) names no entry of `diffusions`"),
+    ({"report": {"experiments": {"E1": {"diffusions": ["celebahq-f8d4-sdvae-uvit"]}}}},  # defined, not in the grid
+     r"report.experiments.E1.diffusions names \['celebahq-f8d4-sdvae-uvit'\], which are not among the diffusions "
+     r"available"),
     ({"report": {"progress": {"diffusions": ["embedded-tiny-nope"]}}},
-     r"report.progress.diffusions names \['embedded-tiny-nope'\]"),
+     r"report.progress.diffusions: 'embedded-tiny-nope' \(item 0\) names no entry of `diffusions`"),
     ({"report": {"progress": {"diffusions": ["embedded-tiny-dsm-sit"]}}}, "without train.snapshot_steps"),
     ({"samplers": {"tiny-dpm20": {"stepz": 3}}}, r"samplers.tiny-dpm20"),
 ])
 def test_bad_grids_are_refused_naming_the_key(overrides, message):
     with pytest.raises(SpecmatchError, match=message):
         _grid("tiny", **overrides)
+
+
+def test_a_misspelt_reference_is_refused_not_dropped_from_the_dag(tmp_path):
+    """A diffusion entry whose `autoencoder:` names nothing used to leave the DAG without a word
+    (the grid keeps the runs whose autoencoder it runs). Refused instead, through the grid, the
+    CLI and Snakemake, naming the file, the key, the bad value, the closest name and all of them."""
+    typo = {"diffusions": {"embedded-tiny-dsm-sit": {"autoencoder": "embeded-tiny-dsm"}}}
+    key = r"diffusions\.embedded-tiny-dsm-sit\.autoencoder: 'embeded-tiny-dsm' names no entry of `autoencoders` "
+    hint = r"\(did you mean 'embedded-tiny-dsm'\?\); expected one of \[.*'embedded-tiny-esm'"
+    with pytest.raises(SpecmatchError, match=f"the command line \\(--config, --configfile\\): {key}{hint}"):
+        _grid("tiny", **typo)
+    # written in a preset file: `specmatch params show` names that file
+    import shutil
+
+    shutil.copy(PARAMS_YAML, tmp_path / "params.yaml")
+    shutil.copytree(REPO / "presets", tmp_path / "presets")
+    preset = tmp_path / "presets" / "tiny.yaml"
+    text = preset.read_text()
+    one = "  embedded-tiny-dsm-sit-dog: {<<: *tiny_sit, alignment: {kind: dog}, samplers: [tiny-sde30]}\n"
+    assert one in text
+    preset.write_text(text.replace(one, one.replace("samplers: [tiny-sde30]", "samplers: [tiny-sde3O]")))
+    proc = subprocess.run([str(Path(sys.executable).parent / "specmatch"), "params", "show", "--params-file",
+                           str(tmp_path / "params.yaml"), "--preset", "tiny"], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert (f"{preset}: diffusions.embedded-tiny-dsm-sit-dog.samplers: 'tiny-sde3O' (item 0) names no entry of "
+            "`samplers` (did you mean 'tiny-sde30'?)") in proc.stderr
+    # the run the issue lost: Snakemake stops before planning
+    proc = subprocess.run([str(Path(sys.executable).parent / "snakemake"), "-n", "--config", "preset=tiny",
+                           "diffusions={embedded-tiny-dsm-sit: {autoencoder: embeded-tiny-dsm}}"], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "Job stats" not in out
+    assert "diffusions.embedded-tiny-dsm-sit.autoencoder: 'embeded-tiny-dsm'" in out
+    assert "did you mean 'embedded-tiny-dsm'?" in out
 
 
 @pytest.mark.parametrize("preset", ["tiny", "paper"])

@@ -295,6 +295,9 @@ def main(argv: list[str] | None = None) -> int:
     from .runtime import console
 
     console.for_log_files()  # before anything imports tqdm: one progress line per interval in log files
+    from .ops import lifeline
+
+    lifeline.watch()  # a job of a Snakemake that is killed stops too (SIGTERM: trainers checkpoint)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)

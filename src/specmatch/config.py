@@ -8,12 +8,13 @@ Which runs those parameters make, and each run's own view of them, is `grid.py`'
 from __future__ import annotations
 
 import copy
+import difflib
 import json
 import os
 import re
 from importlib import resources
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import jsonschema
 import yaml
@@ -128,11 +129,84 @@ def typed_command_line(values: Mapping[str, Any]) -> dict[str, Any]:
     return {k: fix(v) for k, v in values.items()}
 
 
+UNTRAINED = "-untrained"  # the suffix of an untrained baseline's name (grid.untrained_baselines)
+
+
+def suggest(value: Any, known: Iterable[str]) -> str:
+    """' (did you mean X?)' with the known name closest to `value`, or ''."""
+    close = difflib.get_close_matches(str(value), list(known), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _references(out: Mapping[str, Any]):
+    """(key path, value, section that must define it) for every name the parameters cross-reference."""
+    untrained = bool(((out.get("report") or {}).get("baselines") or {}).get("untrained"))
+    g = out.get("grid") or {}
+    for i, name in enumerate(g.get("datasets") or []):
+        yield ("grid", "datasets", i), name, "datasets"
+    for i, name in enumerate(g.get("autoencoders") or []):
+        yield ("grid", "autoencoders", i), name, "autoencoders"
+    for i, name in enumerate(g.get("diffusions") or []):
+        if not (untrained and str(name).endswith(UNTRAINED)):  # made by the grid, checked there
+            yield ("grid", "diffusions", i), name, "diffusions"
+    for run, entry in (out.get("autoencoders") or {}).items():
+        if "dataset" in entry:
+            yield ("autoencoders", run, "dataset"), entry["dataset"], "datasets"
+    for run, entry in (out.get("diffusions") or {}).items():
+        if "autoencoder" in entry:
+            yield ("diffusions", run, "autoencoder"), entry["autoencoder"], "autoencoders"
+        for i, name in enumerate(entry.get("samplers") or []):
+            yield ("diffusions", run, "samplers", i), name, "samplers"
+    for name in ((out.get("metrics") or {}).get("datasets") or {}):
+        yield ("metrics", "datasets", name), name, "datasets"
+    report = out.get("report") or {}
+    for exp, lists in (report.get("experiments") or {}).items():
+        for kind in ("autoencoders", "diffusions", "datasets"):
+            for i, name in enumerate((lists or {}).get(kind) or []):
+                if not (kind == "diffusions" and untrained and str(name).endswith(UNTRAINED)):
+                    yield ("report", "experiments", exp, kind, i), name, kind
+    for i, name in enumerate((report.get("progress") or {}).get("diffusions") or []):
+        yield ("report", "progress", "diffusions", i), name, "diffusions"
+
+
+def check_references(out: Mapping[str, Any], origin=None) -> None:
+    """Refuse a name that names nothing: a diffusion run's `autoencoder`, an autoencoder's
+    `dataset`, a run's `samplers`, the grid's and the report's run lists, `metrics.datasets`.
+    A misspelt one would otherwise drop its run from the DAG without a word (the grid keeps the
+    runs whose autoencoder and dataset it runs). `origin(key path)` names the file that set a key."""
+    errors = []
+    for path, value, section in _references(out):
+        known = sorted(out.get(section) or {})
+        if value in known:
+            continue
+        key = ".".join(str(k) for k in (path[:-1] if isinstance(path[-1], int) else path))
+        where = origin(path) if origin else "parameters"
+        what = f"{value!r}" + (f" (item {path[-1]})" if isinstance(path[-1], int) else "")
+        errors.append(f"- {where}: {key}: {what} names no entry of `{section}`{suggest(value, known)}; "
+                      f"expected one of {known}")
+    if errors:
+        more = f"\n- ... and {len(errors) - 10} more" if len(errors) > 10 else ""
+        raise SpecmatchError("parameters name runs, datasets or samplers that are not defined:\n"
+                             + "\n".join(errors[:10]) + more)
+
+
+def _has(tree: Any, path: tuple) -> bool:
+    for k in path:
+        if isinstance(k, int):
+            return isinstance(tree, list)
+        if not isinstance(tree, Mapping) or k not in tree:
+            return False
+        tree = tree[k]
+    return True
+
+
 def resolve(params: Mapping[str, Any], presets_dir: str | os.PathLike = "presets",
-            overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+            overrides: Mapping[str, Any] | None = None, params_file: str | os.PathLike = "params.yaml"
+            ) -> dict[str, Any]:
     """params.yaml content -> resolved parameters: apply presets/<preset>.yaml (`paper.yaml` is
-    the empty overlay), then command-line overrides, then validate and fill defaults. Unknown
-    datasets in grid.datasets are refused."""
+    the empty overlay), then command-line overrides, then validate and fill defaults. A name that
+    refers to nothing (a run's autoencoder, dataset or sampler, the grid's lists) is refused,
+    naming the file that set it (`check_references`)."""
     if not isinstance(params, Mapping):
         raise SpecmatchError("params.yaml must be a mapping at the top level")
     overrides = dict(overrides or {})
@@ -148,16 +222,21 @@ def resolve(params: Mapping[str, Any], presets_dir: str | os.PathLike = "presets
     merged = deep_merge(merged, overrides)
     merged["preset"] = preset
     out = validate(merged, source=f"parameters (params.yaml + preset {preset})")
-    missing = [d for d in out["grid"]["datasets"] if d not in out["datasets"]]
-    if missing:
-        raise SpecmatchError(f"grid.datasets names unknown datasets {missing}; defined: {sorted(out['datasets'])}")
+
+    def origin(key: tuple) -> str:
+        # The last layer that wrote the key (a list is written whole by one layer).
+        if _has(overrides, key):
+            return "the command line (--config, --configfile)"
+        return str(path) if _has(overlay, key) else str(params_file)
+
+    check_references(out, origin)
     return out
 
 
 def load(params_path: str | os.PathLike = "params.yaml", preset: str | None = None) -> dict[str, Any]:
     params = load_yaml(params_path)
     presets_dir = Path(params_path).parent / "presets"
-    return resolve(params, presets_dir, {"preset": preset} if preset else None)
+    return resolve(params, presets_dir, {"preset": preset} if preset else None, params_file=params_path)
 
 
 def parse_params_arg(value: str) -> dict[str, Any]:

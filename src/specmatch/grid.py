@@ -19,7 +19,7 @@ from types import MappingProxyType
 from typing import Any, Iterable, Mapping, NamedTuple
 
 from .alignment import registry as encoders
-from .config import deep_merge, validate
+from .config import UNTRAINED, check_references, deep_merge, suggest, validate
 from .errors import SpecmatchError
 
 
@@ -58,8 +58,6 @@ EXPERIMENTS: dict[str, Experiment] = {
 
 # What an experiment lists, per kind: report.experiments.<E>.<kind> (null: every one available).
 RUN_KINDS = ("autoencoders", "diffusions", "datasets")
-
-UNTRAINED = "-untrained"
 
 
 def experiment_runs(experiments: Mapping[str, Any], available: Mapping[str, Iterable[str]],
@@ -224,6 +222,9 @@ class Paths:
     def progress(self, diff: str) -> str:
         return f"{self.root}/progress/{diff}"
 
+    def band_error(self, diff: str) -> str:
+        return f"{self.root}/band_error/{diff}"
+
     def table(self, name: str) -> str:
         return f"{self.root}/tables/{name}"
 
@@ -320,19 +321,18 @@ class Grid:
 
     @classmethod
     def build(cls, resolved: Mapping[str, Any]) -> "Grid":
+        # Runs are kept only where their dataset and autoencoder run in the grid, so a reference
+        # to nothing (a misspelt `autoencoder:`) would drop a run silently: refused first.
+        check_references(resolved)
         grid = resolved["grid"]
         datasets = tuple(grid["datasets"])
-        undefined = [n for n in grid["autoencoders"] if n not in (resolved.get("autoencoders") or {})]
-        if undefined:
-            raise SpecmatchError(f"grid.autoencoders names undefined runs {undefined}; "
-                                 f"defined: {sorted(resolved.get('autoencoders') or {})}")
         aes = {n: autoencoder_run(resolved, n) for n in grid["autoencoders"]
                if resolved["autoencoders"][n]["dataset"] in datasets}
         entries = _diffusion_entries(resolved)
         undefined = [n for n in grid["diffusions"] if n not in entries]
         if undefined:
-            raise SpecmatchError(f"grid.diffusions names undefined runs {undefined}; "
-                                 f"defined: {sorted(resolved.get('diffusions') or {})}")
+            raise SpecmatchError(f"grid.diffusions names undefined runs {undefined}{suggest(undefined[0], entries)}; "
+                                 f"defined: {sorted(entries)}")
         groups = _baseline_groups(resolved) if resolved["report"]["baselines"]["untrained"] else {}
         names = list(dict.fromkeys([*grid["diffusions"], *groups]))
         diffs = {n: _diffusion_run(resolved, entries, n) for n in names if entries[n]["autoencoder"] in aes}
@@ -352,8 +352,8 @@ class Grid:
         progress = tuple(p["progress"]["diffusions"])
         outside = [n for n in progress if n not in self.diffusions]
         if outside:
-            raise SpecmatchError(f"report.progress.diffusions names {outside}, not among the grid's diffusion runs "
-                                 f"({sorted(self.diffusions)})")
+            raise SpecmatchError(f"report.progress.diffusions names {outside}, not among the grid's diffusion runs"
+                                 f"{suggest(outside[0], self.diffusions)} ({sorted(self.diffusions)})")
         no_snapshots = [n for n in progress if not self.diffusions[n]["train"]["snapshot_steps"]]
         if no_snapshots:
             raise SpecmatchError(f"report.progress.diffusions names runs without train.snapshot_steps: {no_snapshots}")

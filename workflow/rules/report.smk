@@ -34,6 +34,26 @@ rule fid_progress:
         " --name {wildcards.diff} --params {params.p:q} --out {output} > {log} 2>&1"
 
 
+rule band_error:
+    input:
+        model=PATHS.diffusion("{diff}"),
+        ae=diff_ae,
+        data=lambda wildcards: PATHS.data(GRID.dataset_of(wildcards.diff)),
+    output:
+        directory(PATHS.band_error("{diff}")),
+    params:
+        launch=launch("band_error"),
+        p=as_json(REPORT["progress"]["band_error"]),
+    log:
+        PATHS.log("band_error", "{diff}"),
+    threads: job_threads("band_error")
+    resources:
+        **job_resources("band_error"),
+    shell:
+        "{params.launch} band-error --model {input.model} --autoencoder {input.ae} --dataset {input.data}"
+        " --name {wildcards.diff} --params {params.p:q} --out {output} > {log} 2>&1"
+
+
 rule report:
     input:
         spectra=[PATHS.spectra(d) for d in READS.datasets],
@@ -43,6 +63,7 @@ rule report:
         samples=[PATHS.samples(d, s) for d, s in READS.samples],
         targets=rules.target_spectra.output if READS.target_spectra else [],
         progress=[PATHS.progress(d) for d in READS.progress],
+        band_error=[PATHS.band_error(d) for d in READS.progress],
         floors=[PATHS.fid_floor(d, n) for d, n in READS.floors],
     output:
         directory(PATHS.report()),
@@ -59,4 +80,5 @@ rule report:
     shell:
         "specmatch report paper --spectra {input.spectra} --ae-eval {input.ae_eval} --diffusion {input.diffusion}"
         " --gen-metrics {input.gen} --samples {input.samples} {params.targets} {params.floors} --progress {input.progress}"
+        " --band-error {input.band_error}"
         " --name {params.name} --params {params.p:q} --out {output} > {log} 2>&1"

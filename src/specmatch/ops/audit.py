@@ -14,8 +14,11 @@ checkpoint, any file in a stage folder, or the folder itself) and walks the inpu
 - optionally, `dvc status` is asked whether dvc.lock still describes the stage outputs (when
   the repository has a dvc.lock): a stage it reports changed is `stale (dvc.lock)`.
 
-Paths in records are relative to the repository root the stages ran from (`--root`). Exit
-status 0 when everything verifies, 1 with every problem named otherwise.
+Paths in records are relative to the repository root the stages ran from. Each record names
+its own folder relative to that root (`outputs.path`), so the root is found from the artefact
+itself when `--root` (default: the working folder) does not hold it: run from anywhere, the
+audit reads the records where they are (`find_root`). Exit status 0 when everything verifies,
+1 with every problem named otherwise.
 """
 
 from __future__ import annotations
@@ -67,6 +70,53 @@ def stage_folder(artefact: str | os.PathLike) -> Path:
             return cand
     raise SpecmatchError(f"{artefact}: not in a stage output folder (no {RECORD_NAME} in it or in its parents); "
                          "only outputs of `specmatch` stages can be audited")
+
+
+def _same_folder(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _marked_root(folder: Path) -> Path | None:
+    """The nearest folder above `folder` holding dvc.yaml or a Snakefile (a repository root)."""
+    for cand in folder.absolute().parents:
+        if (cand / "dvc.yaml").is_file() or (cand / "Snakefile").is_file():
+            return cand
+    return None
+
+
+def find_root(folder: str | os.PathLike, root: str | os.PathLike = ".") -> tuple[Path, str | None]:
+    """(the root the records of stage folder `folder` are relative to, a note when it is not
+    `root`). A record's `outputs.path` is its folder as the stage saw it from the root it ran in:
+    `root` is kept when that path leads back to `folder` from it; otherwise the root is the
+    folder with that path taken off its end, or, for a record with an absolute path, the nearest
+    folder above with dvc.yaml or a Snakefile."""
+    folder, root = Path(folder), Path(root)
+    try:
+        recorded = json.loads((folder / RECORD_NAME).read_text()).get("outputs", {}).get("path")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        recorded = None  # the audit reports the unreadable record itself
+    if not isinstance(recorded, str) or not recorded:
+        return root, None
+    rel = Path(recorded)
+    if rel.is_absolute():
+        if (root / "dvc.yaml").is_file() or (root / "Snakefile").is_file():
+            return root, None
+        found = _marked_root(folder)
+        return (root, None) if found is None else (found, f"records read from the repository root {found}")
+    if _same_folder(root / rel, folder):
+        return root, None
+    for base in (folder.absolute(), folder.resolve()):
+        if len(base.parts) > len(rel.parts) and base.parts[-len(rel.parts):] == rel.parts:
+            cand = Path(*base.parts[:-len(rel.parts)])
+            if _same_folder(cand / rel, folder):
+                return cand, f"records read from the repository root {cand} (where {recorded} was written)"
+    raise SpecmatchError(
+        f"{folder / RECORD_NAME}: its folder was written as {recorded!r} relative to the root the stage ran "
+        f"from, but {root.absolute() / rel} is not this folder and {folder} does not end with that path "
+        f"(moved?); pass that root as --root (the folder that holds {rel.parts[0]}/)")
 
 
 class Auditor:
@@ -171,10 +221,13 @@ def walk(node: Node | Leaf):
 
 
 def audit(artefact: str | os.PathLike, root: str | os.PathLike = ".", dvc: bool = True) -> tuple[Node, list[str]]:
-    """(lineage tree, every problem found)."""
-    root = Path(root)
-    tree = Auditor(root).node(stage_folder(artefact))
-    notes = []
+    """(lineage tree, every problem found). `root`: where the records' relative paths start
+    (default the working folder); a root that does not hold the artefact is replaced by the one
+    its record names (`find_root`, said in a note)."""
+    folder = stage_folder(artefact)
+    root, found = find_root(folder, root)
+    tree = Auditor(root).node(folder)
+    notes = [found] if found else []
     if dvc:
         stale, note = dvc_stale_paths(root)
         if note:

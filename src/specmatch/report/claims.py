@@ -43,6 +43,8 @@ RECON_GAP_DB = 1.0
 NOT_TESTED = "not tested: premise fails at this scale"
 
 CLAIMS = {
+    "C0": "The diffusion loss learns the low and mid frequencies first and best: relative to the Gaussian optimum, "
+          "their loss-weighted error improves earlier in training and ends lower than the high bands'.",
     "C1": "The images' spectrum follows a power law (energy falling with frequency).",
     "C2": "ESM brings the latent spectrum to the flattened target: a lower KL(target || latent) than SD-VAE's.",
     "C3": "DSM keeps low frequencies decodable: a lower low-pass reconstruction distance than SD-VAE's at the "
@@ -80,6 +82,40 @@ def _fmt(v: float, s: float | None) -> str:
 def _row(cid: str, setting: str, evidence: str, z: float | None, verdict: str) -> dict[str, Any]:
     return {"claim": cid, "statement": CLAIMS[cid], "setting": setting, "evidence": evidence,
             "z": None if z is None else round(float(z), 2), "verdict": verdict}
+
+
+def frequency_bias(inputs, diffusions: list[str]) -> list[dict[str, Any]]:
+    """C0 from each `band-error` output (docs/band-error.md): 'not tested' when the run did not
+    learn (rho over all bands fell by no more than 2 standard errors from the first snapshot to the
+    final weights); supported when rho_high - rho_low+mid > 2 SE at the final weights and the low
+    and mid bands' median half-improvement step precedes the high bands'; contradicted when either
+    is reversed (beyond 2 SE for the first); not resolved otherwise."""
+    rows = []
+    for d in diffusions:
+        if d not in inputs.band_error:
+            continue
+        info, points = inputs.band_error[d]
+        c0, last = info["c0"], points[-1].result
+        setting = (f"{d}: {len(points)} points to step {info['trained_steps']}, {last.n_images} held-out "
+                   f"{'x'.join(map(str, last.shape))} maps, {len(last.t)} noise levels, {last.n_bins} bands")
+        diff, se = c0["high_minus_low_mid"], c0["high_minus_low_mid_se"]
+        lm, hi = c0["t_half_low_mid"], c0["t_half_high"]
+        rho = ", ".join(f"{g} {v:.3g}" for g, v in c0["rho_final"].items())
+        evidence = (f"final rho (error / optimum, loss-weighted): {rho}; high - low+mid {_fmt(diff, se)}; median "
+                    f"half-improvement step: low+mid {lm if lm is None else f'{lm:.0f}'}, high "
+                    f"{hi if hi is None else f'{hi:.0f}'}")
+        if c0["learned"] is None or not c0["learned"] > Z * (c0["learned_se"] or 0.0):
+            learned = "no snapshot" if c0["learned"] is None else _fmt(c0["learned"], c0["learned_se"])
+            rows.append(_row("C0", setting, evidence + f"; rho over all bands fell by {learned}", None,
+                             "not tested: the run did not learn at this length"))
+            continue
+        z = diff / se if se and se > 0 else None
+        earlier = lm is not None and (hi is None or lm < hi)
+        later = hi is not None and (lm is None or hi < lm)
+        verdict = (SUPPORTED if z is not None and z > Z and earlier else
+                   CONTRADICTED if (z is not None and z < -Z) or later else UNRESOLVED)
+        rows.append(_row("C0", setting, evidence, z, verdict))
+    return rows
 
 
 def power_law(inputs, datasets: list[str]) -> list[dict[str, Any]]:
@@ -248,7 +284,8 @@ def table(inputs, runs: dict[str, dict[str, list[str]]], gen_e12: list[dict[str,
           gen_e3: list[dict[str, Any]]) -> pd.DataFrame:
     """Every claim row of this report, in claim order."""
     aes = list(dict.fromkeys(runs["E1"]["autoencoders"] + runs["E2"]["autoencoders"] + runs["E4"]["autoencoders"]))
-    rows = (power_law(inputs, runs["E4"]["datasets"]) + encoding(inputs, aes) + decoding(inputs, aes)
+    rows = (frequency_bias(inputs, list(inputs.band_error)) + power_law(inputs, runs["E4"]["datasets"])
+            + encoding(inputs, aes) + decoding(inputs, aes)
             + premise(inputs, aes) + diffusability(gen_e12, {a: inputs.ae_eval[a] for a in aes})
             + alignment(gen_e3))
     return pd.DataFrame(rows, columns=["claim", "statement", "setting", "evidence", "z", "verdict"])

@@ -19,7 +19,7 @@ from ..autoencoder import evaluate as ae_evaluate
 from ..autoencoder.evaluate import AEEvaluation
 from ..data import sample_folder
 from ..diffusion import artifact as diffusion_artifact
-from ..diffusion import fid_progress
+from ..diffusion import band_error_stage, fid_progress
 from ..errors import SpecmatchError
 from ..metrics import record
 from ..metrics import spectra as data_spectra
@@ -87,6 +87,8 @@ KINDS: dict[str, Kind] = {
     "target_spectra": Kind("--target-spectra", target_diagnostics.read, lambda _: "target-spectra",
                            "target spectra", single=True),
     "progress": Kind("--progress", fid_progress.read, lambda named: named[0], "metric over training"),
+    "band_error": Kind("--band-error", band_error_stage.read, lambda read: read[0]["diffusion"],
+                       "error per band over training"),
     "floors": Kind("--floors", _floor, lambda m: m.name, "real floor"),
 }
 
@@ -117,6 +119,7 @@ class Inputs:
     samples: dict[str, Path] = field(default_factory=dict)
     target_spectra: pd.DataFrame | None = None
     progress: dict[str, pd.DataFrame] = field(default_factory=dict)
+    band_error: dict[str, tuple[dict[str, Any], list[band_error_stage.Point]]] = field(default_factory=dict)
     floors: list[record.GenerationMetrics] = field(default_factory=list)
     folders: dict[str, dict[str, Path]] = field(default_factory=dict)
 
@@ -141,6 +144,7 @@ class Inputs:
         self.samples = self.folders["samples"]
         self.target_spectra = next((df for _, df in read["target_spectra"].values()), None)
         self.progress = {n: df for n, (_, (_, df)) in read["progress"].items()}
+        self.band_error = {n: v for n, (_, v) in read["band_error"].items()}
         self.floors = [m for _, m in read["floors"].values()]
         return self
 
