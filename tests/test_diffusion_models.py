@@ -347,6 +347,10 @@ def test_errors_name_the_problem():
         parse_name("UViT-S/x")
     with pytest.raises(SpecmatchError, match=r"SiT-tiny/4.*10.*4"):
         build("SiT-tiny/4", in_channels=4, input_size=10)
+    # A token of 4^2 x 16 = 256 values into a width of 128 (it did not learn at all): refused, with the patch that fits.
+    with pytest.raises(SpecmatchError, match=r"'UViT-tiny/4' on 16-channel latents.*= 256 values.*width 128.*\(/2\)"):
+        build("UViT-tiny/4", in_channels=16, input_size=16)
+    assert build("UViT-tiny/2", in_channels=16, input_size=16).patch_embed.proj.in_channels == 16
     model = _tiny("UViT-tiny")
     with pytest.raises(ValueError, match="shape"):
         model(torch.randn(1, 4, 16, 16), torch.rand(1))

@@ -124,6 +124,15 @@ def build(name: str, *, in_channels: int, input_size: int, num_classes: int = 0,
     `num_classes`, is the null label); `time_scale`: the time input is the sinusoid of
     time_scale * t (imported checkpoints keep their own)."""
     cfg, patch = parse_name(name)
+    values = patch * patch * int(in_channels)
+    if values > cfg.width:
+        # Each token is the linear embedding of one patch: more values than the width cannot all
+        # pass the embedding (measured: UViT-tiny/4 on 16-channel latents, 256 values into 128,
+        # did not learn at all), so the run would spend its budget on a network that cannot fit.
+        raise SpecmatchError(
+            f"diffusion network {name!r} on {in_channels}-channel latents: a token holds patch^2 x channels = "
+            f"{patch}^2 x {in_channels} = {values} values, more than the network's width {cfg.width}; use a smaller "
+            f"patch (/{max([p for p in PATCHES if p * p * int(in_channels) <= cfg.width] or [1])}) or a wider network")
     cls = {"uvit": UViT, "sit": SiT}[cfg.family]
     return cls(
         in_channels=in_channels, input_size=input_size, patch=patch, width=cfg.width,
