@@ -313,3 +313,14 @@ def slurm_run(tmp_path_factory, slurm_cluster) -> Path:
     out, _ = proc.communicate()
     assert proc.returncode == 0, out[-6000:]
     return repo
+
+
+@pytest.fixture
+def fresh_integrity(monkeypatch):
+    """A new process's state of the weights and file checks (runtime.integrity): no file hashed,
+    checked or skipped yet, and no SPECMATCH_VERIFY from the environment."""
+    from specmatch.runtime import integrity
+
+    monkeypatch.delenv(integrity.ENV, raising=False)
+    for name in ("_memo", "_checked", "_unchecked"):
+        monkeypatch.setattr(integrity, name, type(getattr(integrity, name))())

@@ -33,11 +33,7 @@ DPM = {"method": "dpm-solver", "steps": 3, "n_samples": 10, "shard_size": 3, "ba
 SHARDS = [f"shard-{j:05d}.npz" for j in range(4)]
 
 
-@pytest.fixture(autouse=True)
-def _fresh_integrity(monkeypatch):
-    monkeypatch.delenv(integrity.ENV, raising=False)
-    for name in ("_memo", "_checked", "_unchecked"):
-        monkeypatch.setattr(integrity, name, type(getattr(integrity, name))())
+pytestmark = pytest.mark.usefixtures("fresh_integrity")
 
 
 @pytest.fixture(scope="module")

@@ -30,12 +30,7 @@ DPM = {"method": "dpm-solver", "steps": 2, "n_samples": 4, "shard_size": 2, "bat
 METRICS = {"net": "efficientnet-lite0", "device": "cpu", "batch_size": 16}
 
 
-@pytest.fixture(autouse=True)
-def _fresh_integrity(monkeypatch):
-    """A new process's state of the checks: no file hashed, checked or skipped yet."""
-    monkeypatch.delenv(integrity.ENV, raising=False)
-    for name in ("_memo", "_checked", "_unchecked"):
-        monkeypatch.setattr(integrity, name, type(getattr(integrity, name))())
+pytestmark = pytest.mark.usefixtures("fresh_integrity")
 
 
 @pytest.fixture(scope="module")
