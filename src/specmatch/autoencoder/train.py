@@ -53,8 +53,8 @@ from ..runtime.provenance import Provenance
 from ..runtime.signals import StopRequest
 from ..runtime.train_state import TrainingState, final_weights
 from ..runtime.training import (METRICS_FILE, AttemptLog, NonFiniteLoss, TrainSettings, batch_indices, check_finite,
-                                end_of_step, identity_fingerprint, lr_factor, make_ema, prepare_rank, run_folder,
-                                trim_metrics, write_output)
+                                compile_forward, end_of_step, identity_fingerprint, lr_factor, make_ema, prepare_rank,
+                                run_folder, trim_metrics, write_output)
 from . import artifact
 from . import model as ae_model
 from .discriminator import PatchDiscriminator, generator_adv_loss, hinge_d_loss, sync_batchnorm
@@ -96,8 +96,9 @@ class _Job:
 
 
 # `train` settings that leave the result alone: where it is computed, how often it is saved and
-# logged, and whether another length may continue it.
-_BOOKKEEPING = ("checkpoint_every", "keep_checkpoints", "log_every", "device", "extend")
+# logged, whether another length may continue it, and whether the forwards are compiled (another
+# kernel schedule of the same arithmetic: a run may be resumed compiled or eager).
+_BOOKKEEPING = ("checkpoint_every", "keep_checkpoints", "log_every", "device", "extend", "compile")
 
 
 def identity(run: dict[str, Any], images_sha256: str) -> dict[str, Any]:
@@ -239,7 +240,9 @@ def _train(job: _Job) -> dict[str, Any]:
         log.info("resumed from %s (iteration %d: generator step %d, discriminator step %d)", start, step, g_step,
                  d_step)
 
-    plain_gen = _Generator(ae)
+    # Compiled after the EMA copy and the resume: both see the plain modules.
+    plain_gen = compile_forward(_Generator(ae), t.compile, fullgraph=False)
+    compile_forward(disc, t.compile)
     gen = DDP(plain_gen) if info.world_size > 1 else plain_gen
     disc_params = list(disc.parameters())
     run_dir.mkdir(parents=True, exist_ok=True)

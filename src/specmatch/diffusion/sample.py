@@ -58,7 +58,7 @@ from ..runtime.hashing import sha256_json
 from ..runtime.jsonfile import read_json
 from ..runtime.provenance import RECORD_NAME, Provenance
 from ..runtime.signals import StopRequest
-from ..runtime.training import Interrupted, run_folder
+from ..runtime.training import Interrupted, compile_forward, run_folder
 from . import artifact, samplers, transport
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,9 @@ SPLIT = "samples"
 WORK_SETTINGS = "settings.json"
 SHARD_SHA = ".sha256"  # suffix of the sidecar holding a work shard's sha256
 SHARD_MEMBERS = ("images", "labels", "sources", "nfe")
-_SETTINGS_NOT_IN_FINGERPRINT = ("device",)
+# Where the samples are computed and whether the network is compiled (another kernel schedule of
+# the same arithmetic) leave the sample set's identity alone.
+_SETTINGS_NOT_IN_FINGERPRINT = ("device", "compile")
 _REMAKE = "run `specmatch sample` again with the same arguments: it makes a damaged work shard again"
 
 
@@ -206,6 +208,7 @@ def sample(model_dir: str | Path, ae_dir: str | Path, params: dict[str, Any], na
 def _sample(p, info, model_dir, ae_dir, name, out, work_dir, work_root):
     dev = info.device
     net, summary = artifact.load(model_dir, p["use_ema"], dev)
+    compile_forward(net, p["compile"])
     ae, ae_summary = ae_artifact.load(ae_dir, True, dev)
     path = check_compatible(p, model_dir, summary, ae_dir, ae_summary)
     scale = float(summary["latents"]["scale_factor"])

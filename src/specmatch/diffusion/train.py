@@ -16,7 +16,8 @@ Runtime guarantees, as in the autoencoder trainer (`runtime.training`):
   the global batch's and keeps its rows). Nothing reads a value back from the GPU at every
   step: the non-finite check (`FiniteGuard`) and the loss are read at log, snapshot and
   checkpoint steps only, and the stop flag travels on the CPU.
-- torch.distributed via torchrun (DDP; NCCL on GPU, gloo on CPU), bf16 autocast on GPU.
+- torch.distributed via torchrun (DDP; NCCL on GPU, gloo on CPU); bf16 autocast on GPU
+  (`train.precision: auto`), on any device with `bf16`; `train.compile` compiles the network.
 - Checkpoints every `checkpoint_every` steps, on a stop signal (SIGTERM, SIGUSR1, SIGINT, SIGHUP;
   exit status 3) and at the end; `--resume auto`, only under the settings the checkpoint records
   (`runtime.train_state`: another length needs `train.extend` and a constant schedule); a
@@ -54,8 +55,9 @@ from ..runtime.provenance import Provenance
 from ..runtime.signals import StopRequest
 from ..runtime.train_state import TrainingState, final_weights
 from ..runtime.training import (METRICS_FILE, AttemptLog, FiniteGuard, Interrupted, NonFiniteLoss, Prefetch,
-                                RankSetup, TrainSettings, batch_indices, end_of_step, identity_fingerprint, lr_factor,
-                                make_ema, prepare_rank, run_folder, trim_metrics, write_output)
+                                RankSetup, TrainSettings, batch_indices, compile_forward, end_of_step,
+                                identity_fingerprint, lr_factor, make_ema, prepare_rank, run_folder, trim_metrics,
+                                write_output)
 from . import artifact, models, transport
 
 log = logging.getLogger(__name__)
@@ -80,8 +82,9 @@ def latents_identity(latents: str | Path) -> str:
 
 
 # `train` settings that leave the result alone: where it is computed, how often it is saved and
-# logged, which steps' weights are kept aside, and whether another length may continue it.
-_BOOKKEEPING = ("checkpoint_every", "keep_checkpoints", "log_every", "device", "snapshot_steps", "extend")
+# logged, which steps' weights are kept aside, whether another length may continue it, and whether
+# the network is compiled (another kernel schedule of the same arithmetic).
+_BOOKKEEPING = ("checkpoint_every", "keep_checkpoints", "log_every", "device", "snapshot_steps", "extend", "compile")
 
 
 def identity(run: dict[str, Any], latents_id: str, targets_id: str | None = None) -> dict[str, Any]:
@@ -249,6 +252,8 @@ def _train(job: _Job, net: torch.nn.Module, align) -> dict[str, Any]:
     if problem:
         raise SpecmatchError(problem)
 
+    # Compiled in place after the EMA copy and the resume (`compile_forward`: no `_orig_mod.` keys).
+    compile_forward(net, t.compile)
     model = DDP(net) if info.world_size > 1 else net
     projector = (DDP(proj) if info.world_size > 1 else proj) if proj is not None else None
     run_dir.mkdir(parents=True, exist_ok=True)

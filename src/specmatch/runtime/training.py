@@ -235,6 +235,7 @@ class TrainSettings:
     keep_checkpoints: int
     log_every: int
     extend: bool  # continue a checkpoint of another `steps` (constant schedules; `train_state`)
+    compile: bool  # torch.compile the networks' forwards (`compile_forward`)
 
     @classmethod
     def from_params(cls, t: Mapping[str, Any], where: str = "train"):
@@ -248,11 +249,33 @@ class TrainSettings:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in t.items()})
 
 
+def compile_forward(module: torch.nn.Module, enabled: bool, fullgraph: bool = True) -> torch.nn.Module:
+    """Compile `module`'s forward in place (`nn.Module.compile`, inductor) when `enabled`. In place
+    rather than `torch.compile(module)`: the wrapper that returns would prefix every state-dict
+    key with `_orig_mod.`, and checkpoints of a compiled run must load into an eager one.
+    `fullgraph` where the forward is one graph (the diffusion networks, the discriminator), so a
+    change that breaks it fails loudly instead of silently running in pieces; the autoencoder's
+    generator passes its posterior object between encoder and decoder, a graph break by design.
+    Shapes are static: a run's batch is fixed (a sampler's last, smaller batch compiles once more)."""
+    if enabled:
+        module.compile(fullgraph=fullgraph, dynamic=False)
+    return module
+
+
 class RankSetup(NamedTuple):
     seed: int
     global_batch: int
     rows: slice  # this rank's rows of the global batch
-    bf16: bool  # autocast to bf16: on CUDA unless fp32 is asked
+    bf16: bool  # autocast to bf16: `bf16` on any device, `auto` on CUDA only
+
+
+def use_bf16(precision: str, device: torch.device) -> bool:
+    """Whether a run autocasts to bf16: `bf16` asks for it on any device (PyTorch's CPU autocast
+    supports bfloat16, so a CPU run can rehearse a GPU run's numerics); `auto` means bf16 on CUDA
+    and fp32 elsewhere, where bf16 matmuls are emulated and slower than fp32 ones."""
+    if precision not in ("auto", "bf16", "fp32"):
+        raise SpecmatchError(f"train.precision: expected auto, bf16 or fp32, got {precision!r}")
+    return precision == "bf16" or (precision == "auto" and torch.device(device).type == "cuda")
 
 
 def prepare_rank(t: TrainSettings, info) -> RankSetup:
@@ -262,7 +285,7 @@ def prepare_rank(t: TrainSettings, info) -> RankSetup:
     if t.batch_size % info.world_size:
         raise SpecmatchError(f"train.batch_size {t.batch_size} is not divisible by the {info.world_size} processes")
     local = t.batch_size // info.world_size
-    bf16 = info.device.type == "cuda" and t.precision in ("auto", "bf16")
+    bf16 = use_bf16(t.precision, info.device)
     return RankSetup(t.seed, t.batch_size, slice(info.rank * local, (info.rank + 1) * local), bf16)
 
 
