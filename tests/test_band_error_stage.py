@@ -40,7 +40,7 @@ def test_each_point_measures_its_weights_on_the_held_out_posterior_samples(uvit_
     assert _cli(model, ae_dir, data, tmp_path / "be", P) == 0
     assert '"trained_steps": 4' in capsys.readouterr().out
     info, points = band_error_stage.read(tmp_path / "be")
-    assert [(p.step, p.source) for p in points] == [(2, "snapshot"), (4, "final weights")]
+    assert [(p.step, p.source) for p in points] == [(0, "initialisation"), (2, "snapshot"), (4, "final weights")]
     assert info["data"]["n_images"] == 8 and (tmp_path / "be" / "provenance.json").is_file()
     # Independently: the held-out images encoded by the autoencoder, one posterior sample each
     # with the stage's seeds, scaled by the run's factor; each point's weights loaded by step.
@@ -58,7 +58,7 @@ def test_each_point_measures_its_weights_on_the_held_out_posterior_samples(uvit_
             x0.append(post.sample(gen).float() * summary["latents"]["scale_factor"])
     x0 = torch.cat(x0)
     path = transport.from_params(summary["process"])
-    for point, snap in zip(points, (2, None)):
+    for point, snap in zip(points[1:], (2, None)):
         net, _ = artifact.load(model, True, "cpu", snapshot=snap)
         ref = band_error.measure(lambda x, t: net(x, t, None), path, x0, P["t"], seed=0, batch_size=5, n_boot=10,
                                  loss_draws=2)
@@ -69,6 +69,11 @@ def test_each_point_measures_its_weights_on_the_held_out_posterior_samples(uvit_
     c0 = info["c0"]
     assert set(c0["groups"]) == {"low", "mid", "high"} and len(c0["t_half"]) == 16
     assert c0["learned_se"] > 0 and c0["high_minus_low_mid_se"] > 0
+    # (a) read at the snapshot of step 2, between initialisation and the final weights.
+    assert c0["early_step"] == 2 and c0["early_fraction_diff"] == pytest.approx(
+        c0["early_fraction"]["low_mid"] - c0["early_fraction"]["high"]) and c0["early_fraction_diff_se"] > 0
+    # The untrained network is far from the optimum: training removed most of its error.
+    assert points[0].result.excess_ratio().mean() > points[-1].result.excess_ratio().mean()
 
 
 def test_bad_inputs_are_refused_naming_them(uvit_run, micro_latents, tmp_path, capsys):

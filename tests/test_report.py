@@ -677,19 +677,23 @@ def test_c4_is_judged_only_where_its_premise_holds_and_against_the_control(flat,
     assert "confounded" not in by["C4c"]["verdict"]
 
 
+def _c0(learned=0.5, b=0.3, lead=0.2, lead_se=0.05):
+    return {"learned": learned, "learned_se": 0.1, "high_minus_low_mid": b, "high_minus_low_mid_se": 0.1,
+            "early_step": 40, "early_fraction": {"low_mid": 0.8, "high": 0.8 - lead},
+            "early_fraction_diff": lead, "early_fraction_diff_se": lead_se}
+
+
 @pytest.mark.parametrize("c0, verdict", [
-    ({"learned": 0.5, "learned_se": 0.1, "high_minus_low_mid": 0.3, "high_minus_low_mid_se": 0.1,
-      "t_half_low_mid": 40.0, "t_half_high": 120.0}, "supported"),
-    ({"learned": 0.5, "learned_se": 0.1, "high_minus_low_mid": 0.3, "high_minus_low_mid_se": 0.1,
-      "t_half_low_mid": 40.0, "t_half_high": None}, "supported"),  # the high bands never improved
-    ({"learned": 0.5, "learned_se": 0.1, "high_minus_low_mid": 0.3, "high_minus_low_mid_se": 0.1,
-      "t_half_low_mid": 130.0, "t_half_high": 120.0}, "contradicted"),  # learned later, though worse
-    ({"learned": 0.5, "learned_se": 0.1, "high_minus_low_mid": -0.3, "high_minus_low_mid_se": 0.1,
-      "t_half_low_mid": 40.0, "t_half_high": 120.0}, "contradicted"),
-    ({"learned": 0.5, "learned_se": 0.1, "high_minus_low_mid": 0.1, "high_minus_low_mid_se": 0.1,
-      "t_half_low_mid": 40.0, "t_half_high": 120.0}, "not resolved at this N"),
-    ({"learned": 0.1, "learned_se": 0.1, "high_minus_low_mid": 0.3, "high_minus_low_mid_se": 0.1,
-      "t_half_low_mid": 40.0, "t_half_high": 120.0}, "not tested: the run did not learn at this length"),
+    (_c0(), "supported"),
+    (_c0(lead=-0.2), "contradicted"),  # the high bands learned first, though they end worse
+    (_c0(b=-0.3), "contradicted"),
+    (_c0(b=0.1), "not resolved at this N"),
+    # Ends worse beyond 2 standard errors, but a lead of 1 standard error: not decided.
+    (_c0(lead=0.05), "not resolved at this N (the high bands end worse, but their learning is not later beyond 2 "
+                     "standard errors)"),
+    (_c0(learned=0.1), "not tested: the run did not learn at this length"),
+    ({**_c0(), "early_fraction_diff": None, "early_fraction_diff_se": None},
+     "not resolved: no snapshot between initialisation and the final weights (train.snapshot_steps)"),
 ])
 def test_c0_verdict_follows_its_definition(c0, verdict):
     """docs/band-error.md: C0 needs the run to have learned, the high bands' loss-weighted error

@@ -9,19 +9,30 @@ same latents, noise and training-time draws, so the differences between points a
 A class-conditional network is measured with the null label (its unconditional prediction,
 which label dropout trained).
 
-The C0 summaries need the per-image sums of the measurements, which are not written: they are
-computed here and written beside the measurements (`c0` in band_error.json): for every band the
-step at which its loss-weighted error relative to the Gaussian optimum (rho_k) made half of its
-change from the first point to the last (`t_half`), the medians of that step over the low+mid
-and the high bands, and at the final weights rho_high - rho_low+mid with its bootstrap standard
-error; `learned`: rho pooled over all bands at the first point minus at the last, with its
-standard error (the same image halves on both sides).
+The points are the network at initialisation (built afresh from the run's architecture, seeded
+by `seed`), every EMA snapshot and the final weights. The C0 summaries need the per-image sums
+of the measurements, which are not written: they are computed here and written beside the
+measurements (`c0` in band_error.json), with rho_G the loss-weighted error relative to the
+Gaussian optimum pooled over a group G of bands:
+- `high_minus_low_mid`: rho_high - rho_low+mid at the final weights;
+- `early_fraction`: for low+mid and high, the share of the log-improvement of rho_G from
+  initialisation to the final weights made by the first snapshot (`early_step`),
+  (log rho_G(0) - log rho_G(s1)) / (log rho_G(0) - log rho_G(final)), and `early_fraction_diff`
+  low+mid minus high (read at a snapshot, not interpolated; log: the scale of an untrained
+  network's error differs by band, the fraction of the way in log does not);
+- `learned`: rho over all bands at the first snapshot (initialisation without one) minus at the
+  final weights;
+- `t_half`: per band, the step at which rho_k made half of its change (linear between points;
+  for the figures).
+Each difference has its bootstrap standard error (`*_se`), the same image halves redrawn for
+every point of the run.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,11 +49,12 @@ from ..runtime import atomic, seeding
 from ..runtime.distributed import resolve_device
 from ..runtime.jsonfile import read_json
 from ..runtime.provenance import Provenance
-from . import artifact, band_error, transport
+from . import artifact, band_error, models, transport
 
 log = logging.getLogger(__name__)
 
 FILE = "band_error.json"
+SOURCES = {"initialisation": "initialisation", None: "final weights"}  # any other point: a snapshot
 DEFAULTS = {"n_images": 256, "t": [0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.98], "n_bins": 16,
             "seed": 0, "batch_size": 64, "n_boot": 50, "loss_draws": 4, "split": "test", "device": "auto"}
 
@@ -101,36 +113,55 @@ def _held_out(ae, dataset: Path, p: dict[str, Any], scale: float, dev) -> torch.
 
 
 def _c0(steps: list[int], results: list[band_error.BandError]) -> dict[str, Any]:
+    """The C0 summaries of a run measured at initialisation (results[0]), its snapshots and its
+    final weights (module docstring; docs/band-error.md)."""
     groups = band_error.band_groups(results[-1].n_bins)
-    low_mid, high = groups["low"] + groups["mid"], groups["high"]
     final = results[-1]
-    diff, diff_se = band_error.pooled_ratio(final, low_mid, versus=high)
-    rho_final = {g: band_error.pooled_ratio(final, ks)[0] for g, ks in groups.items()}
-    out: dict[str, Any] = {"groups": groups, "rho_final": rho_final, "high_minus_low_mid": diff,
-                           "high_minus_low_mid_se": diff_se, "t_half": None, "t_half_low_mid": None,
-                           "t_half_high": None, "learned": None, "learned_se": None}
-    if len(results) < 2:
-        return out
-    first = results[0]
-    all_bands = list(range(final.n_bins))
-    lw0, lw1 = first.loss_wiener[all_bands].sum(), final.loss_wiener[all_bands].sum()
-    l0, l1 = first.per_image.loss, final.per_image.loss
-
-    def drop(i: np.ndarray) -> float:  # rho over all bands, first point minus last, on the same images
-        return float(l0[i].sum(1).mean() / lw0 - l1[i].sum(1).mean() / lw1)
-
-    out["learned"] = drop(np.arange(len(l0)))
-    out["learned_se"] = bootstrap.of_statistic(len(l0), drop, final.n_boot, seeding.step_seed(final.seed, 0, "c0")).std
-    t_half = band_error.improvement_step(steps, np.stack([r.excess_ratio() for r in results]))
     valid = [k for k in range(final.n_bins) if final.loss_wiener[k] > 0]
+    low_mid = [k for k in groups["low"] + groups["mid"] if k in valid]
+    high = [k for k in groups["high"] if k in valid]
+    diff, diff_se = band_error.pooled_ratio(final, low_mid, versus=high)
+    out: dict[str, Any] = {"groups": groups, "rho_final": {g: band_error.pooled_ratio(final, ks)[0]
+                                                           for g, ks in groups.items()},
+                           "high_minus_low_mid": diff, "high_minus_low_mid_se": diff_se,
+                           "t_half": None, "early_step": None, "early_fraction": None,
+                           "early_fraction_diff": None, "early_fraction_diff_se": None,
+                           "learned": None, "learned_se": None}
+    losses = np.stack([r.per_image.loss for r in results])  # (S, N, K): per image, its draws' mean
+    lw = np.stack([r.loss_wiener for r in results])  # (S, K)
+    n, n_boot = losses.shape[1], final.n_boot
 
-    def median(ks: list[int]) -> float | None:
-        v = t_half[[k for k in ks if k in valid]]
-        v = v[np.isfinite(v)]
-        return float(np.median(v)) if len(v) else None
+    def rho(i: np.ndarray, s: int, ks: list[int]) -> float:
+        return float(losses[s][i][:, ks].sum(1).mean() / lw[s][ks].sum())
 
-    out.update(t_half=[None if not np.isfinite(v) else float(v) for v in t_half], t_half_low_mid=median(low_mid),
-               t_half_high=median(high))
+    def se(stat, stream: int) -> float:
+        return bootstrap.of_statistic(n, stat, n_boot, seeding.step_seed(final.seed, stream, "c0")).std
+
+    # Learned at this length: rho over all bands, first snapshot after initialisation (or the
+    # initialisation itself when there is none) minus the final weights.
+    first = 1 if len(results) > 2 else 0
+
+    def drop(i: np.ndarray) -> float:
+        return rho(i, first, valid) - rho(i, -1, valid)
+
+    everyone = np.arange(n)
+    out.update(learned=drop(everyone), learned_se=se(drop, 0),
+               t_half=[None if not np.isfinite(v) else float(v) for v in band_error.improvement_step(
+                   steps, np.stack([r.excess_ratio() for r in results]))])
+    if len(results) < 3:
+        return out
+
+    def fraction(i: np.ndarray, ks: list[int]) -> float:
+        """The share of the log-improvement of rho (initialisation -> final) made by the first snapshot."""
+        r0, r1, rS = (math.log(rho(i, s, ks)) for s in (0, 1, -1))
+        return (r0 - r1) / (r0 - rS) if r0 != rS else math.nan
+
+    def lead(i: np.ndarray) -> float:
+        return fraction(i, low_mid) - fraction(i, high)
+
+    out.update(early_step=int(steps[1]), early_fraction={"low_mid": fraction(everyone, low_mid),
+                                                         "high": fraction(everyone, high)},
+               early_fraction_diff=lead(everyone), early_fraction_diff_se=se(lead, 1))
     return out
 
 
@@ -147,12 +178,20 @@ def run(model_dir: str | Path, ae_dir: str | Path, dataset: str | Path, p: dict[
                              f"latents of {want!r}")
     path = transport.from_params(summary["process"])
     x0 = _held_out(ae, dataset, p, float(summary["latents"]["scale_factor"]), dev)
-    points = [(int(s), int(s)) for s in sorted((summary.get("snapshots") or {}).get("steps") or [])]
-    if not points or points[-1][0] != int(summary["steps"]):
+    # Initialisation (the network built afresh, seeded), every snapshot, the final weights.
+    points: list[tuple[int, int | None | str]] = [(0, "initialisation")]
+    points += [(int(s), int(s)) for s in sorted((summary.get("snapshots") or {}).get("steps") or []) if int(s) > 0]
+    if points[-1][0] != int(summary["steps"]):
         points.append((int(summary["steps"]), None))
     results = []
     for step, snap in points:
-        net, _ = artifact.load(model_dir, True, dev, snapshot=snap)
+        if snap == "initialisation":
+            torch.manual_seed(p["seed"])
+            net = models.build(summary["model"], in_channels=summary["in_channels"],
+                               input_size=summary["input_size"], num_classes=summary["num_classes"],
+                               time_scale=float(summary.get("time_scale", models.TIME_SCALE))).to(dev).eval()
+        else:
+            net, _ = artifact.load(model_dir, True, dev, snapshot=snap)
         results.append(band_error.measure(lambda x, t, net=net: net(x, t, None), path, x0, p["t"], p["n_bins"],
                                           p["seed"], batch_size=p["batch_size"], n_boot=p["n_boot"],
                                           loss_draws=p["loss_draws"], device=dev, label=f"step {step}"))
@@ -163,7 +202,7 @@ def run(model_dir: str | Path, ae_dir: str | Path, dataset: str | Path, p: dict[
                        "latents": "posterior samples z = mu + sigma * eps (one per image) times the scale factor "
                                   f"{summary['latents']['scale_factor']:.6g}"},
               "c0": c0,
-              "points": [{"step": s, "source": "snapshot" if snap is not None else "final weights",
+              "points": [{"step": s, "source": SOURCES.get(snap, "snapshot"),
                           "result": r.to_json()} for (s, snap), r in zip(points, results)]}
     prov = Provenance("band-error", name, p, seeds={"band_error": p["seed"]})
     prov.add_input(model_dir, "diffusion model")
