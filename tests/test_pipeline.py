@@ -103,6 +103,12 @@ def test_tiny_demo_shows_each_mechanism(tiny_run):
     claims = pd.read_csv(out / "report" / "tables" / "claims.csv").set_index("claim")
     # C2 by a wide margin; C3's advantage at k = 12 (asserted above) may lie within 2 standard errors at N = 128
     assert claims.loc["C2", "verdict"] == "supported" and claims.loc["C3", "verdict"] != "contradicted", claims
+    # The premise of C4 on the latents the U-ViTs are trained on (measured: SD-VAE's posterior
+    # samples' exponent -0.86 against the target's -1.20, 6 standard errors flatter); C0 for each
+    # U-ViT with snapshots, from its band errors at initialisation, steps 40, 80 and 160.
+    assert claims.loc["C4-premise", "verdict"] == "supported", claims.loc["C4-premise"]
+    c0 = claims.loc[["C0"]]
+    assert len(c0) == 3 and not c0["verdict"].str.startswith("not tested").any(), c0
     assert "## Claims" in (out / "report" / "index.md").read_text()
 
 
@@ -112,6 +118,8 @@ def test_tiny_demo_shows_each_mechanism(tiny_run):
 DIFFUSION_JOBS = {"train_diffusion": 11, "sample": 13, "generation_metrics": 13, "generation_table": 1}
 # The metric over training of the three U-ViT runs (report.progress) and the report itself.
 REPORT_JOBS = {"fid_progress": 3, "report": 1}
+# The band errors of the same three runs (claim C0), re-run whenever their weights are.
+BAND_ERROR_JOBS = {"band_error": 3}
 UVIT = ("embedded-tiny-sdvae-uvit", "embedded-tiny-esm-uvit", "embedded-tiny-dsm-uvit")
 ALIGNED = ("embedded-tiny-dsm-sit-repa", "embedded-tiny-dsm-sit-irepa", "embedded-tiny-dsm-sit-dog")
 SAMPLE_SETS = {("embedded-tiny-sdvae-uvit", "tiny-dpm20"), ("embedded-tiny-esm-uvit", "tiny-dpm20"),
@@ -270,7 +278,8 @@ def test_spectra_parameter_change_reruns_only_spectra(tiny_run):
 def test_dataset_parameter_change_reruns_data_and_spectra(tiny_run):
     assert _planned_jobs(tiny_run, "datasets={embedded: {seed: 1}}") == {
         "prepare_data": 1, "data_spectra": 1, "fid_ref": 1, "fid_real_floor": 1, "fid_real_floor_n": 1, "train_ae": 3, "eval_ae": 3,
-        "extract_latents": 3, "extract_targets": 1, "target_spectra": 1, **DIFFUSION_JOBS, **REPORT_JOBS, "all": 1}
+        "extract_latents": 3, "extract_targets": 1, "target_spectra": 1, **DIFFUSION_JOBS, **REPORT_JOBS,
+        **BAND_ERROR_JOBS, "all": 1}
 
 
 def test_autoencoder_eval_change_reruns_only_evaluation(tiny_run):
@@ -279,7 +288,7 @@ def test_autoencoder_eval_change_reruns_only_evaluation(tiny_run):
 
 def test_autoencoder_train_change_reruns_training_and_downstream(tiny_run):
     assert _planned_jobs(tiny_run, "autoencoder={train: {lr: 1e-4}}") == {
-        "train_ae": 3, "eval_ae": 3, "extract_latents": 3, **DIFFUSION_JOBS, **REPORT_JOBS, "all": 1}
+        "train_ae": 3, "eval_ae": 3, "extract_latents": 3, **DIFFUSION_JOBS, **REPORT_JOBS, **BAND_ERROR_JOBS, "all": 1}
 
 
 def test_metrics_parameter_change_reruns_evaluation_and_scores(tiny_run):
@@ -289,7 +298,8 @@ def test_metrics_parameter_change_reruns_evaluation_and_scores(tiny_run):
 
 
 def test_diffusion_train_change_reruns_diffusion_sampling_and_scores(tiny_run):
-    assert _planned_jobs(tiny_run, "diffusion={train: {lr: 5e-4}}") == {**DIFFUSION_JOBS, **REPORT_JOBS, "all": 1}
+    assert _planned_jobs(tiny_run, "diffusion={train: {lr: 5e-4}}") == {
+        **DIFFUSION_JOBS, **REPORT_JOBS, **BAND_ERROR_JOBS, "all": 1}
 
 
 def test_dog_change_reruns_only_the_dog_run_and_the_diagnostics(tiny_run):
