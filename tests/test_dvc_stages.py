@@ -258,6 +258,57 @@ def test_adopt_refuses_an_incomplete_run(tmp_path):
         dvc_stages.adopt(repo)
 
 
+def _tree_hashes(root: Path) -> dict[str, str]:
+    import hashlib
+
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in ([root] if root.is_file() else sorted(root.rglob("*"))) if p.is_file()}
+
+
+@pytest.mark.slow
+def test_dvc_versions_the_run_pushes_pulls_and_audits_it_and_sees_what_a_change_affects(adopted, tmp_path):
+    """The adopted tiny run as DVC holds it: `dvc repro` has nothing to do; every stage output
+    goes to a remote and comes back byte for byte after the outputs and the cache are lost; the
+    audit of a table verifies its whole lineage against the records and dvc.lock; a parameter
+    of one phase marks that phase and what reads it as changed, nothing else."""
+    lock = yaml.safe_load((adopted / "dvc.lock").read_text())["stages"]
+    outs = [o["path"] for st in lock.values() for o in st.get("outs", [])]
+    assert {"results/tiny/data", "results/tiny/spectra", "results/tiny/band_error", "results/tiny/report"} <= set(outs)
+    assert "didn't change" in _dvc(adopted, "repro")
+    before = {o: _tree_hashes(adopted / o) for o in outs}
+    _dvc(adopted, "remote", "add", "-d", "local", str(tmp_path / "remote"))
+    _dvc(adopted, "push")
+    for o in outs:  # the adopted results are hard links of the shared run's: unlink, never write
+        shutil.rmtree(adopted / o) if (adopted / o).is_dir() else (adopted / o).unlink()
+    shutil.rmtree(adopted / ".dvc" / "cache")
+    _dvc(adopted, "pull")
+    assert {o: _tree_hashes(adopted / o) for o in outs} == before
+    for table, upstream in (("tables/generation/generation.csv", "results/tiny/data/embedded"),
+                            ("report/tables/e1.csv", "results/tiny/progress")):
+        audit = run_checked([str(BIN / "specmatch"), "audit", f"results/tiny/{table}"], adopted)
+        assert upstream in audit.stdout and "FAILED" not in audit.stdout, audit.stdout[-3000:]
+    params = adopted / "params.yaml"
+    text = params.read_text()
+    try:
+        # A parameter of the data phase's spectra: that stage only (the stages downstream see a
+        # change once its outputs change, when it has run).
+        params.write_text(text.replace("n_bins: 16", "n_bins: 8", 1))
+        status = _dvc(adopted, "status")
+        assert "data" in status and "spectra" in status
+        assert "evaluation" not in status and "report" not in status  # their params did not change
+        assert "autoencoders" not in status and "diffusion" not in status and "alignment" not in status
+        # A sampler: the diffusion stage (samples, scores) and the report (its metric over
+        # training samples with the runs' first sampler); not the alignment targets.
+        params.write_text(text.replace("dpm50-10k: {method: dpm-solver, steps: 50",
+                                       "dpm50-10k: {method: dpm-solver, steps: 40", 1))
+        status = _dvc(adopted, "status")
+        assert "diffusion" in status and "report" in status
+        assert "alignment" not in status and "autoencoders" not in status
+    finally:
+        params.write_text(text)
+    assert "Data and pipelines are up to date" in _dvc(adopted, "status")
+
+
 @pytest.mark.slow
 def test_dvc_repro_submits_through_the_slurm_profile(adopted, slurm_cluster):
     """`SNAKEMAKE_PROFILE=slurm dvc repro` (docs/cluster.md): the stages' Snakemake submits every

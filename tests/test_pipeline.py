@@ -6,7 +6,6 @@ its submission through `--profile slurm` is tested on a few of its jobs in test_
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -25,13 +24,6 @@ pytestmark = pytest.mark.slow
 
 # The tiny preset's autoencoder steps (presets/tiny.yaml).
 STEPS = {"sdvae": 700, "esm": 700, "dsm": 1000}
-
-
-def _tree_hashes(root: Path) -> dict[str, str]:
-    import hashlib
-
-    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in ([root] if root.is_file() else sorted(root.rglob("*"))) if p.is_file()}
 
 
 def test_tiny_dag_outputs(tiny_run):
@@ -325,78 +317,3 @@ def test_snakemake_lint_is_clean(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "Lints for" not in proc.stdout + proc.stderr, proc.stdout + proc.stderr
-
-
-
-def _shrink_tiny_preset(path: Path) -> None:
-    import yaml
-
-    tiny = yaml.safe_load(path.read_text())
-    ae, uvit, sit = "embedded-tiny-dsm", "embedded-tiny-dsm-uvit", "embedded-tiny-dsm-sit-dog"
-    assert {ae} <= set(tiny["grid"]["autoencoders"]) and {uvit, sit} <= set(tiny["grid"]["diffusions"])
-    tiny["grid"].update(autoencoders=[ae], diffusions=[uvit, sit])
-    report = tiny["report"]
-    report["experiments"].update(E1={"autoencoders": [ae], "diffusions": [uvit]},
-                                 E2={"autoencoders": [ae], "diffusions": []}, E3={"diffusions": [sit]})
-    report["progress"].update(diffusions=[uvit], n_samples=8)
-    tiny["autoencoder"]["train"]["steps"] = 10
-    tiny["autoencoder"]["eval"]["max_images"] = 32
-    tiny["spectra"]["max_images"] = 256
-    tiny["diffusion"]["train"]["steps"] = 10
-    tiny["diffusion"]["sample"]["n_samples"] = 16
-    assert tiny["diffusions"][uvit]["train"]["snapshot_steps"]
-    tiny["diffusions"][uvit]["train"]["snapshot_steps"] = [5]
-    path.write_text(yaml.safe_dump(tiny, sort_keys=False))
-
-def test_dvc_repro_stages(tmp_path):
-    repo = _copy_repo(tmp_path / "repo")
-    params = repo / "params.yaml"
-    params.write_text(params.read_text().replace("preset: paper", "preset: tiny", 1))
-    # DVC's bookkeeping is under test here, not the stages (the Snakemake run above covers
-    # them): a smaller tiny grid, one run per phase (an autoencoder, a U-ViT with its metric
-    # over training, an aligned SiT), and shorter runs keep this second run of the DAG short.
-    _shrink_tiny_preset(repo / "presets" / "tiny.yaml")
-    _run(["git", "init", "-q"], repo)
-    _run(["git", "add", "-A"], repo)
-    _run(["git", "commit", "-qm", "copy"], repo)
-    _run([str(BIN / "dvc"), "repro"], repo)
-    lock = (repo / "dvc.lock").read_text()
-    assert "results/tiny/data" in lock and "results/tiny/spectra" in lock and "results/tiny/fid_ref" in lock
-    assert (repo / "results/tiny/spectra/embedded/spectra.json").is_file()
-    assert (repo / "results/tiny/fid_floor/embedded/metrics.json").is_file()
-    assert (repo / "results/tiny/latents/embedded-tiny-dsm/manifest.json").is_file()
-    assert (repo / "results/tiny/tables/generation/generation.csv").is_file() and "results/tiny/samples" in lock
-    again = _run([str(BIN / "dvc"), "repro"], repo)
-    assert "didn't change" in again.stdout + again.stderr
-    # Push to a local remote, lose every output and the cache, pull: identical files, and the
-    # audit of the final table verifies its whole lineage against the records and dvc.lock.
-    import yaml
-
-    outs = [o["path"] for st in yaml.safe_load(lock)["stages"].values() for o in st.get("outs", [])]
-    before = {o: _tree_hashes(repo / o) for o in outs}
-    _run([str(BIN / "dvc"), "remote", "add", "-d", "local", str(tmp_path / "remote")], repo)
-    _run([str(BIN / "dvc"), "push"], repo)
-    for o in outs:
-        shutil.rmtree(repo / o) if (repo / o).is_dir() else (repo / o).unlink()  # metrics/<stage>.json: files
-    shutil.rmtree(repo / ".dvc" / "cache")
-    _run([str(BIN / "dvc"), "pull"], repo)
-    assert {o: _tree_hashes(repo / o) for o in outs} == before
-    audit = _run([str(BIN / "specmatch"), "audit", "results/tiny/tables/generation/generation.csv"], repo)
-    assert "results/tiny/data/embedded" in audit.stdout and "FAILED" not in audit.stdout
-    assert "results/tiny/report" in lock and (repo / "results/tiny/report/index.md").is_file()
-    audit = _run([str(BIN / "specmatch"), "audit", "results/tiny/report/tables/e1.csv"], repo)
-    assert "results/tiny/progress" in audit.stdout and "FAILED" not in audit.stdout
-    # A parameter of the phase changes -> DVC sees the stage as changed.
-    params.write_text(params.read_text().replace("n_bins: 16", "n_bins: 8", 1))
-    status = _run([str(BIN / "dvc"), "status"], repo)
-    assert "data" in status.stdout and "spectra" in status.stdout
-    assert "evaluation" not in status.stdout  # its params and dependencies did not change
-    assert "autoencoders" not in status.stdout and "diffusion" not in status.stdout
-    assert "alignment" not in status.stdout and "report" not in status.stdout
-    # A sampler changes -> the diffusion stage and the report (whose metric over training uses
-    # the runs' first sampler) re-run; the alignment stage does not.
-    params.write_text(params.read_text().replace("dpm50-10k: {method: dpm-solver, steps: 50",
-                                                 "dpm50-10k: {method: dpm-solver, steps: 40", 1))
-    status = _run([str(BIN / "dvc"), "status"], repo)
-    assert "diffusion" in status.stdout and "report" in status.stdout
-    assert "alignment" not in status.stdout and "autoencoders" not in status.stdout
