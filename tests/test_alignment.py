@@ -688,7 +688,9 @@ def test_resume_with_alignment_is_bitwise_identical(micro, tcache, tmp_path):
     two = sit(steps=2, kind="irepa")
     train.train(two, lat, tmp_path / "outB2", "b", run_dir=tmp_path / "runB", targets=tcache[0])
     torch.manual_seed(123)  # the resumed run must not depend on it
-    train.train(params, lat, tmp_path / "outB", "b", run_dir=tmp_path / "runB", targets=tcache[0])
+    # The 2-step run stands in for one interrupted at step 2: continued with train.extend (constant schedule).
+    extended = {**params, "train": {**params["train"], "extend": True}}
+    train.train(extended, lat, tmp_path / "outB", "b", run_dir=tmp_path / "runB", targets=tcache[0])
     assert [r["step"] for r in _log(tmp_path / "runB")] == [1, 2, 3, 4]
     assert_bitwise(weights(tmp_path / "outA"), weights(tmp_path / "outB"))
     ca = load_file(checkpoint.list_checkpoints(tmp_path / "runA")[-1][1] / "model.safetensors")
