@@ -324,3 +324,15 @@ def fresh_integrity(monkeypatch):
     monkeypatch.delenv(integrity.ENV, raising=False)
     for name in ("_memo", "_checked", "_unchecked"):
         monkeypatch.setattr(integrity, name, type(getattr(integrity, name))())
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Micro models gain nothing from intra-op threads, and on a loaded 2-core machine two
+    spinning threads made their runs 50x slower; restored for the other modules."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

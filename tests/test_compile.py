@@ -35,14 +35,7 @@ from conftest import MICRO_AE, weights
 RTOL, ATOL = 1e-4, 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Micro models gain nothing from intra-op threads, and on a loaded 2-core machine two
-    spinning threads made these runs 50x slower; restored for the other modules."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _sit(compile_: bool, steps: int = 4) -> dict:
@@ -100,9 +93,10 @@ def test_compiled_diffusion_run_matches_eager_and_checkpoints_cross(micro_latent
     assert not any("_orig_mod" in k for k in net.state_dict())
 
 
-def test_autoencoder_compile_path(micro_latents, tmp_path, monkeypatch):
-    """train-ae with `train.compile`: the generator (graph breaks allowed) and the discriminator
-    (fullgraph) through dynamo, past the GAN start, equal to eager; eager key names."""
+@pytest.fixture
+def aot_eager_compiles(monkeypatch) -> list:
+    """`nn.Module.compile` through dynamo with the `aot_eager` backend (no C++ compile: seconds,
+    not a minute); the list of (module class, fullgraph) it was called with."""
     real = torch.nn.Module.compile
     seen = []
 
@@ -111,6 +105,13 @@ def test_autoencoder_compile_path(micro_latents, tmp_path, monkeypatch):
         return real(self, backend="aot_eager", **kw)
 
     monkeypatch.setattr(torch.nn.Module, "compile", aot_eager)
+    return seen
+
+
+def test_autoencoder_compile_path(micro_latents, tmp_path, aot_eager_compiles):
+    """train-ae with `train.compile`: the generator (graph breaks allowed) and the discriminator
+    (fullgraph) through dynamo, past the GAN start, equal to eager; eager key names."""
+    seen = aot_eager_compiles
     runs = {}
     for c in (False, True):
         d = tmp_path / str(c)
@@ -126,7 +127,7 @@ def test_autoencoder_compile_path(micro_latents, tmp_path, monkeypatch):
     assert not any("_orig_mod" in k for k in load_file(ck / "model.safetensors"))
 
 
-def test_sampler_compile_path(micro_latents, tmp_path, monkeypatch):
+def test_sampler_compile_path(micro_latents, tmp_path, aot_eager_compiles):
     """`sample.compile`: the network compiled (fullgraph, through dynamo with `aot_eager`) makes
     the same images as eager, under the same sample-set fingerprint (compile is not in it)."""
     from specmatch.diffusion import sample
@@ -137,14 +138,7 @@ def test_sampler_compile_path(micro_latents, tmp_path, monkeypatch):
     run = {"autoencoder": "micro", "model": "UViT-tiny/2", "process": {"kind": "vp-linear"},
            "train": {"steps": 2, "batch_size": 8, "device": "cpu", "lr": 1e-3, "ema_decay": 0.5, "log_every": 1}}
     diff_train.train(run, lat, tmp_path / "uvit", "u", run_dir=tmp_path / "urun")
-    real = torch.nn.Module.compile
-    seen = []
-
-    def aot_eager(self, **kw):
-        seen.append((type(self).__name__, kw.get("fullgraph")))
-        return real(self, backend="aot_eager", **kw)
-
-    monkeypatch.setattr(torch.nn.Module, "compile", aot_eager)
+    seen = aot_eager_compiles
     got = {}
     for c in (False, True):
         p = {"method": "dpm-solver", "steps": 3, "n_samples": 4, "shard_size": 2, "batch_size": 2, "device": "cpu",

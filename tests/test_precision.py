@@ -37,14 +37,7 @@ STEPS = 30
 ENC = "efficientnet-lite0-s8"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Micro models gain nothing from intra-op threads, and on a loaded 2-core machine two
-    spinning threads made these runs 50x slower; restored for the other modules."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tolerance(step: int, ref: float, scale: float) -> float:
