@@ -23,17 +23,26 @@ MICRO_AE_RUN = {"dataset": "embedded", "config": MICRO_AE, "variant": "sdvae",
 
 
 @pytest.fixture(scope="session")
-def micro_latents(tmp_path_factory):
+def micro_data(tmp_path_factory):
+    """The embedded set at 32 px, 24 train and 8 test images (shards of 10): the dataset of the
+    micro runs. Read-only for the tests that share it."""
+    from specmatch.data.prepare import prepare
+
+    out = tmp_path_factory.mktemp("micro-data") / "embedded"
+    prepare({"source": "embedded", "resolution": 32, "seed": 0, "n_train": 24, "n_test": 8, "shard_size": 10},
+            "embedded", out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def micro_latents(tmp_path_factory, micro_data):
     """(dataset, autoencoder folder, latent cache) of the embedded set at 32 px (24 train images,
     8 test) and a 2-step micro autoencoder: 48 cache entries (flips included) of 4x16x16."""
     from specmatch.autoencoder import latents
     from specmatch.autoencoder import train as ae_train
-    from specmatch.data.prepare import prepare
 
     root = tmp_path_factory.mktemp("micro-latents")
-    data = root / "embedded"
-    prepare({"source": "embedded", "resolution": 32, "seed": 0, "n_train": 24, "n_test": 8, "shard_size": 10},
-            "embedded", data)
+    data = micro_data
     ae_train.train(MICRO_AE_RUN, data, root / "aerun", root / "ae", "micro")
     man = latents.extract(MICRO_AE_RUN, root / "ae", data, "micro", root / "lat")
     assert man["count"] == 48 and man["shape"] == [4, 16, 16] and man["num_classes"] > 1

@@ -17,7 +17,6 @@ import torch
 
 from specmatch import spectral
 from specmatch.autoencoder import objectives, train
-from specmatch.data.prepare import prepare
 from specmatch.errors import SpecmatchError
 from specmatch.runtime import checkpoint
 
@@ -36,11 +35,8 @@ def run_params(steps=4, variant="dsm", **train_kw):
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("aedata") / "embedded"
-    prepare({"source": "embedded", "resolution": 32, "seed": 0, "n_train": 24, "n_test": 8, "shard_size": 10},
-            "embedded", out)
-    return out
+def data(micro_data) -> Path:
+    return micro_data
 
 
 def _train_args(data, run_dir, out, params):

@@ -22,7 +22,6 @@ import pytest
 from specmatch import config
 from specmatch.autoencoder import train as ae_train
 from specmatch.cli import main as cli_main
-from specmatch.data.prepare import prepare
 from specmatch.diffusion import train as diff_train
 from specmatch.runtime import checkpoint
 from specmatch.runtime.training import read_attempts
@@ -56,11 +55,8 @@ def uvit_params(steps=2, **train_kw):
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("identity-data") / "embedded"
-    prepare({"source": "embedded", "resolution": 32, "seed": 0, "n_train": 24, "n_test": 8, "shard_size": 10},
-            "embedded", out)
-    return out
+def data(micro_data) -> Path:
+    return micro_data
 
 
 def ae_args(data, out, params, run_dir=None, runs_root=None):

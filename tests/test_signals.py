@@ -20,7 +20,6 @@ import pytest
 from specmatch.autoencoder import train as ae_train
 from specmatch.cli import main as cli_main
 from specmatch.data import sample_folder
-from specmatch.data.prepare import prepare
 from specmatch.diffusion import sample
 from specmatch.diffusion import train as diff_train
 from specmatch.runtime import checkpoint, signals
@@ -56,11 +55,8 @@ def uvit_params(steps=STEPS):
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("signals-data") / "embedded"
-    prepare({"source": "embedded", "resolution": 32, "seed": 0, "n_train": 24, "n_test": 8, "shard_size": 10},
-            "embedded", out)
-    return out
+def data(micro_data) -> Path:
+    return micro_data
 
 
 @pytest.fixture(scope="module")
