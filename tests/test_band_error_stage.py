@@ -93,7 +93,7 @@ def test_bad_inputs_are_refused_naming_them(uvit_run, micro_latents, tmp_path, c
     shutil.copytree(ae_dir, other)
     (other / "autoencoder.json").write_text(json.dumps({**summary, "name": "another"}))
     assert _cli(model, other, data, tmp_path / "e", P) == 2
-    assert "trained on the latents of 'micro'" in capsys.readouterr().err
+    assert "trained on the latents of autoencoder 'micro'" in capsys.readouterr().err
     assert not any((tmp_path / d).exists() for d in "abcde")
     with pytest.raises(SpecmatchError, match="band_error.json: missing"):
         band_error_stage.read(tmp_path)

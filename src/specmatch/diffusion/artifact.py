@@ -82,6 +82,14 @@ def read_summary(folder: str | Path) -> dict[str, Any]:
                      f"{folder}: not a trained diffusion model (no {SUMMARY}); run `specmatch train-diffusion`")
 
 
+def build_network(summary: dict[str, Any]) -> torch.nn.Module:
+    """The untrained network a `diffusion.json` describes (its architecture, latent shape, classes
+    and time scale), initialised by the global RNG."""
+    return models.build(summary["model"], in_channels=summary["in_channels"], input_size=summary["input_size"],
+                        num_classes=summary["num_classes"],
+                        time_scale=float(summary.get("time_scale", models.TIME_SCALE)))
+
+
 def load(folder: str | Path, use_ema: bool = True, device="cpu", snapshot: int | None = None,
          verify: bool | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The network of a finished `train-diffusion` folder (EMA weights when present and asked
@@ -96,8 +104,7 @@ def load(folder: str | Path, use_ema: bool = True, device="cpu", snapshot: int |
     w_path = folder / WEIGHTS
     if not w_path.is_file():
         raise SpecmatchError(f"{folder}: not a trained diffusion model (no {WEIGHTS}); run `specmatch train-diffusion`")
-    net = models.build(summary["model"], in_channels=summary["in_channels"], input_size=summary["input_size"],
-                       num_classes=summary["num_classes"], time_scale=float(summary.get("time_scale", models.TIME_SCALE)))
+    net = build_network(summary)
     prefix = "ema." if use_ema and summary.get("ema") else "net."
     held = (summary.get("imported") or {}).get("weights")
     if held is not None and prefix != f"{held}.":

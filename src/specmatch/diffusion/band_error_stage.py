@@ -49,7 +49,8 @@ from ..runtime import atomic, seeding
 from ..runtime.distributed import resolve_device
 from ..runtime.jsonfile import read_json
 from ..runtime.provenance import Provenance
-from . import artifact, band_error, models, transport
+from . import artifact, band_error, transport
+from .sample import check_autoencoder
 
 log = logging.getLogger(__name__)
 
@@ -172,10 +173,8 @@ def run(model_dir: str | Path, ae_dir: str | Path, dataset: str | Path, p: dict[
     summary = artifact.read_summary(model_dir)
     dev = resolve_device(p["device"])
     ae, ae_summary = ae_artifact.load(ae_dir, True, dev)
+    check_autoencoder(model_dir, summary, ae_dir, ae_summary)
     want = summary["latents"]["autoencoder"]
-    if ae_summary["name"] != want:
-        raise SpecmatchError(f"{ae_dir}: autoencoder {ae_summary['name']!r}, but {model_dir} was trained on the "
-                             f"latents of {want!r}")
     path = transport.from_params(summary["process"])
     x0 = _held_out(ae, dataset, p, float(summary["latents"]["scale_factor"]), dev)
     # Initialisation (the network built afresh, seeded), every snapshot, the final weights.
@@ -187,9 +186,7 @@ def run(model_dir: str | Path, ae_dir: str | Path, dataset: str | Path, p: dict[
     for step, snap in points:
         if snap == "initialisation":
             torch.manual_seed(p["seed"])
-            net = models.build(summary["model"], in_channels=summary["in_channels"],
-                               input_size=summary["input_size"], num_classes=summary["num_classes"],
-                               time_scale=float(summary.get("time_scale", models.TIME_SCALE))).to(dev).eval()
+            net = artifact.build_network(summary).to(dev).eval()
         else:
             net, _ = artifact.load(model_dir, True, dev, snapshot=snap)
         results.append(band_error.measure(lambda x, t, net=net: net(x, t, None), path, x0, p["t"], p["n_bins"],

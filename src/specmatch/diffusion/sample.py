@@ -133,6 +133,17 @@ def check_compatible(p: dict[str, Any], model_dir: Path, summary: dict[str, Any]
                      ae_summary: dict[str, Any]):
     """The generative process of the model, after checking that the model, its autoencoder and the
     sampler `p` fit together (so nothing is written before a mismatch is found)."""
+    check_autoencoder(model_dir, summary, ae_dir, ae_summary)
+    if p["cfg_scale"] != 1.0 and not summary["num_classes"]:
+        raise SpecmatchError(f"cfg_scale={p['cfg_scale']} but {model_dir} is unconditional; use cfg_scale 1")
+    path = transport.from_params(summary["process"])
+    samplers.check(p["method"], path)  # e.g. DPM-Solver needs the VP path
+    return path
+
+
+def check_autoencoder(model_dir: Path, summary: dict[str, Any], ae_dir: Path, ae_summary: dict[str, Any]) -> None:
+    """That `ae_dir` is the autoencoder whose latents the model at `model_dir` learnt: its name, its
+    latent channels and, where the records allow, the very folder its latent cache was made from."""
     trained_on = summary["latents"]["autoencoder"]
     if trained_on != ae_summary["name"]:
         raise SpecmatchError(f"{model_dir} was trained on the latents of autoencoder {trained_on!r}, but "
@@ -140,12 +151,7 @@ def check_compatible(p: dict[str, Any], model_dir: Path, summary: dict[str, Any]
     if summary["in_channels"] != ae_summary["config"]["z_channels"]:
         raise SpecmatchError(f"{model_dir}: {summary['in_channels']} latent channels, but {ae_dir} decodes "
                              f"{ae_summary['config']['z_channels']}")
-    if p["cfg_scale"] != 1.0 and not summary["num_classes"]:
-        raise SpecmatchError(f"cfg_scale={p['cfg_scale']} but {model_dir} is unconditional; use cfg_scale 1")
     _check_lineage(model_dir, ae_dir, ae_summary["name"])
-    path = transport.from_params(summary["process"])
-    samplers.check(p["method"], path)  # e.g. DPM-Solver needs the VP path
-    return path
 
 
 def _record(folder: Path) -> dict[str, Any] | None:
