@@ -18,7 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..runtime import distributed
-from ..runtime.hashing import sha256_file
+from ..runtime.integrity import file_sha256
 from .shards import write_npz
 
 
@@ -45,7 +45,8 @@ def write_round_robin(folder: Path, prefix: str, count: int, shard_size: int,
         if done is None or not done(path, len(ids)):
             write_npz(path, make(ids))
             made += len(ids)
-        mine[j] = {"file": path.name, "count": int(len(ids)), "sha256": sha256_file(path)}
+        # Memoised per (path, size, mtime): a kept shard that `done` has just verified is not read again.
+        mine[j] = {"file": path.name, "count": int(len(ids)), "sha256": file_sha256(path)}
     seconds = time.perf_counter() - t0
     every = {j: rec for part in distributed.all_gather_object(mine) for j, rec in part.items()}
     distributed.barrier()
