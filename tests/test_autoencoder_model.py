@@ -66,7 +66,8 @@ def test_latent_and_output_shapes_at_256(name):
 
 
 def test_configs_are_the_spec_table():
-    assert set(ae.CONFIGS) == {"f8d4", "f16d16", "f32d64", "tiny"}
+    assert set(ae.CONFIGS) == {"f8d4", "f16d16", "f32d64", "tiny", "pixels"}
+    assert ae.CONFIGS["pixels"].identity and ae.CONFIGS["pixels"].down_factor == 1
     assert ae.CONFIGS["f8d4"].channels == (128, 256, 512, 512) and ae.CONFIGS["f8d4"].z_channels == 4
     assert ae.CONFIGS["f16d16"].channels == (128, 128, 256, 256, 512) and ae.CONFIGS["f16d16"].z_channels == 16
     assert ae.CONFIGS["f32d64"].channels == (128, 128, 256, 256, 512, 512) and ae.CONFIGS["f32d64"].z_channels == 64

@@ -104,7 +104,7 @@ def test_resolve_real_params_tiny():
     params = config.load_yaml(PARAMS_YAML)
     out = config.resolve(params, PRESETS, {"preset": "tiny"})
     assert out["preset"] == "tiny"
-    assert out["grid"]["datasets"] == ["embedded"]
+    assert out["grid"]["datasets"] == ["embedded", "embedded_32px"]
     assert out["spectra"]["max_images"] == 2048
     assert out["spectra"]["batch_size"] == 512
     assert out["spectra"]["n_bins"] == 16
@@ -122,7 +122,7 @@ def test_load_real_params_both_presets():
     assert paper["grid"]["datasets"] == ["celebahq", "imagenet"]
     assert paper["datasets"]["imagenet"]["test_root"] == "data/raw/imagenet/val"
     tiny = config.load(PARAMS_YAML, "tiny")
-    assert tiny["grid"]["datasets"] == ["embedded"]
+    assert tiny["grid"]["datasets"] == ["embedded", "embedded_32px"]
     assert tiny["datasets"] == paper["datasets"]
     explicit_paper = config.load(PARAMS_YAML, "paper")
     assert explicit_paper == paper
@@ -251,7 +251,7 @@ def test_cli_params_show(capsys):
     rc = cli.main(["params", "show", "--params-file", str(PARAMS_YAML), "--preset", "tiny",
                    "--key", "grid.datasets", "--compact"])
     assert rc == 0
-    assert json.loads(capsys.readouterr().out) == ["embedded"]
+    assert json.loads(capsys.readouterr().out) == ["embedded", "embedded_32px"]
     rc = cli.main(["params", "show", "--params-file", str(PARAMS_YAML), "--key", "spectra"])
     assert rc == 0
     assert json.loads(capsys.readouterr().out)["n_bins"] == 16

@@ -235,12 +235,16 @@ def test_output_feeds_fid_calc_and_generation_table(tmp_path, models_, uvit_samp
     assert (s["sampler"], s["steps"], s["cfg_scale"], s["cfg_interval"]) == ("dpm-solver", 3, 1.0, [0.0, 1.0])
     assert s["diffusion"] == "uvit" and s["autoencoder"] == "micro" and s["weights"] == "ema"
     assert s["n_samples"] == 10 and s["nfe_per_sample"] >= 3
+    # The diffusion run's training seed travels from its summary to the sample set and the table.
+    train_seed = json.loads((models_[2] / "diffusion.json").read_text())["seed"]
+    assert isinstance(train_seed, int) and s["train_seed"] == train_seed
     df = tables.write_generation([tmp_path / "m"], "gen", tmp_path / "table")
     csv = pd.read_csv(tmp_path / "table" / "generation.csv")
     assert len(csv) == len(df) == 1
     row = csv.iloc[0]
     assert (row["sampler"], int(row["steps"]), row["metric"]) == ("dpm-solver", 3, "FD-EffNetLite0")
     assert row["value"] == pytest.approx(m.value, rel=1e-5)
+    assert row["train_seed"] == train_seed
     md = (tmp_path / "table" / "generation.md").read_text()
     assert "FD-EffNetLite0" in md and "dpm-solver" in md
     for text in (md, (tmp_path / "table" / "generation.csv").read_text()):

@@ -33,8 +33,8 @@ def test_tiny_grid_lists_the_presets_runs_and_their_untrained_twins():
     twins = {"embedded-tiny-sdvae-uvit-untrained": ("embedded-tiny-sdvae-uvit",),
              "embedded-tiny-esm-uvit-untrained": ("embedded-tiny-esm-uvit",),
              "embedded-tiny-dsm-uvit-untrained": ("embedded-tiny-dsm-uvit",),
-             "embedded-tiny-dsm-sit-untrained": ("embedded-tiny-dsm-sit", "embedded-tiny-dsm-sit-repa",
-                                                 "embedded-tiny-dsm-sit-irepa", "embedded-tiny-dsm-sit-dog")}
+             "embedded-tiny-pixels-uvit-untrained": ("embedded-tiny-pixels-uvit",),
+             "embedded-tiny-dsm-sit-untrained": ("embedded-tiny-dsm-sit", "embedded-tiny-dsm-sit-repa")}
     assert list(g.diffusions) == trained + list(twins)
     assert dict(g.untrained) == twins
     for twin, runs in twins.items():
@@ -45,7 +45,10 @@ def test_tiny_grid_lists_the_presets_runs_and_their_untrained_twins():
     assert g.samples == tuple((d, s) for d in g.diffusions for s in g.diffusions[d]["samplers"])
     assert g.diffusions["embedded-tiny-dsm-sit-untrained"]["samplers"] == ["tiny-sde30", "tiny-sde30-cfg"]
     assert set(g.samplers) == {s for _, s in g.samples}
-    assert g.aligned == ("embedded-tiny-dsm-sit-repa", "embedded-tiny-dsm-sit-irepa", "embedded-tiny-dsm-sit-dog")
+    assert g.aligned == ("embedded-tiny-dsm-sit-repa",)
+    # the pixel run: the identity autoencoder on the 32 px images, a U-ViT with patch 4
+    assert g.autoencoders["embedded-tiny-pixels"]["dataset"] == "embedded_32px"
+    assert g.diffusions["embedded-tiny-pixels-uvit"]["model"] == "UViT-tiny/4"
     # EfficientNet-Lite0's stride-8 map at its default input size, 64 px (alignment/registry.py)
     assert g.target_caches == (grid.TargetCache("embedded", "efficientnet-lite0-s8", 64),)
     assert g.trained_autoencoders == tuple(g.autoencoders) and g.pretrained_autoencoders == ()
@@ -55,12 +58,13 @@ def test_tiny_grid_report_reads_every_experiment_run_with_its_baselines():
     g = _grid("tiny")
     r = g.report
     assert r.experiments["E1"]["diffusions"] == ("embedded-tiny-sdvae-uvit", "embedded-tiny-esm-uvit",
-                                                 "embedded-tiny-dsm-uvit")
-    assert r.experiments["E4"]["datasets"] == ("embedded",)  # null: every dataset of the grid
+                                                 "embedded-tiny-dsm-uvit", "embedded-tiny-pixels-uvit")
+    assert r.experiments["E4"]["datasets"] == ("embedded", "embedded_32px")  # null: every dataset of the grid
     assert set(r.diffusions) == set(g.diffusions)  # all of the tiny grid's runs are in an experiment
-    assert r.floors == (("embedded", 128),)  # both samplers draw 128 samples
-    assert r.target_spectra and r.datasets == ("embedded",)
-    assert r.progress == ("embedded-tiny-sdvae-uvit", "embedded-tiny-esm-uvit", "embedded-tiny-dsm-uvit")
+    assert r.floors == (("embedded", 128), ("embedded_32px", 128))  # every sampler draws 128 samples
+    assert r.target_spectra and r.datasets == ("embedded", "embedded_32px")
+    assert r.progress == ("embedded-tiny-sdvae-uvit", "embedded-tiny-esm-uvit", "embedded-tiny-dsm-uvit",
+                          "embedded-tiny-pixels-uvit")
 
 
 def test_paths_spell_each_output_once():

@@ -458,6 +458,9 @@ def test_page_links_every_table_and_figure(report):
     for exp in ("E1", "E2", "E3", "E4"):
         assert f"## {exp}:" in page
     assert f"{METRIC} of 128 samples against {DS}/train (n=1024), protocol pytorch-fid" in page
+    # The same page for a browser, with the same links (opened in chromium by test_report_html.py).
+    assert set(re.findall(r'href="(tables/[^"]+)"', (out / paper.HTML).read_text())) == {
+        f"tables/{f.name}" for f in (out / "tables").iterdir()}
 
 
 def test_figures_are_deterministic(report, stage_outputs, tmp_path):

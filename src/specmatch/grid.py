@@ -169,7 +169,10 @@ def untrained_baselines(resolved: Mapping[str, Any]) -> dict[str, dict[str, Any]
         out[baseline] = {"autoencoder": first["autoencoder"], "model": first["model"],
                                     "process": copy.deepcopy(first["process"]),
                                     "conditional": first.get("conditional", False), "samplers": samplers,
-                                    "train": {"steps": 0, "snapshot_steps": []}, "alignment": {"kind": "none"}}
+                                    "train": {"steps": 0, "snapshot_steps": [],
+                                              # the group's seed: the initial weights its runs start from
+                                              "seed": _baseline_key(resolved, first)[-1]},
+                                    "alignment": {"kind": "none"}}
     return out
 
 

@@ -309,7 +309,7 @@ STAGES: tuple[Stage, ...] = (
                 Arg("--floors", "`fid calc` outputs of held-out real images at the samples' counts (the real floor "
                                 "beside each number)", nargs="*", default=[])),
           name="report name (the preset), recorded in the outputs and the page title", params=Params("report"),
-          writes=("index.md", "tables/", "figures/", "provenance.json")),
+          writes=("index.md", "index.html", "tables/", "figures/", "provenance.json")),
     Stage(("audit",), "specmatch.ops.audit:audit", "verify the lineage of a result back to raw data and weights",
           args=(Arg("artefact", "a file or folder written by a specmatch stage"),
                 Arg("--root", "repository root the stages ran from (default: .)", default="."),

@@ -1,7 +1,8 @@
 # Report phase (docs/method.md §9; docs/report.md): the generation metric over training of the runs listed
 # in report.progress (fid_progress: their EMA snapshots, train.snapshot_steps, sampled with the
 # run's first sampler), then the DAG's final rule, `report`: the paper's tables (E1-E4), figures
-# and one page, results/<preset>/report/index.md, from every output it reads.
+# and one page, results/<preset>/report/index.md (and index.html, the same page for a browser), from every
+# output it reads.
 # report.experiments names the runs of each experiment; a name outside the grid is an error
 # (specmatch.grid, when the workflow is parsed).
 

@@ -16,8 +16,9 @@ from pathlib import Path
 from specmatch.data.shards import iter_image_batches
 from specmatch.render.figures import image_grid
 
-SAMPLE_RUNS = ("embedded-small-sdvae-uvit", "embedded-small-esm-uvit", "embedded-small-dsm-uvit",
-               "embedded-small-sdvae-sit", "embedded-small-sdvae-sit-repa")
+SAMPLE_RUNS = ("embedded-small-sdvae-uvit", "embedded-small-ae-uvit", "embedded-small-esm-uvit",
+               "embedded-small-dsm-uvit", "embedded-small-pixels-uvit", "embedded-small-sdvae-sit",
+               "embedded-small-sdvae-sit-repa", "embedded-small-sdvae-sit-irepa", "embedded-small-sdvae-sit-dog")
 N_SHOWN = 32
 
 
@@ -25,7 +26,8 @@ def main(results: Path, out: Path) -> None:
     report = results / "report"
     if not (report / "index.md").is_file():
         raise SystemExit(f"{report}: no index.md; run `make small` first (or pass the results folder)")
-    shutil.copy2(report / "index.md", out / "index.md")
+    for page in ("index.md", "index.html"):
+        shutil.copy2(report / page, out / page)
     shutil.rmtree(out / "tables", ignore_errors=True)
     shutil.copytree(report / "tables", out / "tables")
     figs = out / "figures"

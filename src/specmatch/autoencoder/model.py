@@ -39,8 +39,8 @@ import torch.nn.functional as F
 from specmatch.errors import SpecmatchError
 
 __all__ = [
-    "AEConfig", "CONFIGS", "config", "DiagonalGaussian", "AutoencoderKL", "build", "count_parameters",
-    "LOGVAR_MIN", "LOGVAR_MAX",
+    "AEConfig", "CONFIGS", "config", "DiagonalGaussian", "AutoencoderKL", "PixelIdentity", "build",
+    "count_parameters", "LOGVAR_MIN", "LOGVAR_MAX",
 ]
 
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0  # docs/method.md §5: logvar clamp, as in SD
@@ -61,6 +61,9 @@ class AEConfig:
     attn_in_mid: bool = True
     norm_groups: int = 32
     downsample_padding: str = "symmetric"  # "symmetric" (the authors') or "sd" (right/bottom only)
+    # Pixel space: the "autoencoder" is the identity (`PixelIdentity`), so that diffusion on
+    # pixels goes through the same stages as latent diffusion. Needs one level and z = in channels.
+    identity: bool = False
 
     @property
     def down_factor(self) -> int:
@@ -78,6 +81,8 @@ CONFIGS: dict[str, AEConfig] = {
         # level is kept at 16 channels because it dominates the cost: one AE train step at batch
         # 16 takes ~0.45 s on 2 cores, against ~0.85 s with 32 (before LPIPS and D).
         AEConfig("tiny", (16, 32, 64), 4, num_res_blocks=1, norm_groups=8),
+        # Pixel-space diffusion (docs/method.md §1): latents are the images themselves.
+        AEConfig("pixels", (3,), 3, num_res_blocks=1, norm_groups=1, identity=True),
     )
 }
 
@@ -94,6 +99,9 @@ def _validate(cfg: AEConfig) -> AEConfig:
     for key in ("z_channels", "num_res_blocks", "in_channels"):
         if int(getattr(cfg, key)) < 1:
             raise SpecmatchError(f"{where}: {key} must be >= 1, got {getattr(cfg, key)}")
+    if cfg.identity and (len(cfg.channels) != 1 or cfg.z_channels != cfg.in_channels):
+        raise SpecmatchError(f"{where}: an identity (pixel-space) config has one level and z_channels = in_channels "
+                             f"({cfg.in_channels}), got channels {list(cfg.channels)}, z_channels {cfg.z_channels}")
     if cfg.downsample_padding not in PADDINGS:
         raise SpecmatchError(f"{where}: downsample_padding must be one of {list(PADDINGS)}, "
                              f"got {cfg.downsample_padding!r}")
@@ -138,8 +146,9 @@ def config(name_or_dict: str | Mapping[str, Any] | AEConfig) -> AEConfig:
         for key in ("z_channels", "num_res_blocks", "in_channels", "norm_groups"):
             if key in kw:
                 kw[key] = int(kw[key])
-        if "attn_in_mid" in kw:
-            kw["attn_in_mid"] = bool(kw["attn_in_mid"])
+        for key in ("attn_in_mid", "identity"):
+            if key in kw:
+                kw[key] = bool(kw[key])
     except (TypeError, ValueError) as e:
         raise SpecmatchError(f"autoencoder config {kw['name']!r}: bad value ({e})") from None
     return _validate(AEConfig(**kw))
@@ -398,8 +407,37 @@ class AutoencoderKL(nn.Module):
         return self.decoder.conv_out.weight
 
 
-def build(cfg_or_name: str | Mapping[str, Any] | AEConfig) -> AutoencoderKL:
-    return AutoencoderKL(config(cfg_or_name))
+class PixelIdentity(nn.Module):
+    """The pixel-space "autoencoder": encode gives the image as the posterior mean, with the
+    log-variance at the clamp floor LOGVAR_MIN (a std of 3e-7, below half a uint8 level of 1/127.5,
+    so a posterior sample rounds back to the same image), and decode returns its input. It has no
+    weights: `train-ae` writes it without training, and every stage after it (latents with their
+    scale factor from the data, diffusion, sampling, FD) runs on pixels unchanged."""
+
+    def __init__(self, cfg: AEConfig):
+        super().__init__()
+        self.cfg = _validate(cfg)
+        if not cfg.identity:
+            raise SpecmatchError(f"autoencoder config {cfg.name!r} is not an identity config")
+
+    def encode(self, x: torch.Tensor) -> DiagonalGaussian:
+        if x.ndim != 4 or x.shape[1] != self.cfg.in_channels:
+            raise SpecmatchError(f"autoencoder {self.cfg.name!r}: expected images (B, {self.cfg.in_channels}, H, W), "
+                                 f"got shape {tuple(x.shape)}")
+        return DiagonalGaussian(torch.cat([x, torch.full_like(x, LOGVAR_MIN)], dim=1))
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return z
+
+    def forward(self, x: torch.Tensor, sample: bool = True,
+                generator: torch.Generator | None = None) -> tuple[torch.Tensor, DiagonalGaussian]:
+        posterior = self.encode(x)
+        return self.decode(posterior.sample(generator) if sample else posterior.mode()), posterior
+
+
+def build(cfg_or_name: str | Mapping[str, Any] | AEConfig) -> AutoencoderKL | PixelIdentity:
+    cfg = config(cfg_or_name)
+    return PixelIdentity(cfg) if cfg.identity else AutoencoderKL(cfg)
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -17,6 +17,8 @@ step picks its "shared mask" (the spectral view of the paper, docs/method.md §4
 - `scale_eq`: a factor drawn per step from `scale_factors`; image and latent are down-sampled by
   it (x' = down(x), decode down(z)): EQ-VAE's scale equivariance as a special case.
 - `esm_dsm`: both.
+- `pixels`: no objective at all: the identity "autoencoder" of pixel-space diffusion (config
+  `pixels`, model.PixelIdentity), which `train-ae` writes without training.
 The per-step draw depends only on (seed, step), so every rank draws the same k without
 communication and a resumed run draws what the uninterrupted one drew (`mask_draw: shared`).
 The authors' trainer draws k with Python's unseeded `random` in every process, so the GPUs of
@@ -48,6 +50,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "dsm": {"kl_weight": 0.0, "dsm_ks": [0, 8, 10, 12]},
     "scale_eq": {"kl_weight": 1e-6, "scale_factors": [1, 2]},
     "esm_dsm": {"kl_weight": 0.0, "esm_weight": 0.01, "dsm_ks": [0, 8, 10, 12]},
+    "pixels": {"l1_weight": 0.0, "lpips_weight": 0.0, "kl_weight": 0.0, "gan_weight": 0.0},
 }
 
 

@@ -49,6 +49,7 @@ from .. import spectral
 from ..data.reader import SplitReader
 from ..errors import SpecmatchError
 from ..runtime import distributed, seeding
+from ..runtime.curves import Curves
 from ..runtime.provenance import Provenance
 from ..runtime.signals import StopRequest
 from ..runtime.train_state import TrainingState, final_weights
@@ -200,8 +201,17 @@ def train(run: dict[str, Any], dataset: str | Path, run_dir: str | Path | None, 
     settings = identity(run, SplitReader(dataset, "train").images_sha256)
     fp = identity_fingerprint(settings)
     t = AETrainSettings.from_params(run["train"], f"train of {name}")
+    cfg = ae_model.config(run["config"])
+    if cfg.identity != (run["variant"] == "pixels"):
+        raise SpecmatchError(f"autoencoder {name}: variant {run['variant']!r} with config {cfg.name!r}: the pixel-space "
+                             "identity takes config `pixels` (or any identity config) with variant `pixels`, and "
+                             "neither goes with the other")
     info = distributed.setup(t.device)
     try:
+        if cfg.identity:
+            return _write_identity(_Job(params=run, name=name, train=t, cfg=cfg, obj=objective("pixels"), fp=fp,
+                                        settings=settings, info=info, dataset=Path(dataset),
+                                        run_dir=run_folder(run_dir, runs_root, fp), out=Path(out), resume=resume))
         return _train(_Job(params=run, name=name, train=t, cfg=ae_model.config(run["config"]),
                            obj=objective(run["variant"], run.get("loss")), fp=fp, settings=settings, info=info,
                            dataset=Path(dataset), run_dir=run_folder(run_dir, runs_root, fp), out=Path(out),
@@ -258,7 +268,8 @@ def _train(job: _Job) -> dict[str, Any]:
     bar = tqdm(total=steps, initial=step, desc=f"train-ae {job.name}", unit="it", disable=not info.is_main)
     t_last, n_last = time.perf_counter(), step
     # The attempt lasts until the output is written: a failure of the final save is recorded as one.
-    with StopRequest() as stop, AttemptLog(run_dir, info, step, lambda: step) as attempt:
+    with StopRequest() as stop, AttemptLog(run_dir, info, step, lambda: step) as attempt, \
+            Curves(run_dir, step, info.is_main) as curves:
         while step < steps:
             g_turn, d_turn = turns(schedule, step, obj.gan_start)
             idx = batch_indices(len(reader), global_batch, seed, step)
@@ -335,6 +346,7 @@ def _train(job: _Job) -> dict[str, Any]:
                 t_last, n_last = now, step
                 with open(log_path, "a", encoding="utf-8") as f:
                     f.write(json.dumps(rec_) + "\n")
+                curves.log(step, rec_)
                 bar.set_postfix({k: f"{rec_[k]:.4f}" for k in ("loss", "l1", "d_loss") if k in rec_})
             end_of_step(step, steps, t.checkpoint_every, stop, info, save_ckpt, bar)
         bar.close()
@@ -344,6 +356,17 @@ def _train(job: _Job) -> dict[str, Any]:
         if info.is_main:
             result = _write_final(job, ae, ema, reader, step, g_step, d_step, attempt.as_finished())
         distributed.barrier()
+    return result
+
+
+def _write_identity(job: _Job) -> dict[str, Any]:
+    """The pixel-space identity, written as a trained autoencoder of no weights and no steps: the
+    stages after it read it like any other (`artifact.load`)."""
+    result: dict[str, Any] = {"steps": 0, "generator_steps": 0, "discriminator_steps": 0}
+    if job.info.is_main:
+        reader = SplitReader(job.dataset, "train")
+        result = _write_final(job, ae_model.build(job.cfg), None, reader, 0, 0, 0, [])
+    distributed.barrier()
     return result
 
 

@@ -14,6 +14,8 @@ from ..errors import SpecmatchError
 from ..runtime.jsonfile import read_json
 
 FILE = "sampling.json"
+# Fields an older sampling.json may lack: read back as their default (None).
+OPTIONAL = ("train_seed",)
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,9 @@ class SamplingProtocol:
     generated_now: int  # made by this invocation (the rest came from an earlier, interrupted one)
     seconds: float
     images_per_s: float | None
+    # The diffusion run's training seed (train.seed); None for samples of imported models and for
+    # records written before it was recorded.
+    train_seed: int | None = None
 
     @property
     def cfg_label(self) -> str:
@@ -61,12 +66,14 @@ class SamplingProtocol:
 
     @classmethod
     def from_json(cls, d: dict[str, Any], where: str) -> "SamplingProtocol":
+        if not isinstance(d, dict):
+            raise SpecmatchError(f"{where}: not a sampling protocol (expected the {FILE} of `specmatch sample`)")
         names = [f.name for f in fields(cls)]
-        missing = [n for n in names if n not in d]
-        if missing or not isinstance(d, dict):
+        missing = [n for n in names if n not in d and n not in OPTIONAL]
+        if missing:
             raise SpecmatchError(f"{where}: not a sampling protocol (missing keys {missing}; expected the "
                                  f"{FILE} of `specmatch sample`)")
-        values = {n: d[n] for n in names}
+        values = {n: d[n] for n in names if n in d}
         values["cfg_interval"] = tuple(float(v) for v in d["cfg_interval"])
         return cls(**values)
 

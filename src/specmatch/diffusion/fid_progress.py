@@ -10,6 +10,9 @@ dataset's reference statistics with the metric code of `specmatch fid calc`
 Numbers over N samples are biased upwards against those of the final evaluation when N is
 smaller: each point records its N, and the report plots the final evaluation separately unless
 its protocol is the same.
+
+The output also holds the curve for TensorBoard and DVC plots (`runtime.curves`, in `curves/`):
+the metric (tag: its name), precision, recall and IS at each step, written with the output.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from ..autoencoder import artifact as ae_artifact
 from ..errors import SpecmatchError
 from ..metrics.reference import Reference
 from ..runtime import atomic, distributed
+from ..runtime.curves import Curves
 from ..runtime.jsonfile import read_json
 from ..runtime.provenance import Provenance
 from . import artifact
@@ -148,6 +152,11 @@ def _write(p, summary, model_dir, ae_dir, reference, df, results, name, out, wor
     prov.protocol = protocol
     with atomic.atomic_dir(out) as tmp:
         df.to_csv(tmp / PROGRESS_CSV, index=False, float_format="%.6g")
+        with Curves(tmp, 0, True) as curves:  # the metric over training for TensorBoard and DVC plots
+            for row in df.itertuples(index=False):
+                values = {row.metric: row.value, "precision": row.precision, "recall": row.recall,
+                          "inception_score": row.inception_score}
+                curves.log(int(row.step), {k: v for k, v in values.items() if v is not None and pd.notna(v)})
         atomic.write_text(tmp / PROGRESS_JSON, json.dumps({"name": name, **protocol, "points": results}, indent=1,
                                                           default=float) + "\n")
         prov.write(out, tmp)

@@ -403,7 +403,8 @@ def _merge(p, fp, summary, ae_summary, model_dir, ae_dir, work, n, shards, name,
             t_min=p["t_min"], cfg_scale=p["cfg_scale"], cfg_interval=tuple(p["cfg_interval"]),
             class_balanced=p["class_balanced"] if summary["num_classes"] else None,
             n_samples=n, seed=p["seed"], batch_size=p["batch_size"], world_size=world,
-            generated_now=made, seconds=busy, images_per_s=made / busy if made and busy > 0 else None)
+            generated_now=made, seconds=busy, images_per_s=made / busy if made and busy > 0 else None,
+            train_seed=summary.get("seed"))
         sample_folder.write(tmp, protocol)
         with np.load(tmp / entry["shards"][0]["file"], allow_pickle=False) as z:
             image_grid(z["images"][:64], tmp / "grid.png", title=f"{name}: {p['method']} {p['steps']} steps")

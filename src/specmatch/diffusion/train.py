@@ -51,6 +51,7 @@ from ..autoencoder.latents import LatentReader
 from ..errors import SpecmatchError
 from ..runtime import checkpoint, distributed, seeding
 from ..runtime.hashing import sha256_file
+from ..runtime.curves import Curves
 from ..runtime.provenance import Provenance
 from ..runtime.signals import StopRequest
 from ..runtime.train_state import TrainingState, final_weights
@@ -285,7 +286,8 @@ def _train(job: _Job, net: torch.nn.Module, align) -> dict[str, Any]:
     loader = Prefetch(lambda s: read_rows(cache, align, global_batch, seed, s, rows, pin), range(step, steps),
                       PREFETCH)
     # The attempt lasts until the output is written: a failure of the final save is recorded as one.
-    with StopRequest() as stop, AttemptLog(run_dir, info, step, lambda: step) as attempt, loader:
+    with StopRequest() as stop, AttemptLog(run_dir, info, step, lambda: step) as attempt, loader, \
+            Curves(run_dir, step, info.is_main) as curves:
         while step < steps:
             host = loader.get(step)
             x0, y, tt, noise, drop = draw_batch(cache, path, host, global_batch, seed, step, rows, t.label_dropout,
@@ -328,6 +330,7 @@ def _train(job: _Job, net: torch.nn.Module, align) -> dict[str, Any]:
                        **{k: float(v.detach()) for k, v in terms.items() if k != "loss"}}
                 t_last, n_last = now, step
                 write_log(rec)
+                curves.log(step, rec)
                 bar.set_postfix(loss=f"{rec['loss']:.4f}")
             if step in snapshot_steps:
                 guard.check()
@@ -387,7 +390,8 @@ def _write_final(job: _Job, net, ema, steps: int, align, snapshot_steps: list[in
                "latents": {"autoencoder": man["autoencoder"], "scale_factor": cache.scale_factor,
                            "shape": list(cache.shape), "count": man["count"],
                            "manifest_sha256": latents_identity(job.latents)},
-               "alignment": align.info if align is not None else {"kind": "none"}}
+               "alignment": align.info if align is not None else {"kind": "none"},
+               "seed": job.train.seed}
     if snapshot_steps:
         summary["snapshots"] = {"steps": list(snapshot_steps), "weights": "ema" if ema is not None else "raw",
                                 "files": [artifact.snapshot_path(Path(), s).as_posix() for s in snapshot_steps]}

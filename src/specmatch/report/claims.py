@@ -12,6 +12,17 @@ judged between runs that learned: when a run's distance does not beat its own un
 (report.baselines.untrained) by 2 standard errors, the claim is "not resolved: the runs did not
 learn at this length".
 
+How the spread over seeds enters: a generation claim compares two sides, each the runs that differ
+only in their training seed (`train.seed`; the same autoencoder, alignment with its settings and
+weights, under the same protocol; a row whose seed is unknown, as in records written before it
+was recorded, counts as a seed of its own). A side of n runs with distances v_i and bootstrap
+standard errors s_i reads as their mean, with the standard error
+sqrt(sum_i s_i^2 / n^2 + var_seed / n), var_seed the sample variance of the v_i (ddof 1; 0 for one
+seed, whose spread is then not measured: the setting says so). The seed variance already holds the
+image-sampling noise of each run, so that noise is counted twice: a conservative verdict. Every run
+of both sides must have learned; runs that repeat a known seed are not seed replicates and are
+compared one by one.
+
 C4 rests on a premise (docs/method.md §8): SD-VAE's latents, as the diffusion model sees them
 (posterior samples), are flatter than the delta-tilted target ("over-noisy"). The premise row
 reads `eval-ae`'s sampled latents: their PSD exponent minus the target's, with its bootstrap
@@ -232,45 +243,117 @@ def _learned(r: dict[str, Any]) -> bool | None:
     return z is not None and z > Z
 
 
-def _generation(cid: str, cand: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
-    setting = (f"{cand['model']} {cand['trained_steps']} steps, {cand['sampler']} {cand['steps']} steps, cfg "
-               f"{cand['cfg_scale']:g}, {int(cand['n_samples'])} samples, {cand['metric']} ({cand['protocol']})")
-    sa, sb = _std(cand.get("value_std")), _std(base.get("value_std"))
-    evidence = f"{cand['diffusion']}: {_fmt(cand['value'], sa)}; {base['diffusion']}: {_fmt(base['value'], sb)}"
-    for r in (cand, base):
-        if r.get("untrained") is not None and not pd.isna(r.get("untrained")):
-            evidence += f" [{r['diffusion']} untrained: {r['untrained']:.4g}]"
-    learned = [_learned(cand), _learned(base)]
-    if False in learned:
-        return _row(cid, setting, evidence, None, "not resolved: the runs did not learn at this length (a distance "
-                                                  "not below its untrained network's)")
-    z, verdict = compare(cand["value"], sa, base["value"], sb)
-    return _row(cid, setting, evidence, z, verdict)
+_PROTOCOL_KEYS = ("model", "process", "trained_steps", "sampler", "steps", "cfg_scale", "cfg_interval", "n_samples",
+                  "metric", "protocol")
 
 
 def _same_protocol(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    keys = ("model", "process", "trained_steps", "sampler", "steps", "cfg_scale", "cfg_interval", "n_samples",
-            "metric", "protocol")
-    return all(a[k] == b[k] for k in keys)
+    return all(a[k] == b[k] for k in _PROTOCOL_KEYS)
+
+
+def _seed(r: dict[str, Any]) -> int | None:
+    """The row's training seed (None: unknown)."""
+    v = r.get("train_seed")
+    return None if v is None or (isinstance(v, float) and math.isnan(v)) else int(v)
+
+
+# Besides the protocol (`_same_protocol`), what the runs of one side share: only their training
+# seed (and run name) differs.
+_SIDE_KEYS = ("autoencoder", "alignment", "weights", "dataset")
+
+
+def _sides(rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """The rows grouped into sides, in order of first appearance: the runs that differ only in their
+    training seed, ordered by seed (unknown seeds last, each run a seed of its own). A row repeated
+    (the same run and sample set) counts once; a group that repeats a seed (or holds two sample
+    sets of one run of unknown seed) holds rows that are not seed replicates, and each of them is a
+    side of its own."""
+    groups: list[list[dict[str, Any]]] = []
+    for r in rows:
+        g = next((g for g in groups if all(g[0].get(k) == r.get(k) for k in _PROTOCOL_KEYS + _SIDE_KEYS)), None)
+        if g is None:
+            groups.append([r])
+        elif not any(o is r or (o["diffusion"], o.get("samples")) == (r["diffusion"], r.get("samples")) for o in g):
+            g.append(r)
+    sides = []
+    for g in groups:
+        # An unknown seed is a seed of its own, but two sample sets of one run are not two seeds.
+        seeds = [_seed(r) if _seed(r) is not None else ("run", r["diffusion"]) for r in g]
+        if len(set(seeds)) < len(seeds):
+            sides += [[r] for r in g]
+        else:
+            sides.append(sorted(g, key=lambda r: (_seed(r) is None, _seed(r) or 0)))
+    return sides
+
+
+def _pooled(side: list[dict[str, Any]]) -> tuple[float, float | None]:
+    """(mean, standard error) of a side: sqrt(sum s_i^2 / n^2 + var_seed / n) (module docstring)."""
+    v = [float(r["value"]) for r in side]
+    s = [_std(r.get("value_std")) for r in side]
+    if len(side) == 1:
+        return v[0], s[0]
+    n = len(v)
+    mean = float(np.mean(v))
+    if any(x is None for x in s):
+        return mean, None
+    return mean, math.sqrt(sum(x * x for x in s) / n ** 2 + float(np.var(v, ddof=1)) / n)
+
+
+def _side_text(side: list[dict[str, Any]], mean: float, se: float | None) -> str:
+    if len(side) == 1:
+        return f"{side[0]['diffusion']}: {_fmt(mean, se)}"
+    names = ", ".join(dict.fromkeys(r["diffusion"] for r in side))
+    each = ", ".join(_fmt(r["value"], _std(r.get("value_std"))) for r in side)
+    return f"{names} ({len(side)} seeds: {each}; mean {_fmt(mean, se)})"
+
+
+def _seeds_text(cand: list[dict[str, Any]], base: list[dict[str, Any]]) -> str:
+    nc, nb = len(cand), len(base)
+    if nc == nb:
+        return f"{nc} training seeds" if nc > 1 else "1 training seed (seed spread not measured)"
+    one = cand[0]["diffusion"] if nc == 1 else base[0]["diffusion"]
+    return (f"{nc} and {nb} training seeds" + (f" (seed spread of {one} not measured)" if min(nc, nb) == 1 else ""))
+
+
+def _generation(cid: str, cand_side: list[dict[str, Any]], base_side: list[dict[str, Any]]) -> dict[str, Any]:
+    """The claim row of two sides (module docstring: each the runs of one setting over their
+    training seeds)."""
+    cand = cand_side[0]
+    setting = (f"{cand['model']} {cand['trained_steps']} steps, {cand['sampler']} {cand['steps']} steps, cfg "
+               f"{cand['cfg_scale']:g}, {int(cand['n_samples'])} samples, {cand['metric']} ({cand['protocol']}), "
+               + _seeds_text(cand_side, base_side))
+    a, sa = _pooled(cand_side)
+    b, sb = _pooled(base_side)
+    evidence = f"{_side_text(cand_side, a, sa)}; {_side_text(base_side, b, sb)}"
+    for r in cand_side + base_side:
+        if r.get("untrained") is not None and not pd.isna(r.get("untrained")):
+            evidence += f" [{r['diffusion']} untrained: {r['untrained']:.4g}]"
+    if any(_learned(r) is False for r in cand_side + base_side):
+        return _row(cid, setting, evidence, None, "not resolved: the runs did not learn at this length (a distance "
+                                                  "not below its untrained network's)")
+    z, verdict = compare(a, sa, b, sb)
+    return _row(cid, setting, evidence, z, verdict)
 
 
 def diffusability(gen_rows: list[dict[str, Any]], evals: dict[str, Any]) -> list[dict[str, Any]]:
     """C4 and C4c from E1/E2 rows: each run on ESM/DSM latents against the run on SD-VAE latents
     (C4) and on the control's (C4c) of the same dataset under the same protocol (`evals`:
-    autoencoder -> its `eval-ae` record). A C4 row whose SD-VAE does not establish the premise
-    reads NOT_TESTED; a verdict notes a reconstruction more than RECON_GAP_DB worse."""
+    autoencoder -> its `eval-ae` record), each side pooled over its training seeds (`_sides`). A C4
+    row whose SD-VAE does not establish the premise reads NOT_TESTED; a verdict notes a
+    reconstruction more than RECON_GAP_DB worse."""
     rows = []
+    sides = _sides(gen_rows)
     for cid, base_variant in (("C4", "sdvae"), ("C4c", "ae")):
-        base = [r for r in gen_rows if r["autoencoder"] in evals and evals[r["autoencoder"]].variant == base_variant]
-        for r in gen_rows:
-            m = evals.get(r["autoencoder"])
+        base = [s for s in sides if s[0]["autoencoder"] in evals and evals[s[0]["autoencoder"]].variant == base_variant]
+        for c in sides:
+            m = evals.get(c[0]["autoencoder"])
             if m is None or m.variant not in ("esm", "dsm", "esm_dsm"):
                 continue
             for b in base:
-                sd = evals[b["autoencoder"]]
-                if sd.dataset != m.dataset or not _same_protocol(r, b):
+                sd = evals[b[0]["autoencoder"]]
+                if sd.dataset != m.dataset or not _same_protocol(c[0], b[0]):
                     continue
-                row = _generation(cid, r, b)
+                row = _generation(cid, c, b)
                 if cid == "C4" and not (_premise_z(sd) or 0.0) > Z:
                     row["verdict"] = f"{NOT_TESTED} (C4-premise of {sd.name} not supported)"
                 gap = sd.psnr - m.psnr
@@ -281,15 +364,16 @@ def diffusability(gen_rows: list[dict[str, Any]], evals: dict[str, Any]) -> list
 
 
 def alignment(e3_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """C5 (repa vs none) and C6 (dog vs irepa and vs repa) from E3 rows of the same protocol."""
+    """C5 (repa vs none) and C6 (dog vs irepa and vs repa) from E3 rows of the same protocol, each
+    side pooled over its training seeds (`_sides`)."""
     rows = []
-    by_kind: dict[str, list[dict[str, Any]]] = {}
-    for r in e3_rows:
-        by_kind.setdefault(str(r["alignment"]).split(" ")[0], []).append(r)  # 'dog (encoder, ...)' -> dog
+    by_kind: dict[str, list[list[dict[str, Any]]]] = {}
+    for s in _sides(e3_rows):
+        by_kind.setdefault(str(s[0]["alignment"]).split(" ")[0], []).append(s)  # 'dog (encoder, ...)' -> dog
     for cid, cand, base in (("C5", "repa", "none"), ("C6", "dog", "irepa"), ("C6", "dog", "repa")):
         for a in by_kind.get(cand, []):
             for b in by_kind.get(base, []):
-                if _same_protocol(a, b):
+                if _same_protocol(a[0], b[0]):
                     rows.append(_generation(cid, a, b))
     return rows
 

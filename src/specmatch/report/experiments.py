@@ -10,6 +10,8 @@ rFD-EffNetLite0-128, ...), and a table whose rows were scored by different metri
 
 from __future__ import annotations
 
+import math
+
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -57,9 +59,17 @@ _SAME_PROTOCOL = ("autoencoder", "model", "process", "sampler", "steps", "cfg_sc
                   "metric", "protocol")
 
 
+def _same_seed(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two generation rows come from the same training seed (the seed of the initial
+    weights of an untrained network); true where either does not record it."""
+    sa, sb = a.get("train_seed"), b.get("train_seed")
+    known = [v is not None and not (isinstance(v, float) and math.isnan(v)) for v in (sa, sb)]
+    return not all(known) or int(sa) == int(sb)
+
+
 def attach_baselines(generation: dict[str, list[dict[str, Any]]], floors: list[record.GenerationMetrics]) -> None:
     """Give each trained run's generation row what learning is measured between: the value (and
-    bootstrap error) of the same network untrained under the same protocol (a `-untrained` run of
+    bootstrap error) of the same network untrained under the same protocol and training seed (a `-untrained` run of
     report.baselines.untrained, trained_steps 0) as `untrained`, `untrained_std`; the real floor
     (held-out real images of the same dataset, count, metric and protocol; report.baselines.
     real_floor) as `real_floor`; and the share of the gap between them closed, `gap_closed` =
@@ -67,7 +77,8 @@ def attach_baselines(generation: dict[str, list[dict[str, Any]]], floors: list[r
     untrained = [r for rows in generation.values() for r in rows if int(r["trained_steps"]) == 0]
     for rows in generation.values():
         for r in rows:
-            hit = [u for u in untrained if int(r["trained_steps"]) > 0 and all(u[k] == r[k] for k in _SAME_PROTOCOL)]
+            hit = [u for u in untrained if int(r["trained_steps"]) > 0 and all(u[k] == r[k] for k in _SAME_PROTOCOL)
+                   and _same_seed(u, r)]
             floor = [f.value for f in floors if (f.reference["dataset"], int(f.samples["n"]), f.metric,
                                                  f.protocol_name) == (r["dataset"], int(r["n_samples"]), r["metric"],
                                                                      r["protocol"])]

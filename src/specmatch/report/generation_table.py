@@ -44,7 +44,7 @@ def generation_row(folder: Path) -> dict[str, Any]:
         "precision": m.precision, "recall": m.recall,
         "inception_score": m.inception_score.mean if m.inception_score else None,
         "reference": m.reference_label, "feature_weights_sha256": m.feature_weights_sha256[:16],
-        "seed": s.seed, "world_size": s.world_size, "samples": m.name,
+        "seed": s.seed, "train_seed": s.train_seed, "world_size": s.world_size, "samples": m.name,
     }
 
 

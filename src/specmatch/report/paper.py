@@ -6,11 +6,13 @@ evaluations, trained diffusion models, generation metrics, samples, target spect
 training, real floors); the `report` parameters say which runs form each experiment
 (`report.experiments`). Every table is written as CSV and Markdown (`tables.write_table`) with
 the protocol beside every number. Figures are deterministic PNGs (`report.figures`); the page is
-the template `templates/index.md.j2`. The output folder is replaced atomically and carries a
-provenance record listing every input, so `specmatch audit` walks from any table or figure back
-to the raw data.
+the template `templates/index.md.j2`, and the same page as HTML (`render.html`: rendered from
+that Markdown, one self-contained file with relative links, to open in a browser). The output
+folder is replaced atomically and carries a provenance record listing every input, so
+`specmatch audit` walks from any table or figure back to the raw data.
 
     report/index.md          the page: what each experiment is, its protocol, links
+    report/index.html        the same page for a browser (inline style, no network)
     report/tables/           e1, e2, e3, e4_data, e4_latents, fid_over_training (.csv, .md)
     report/figures/          spectra, reconstructions, samples, metric over training
 """
@@ -27,6 +29,7 @@ import pandas as pd
 
 from .. import config as config_mod
 from ..grid import EXPERIMENTS
+from ..render import html
 from ..render.tables import markdown, write_table
 from ..runtime import atomic
 from ..runtime.provenance import Provenance
@@ -37,16 +40,27 @@ from .inputs import Inputs
 log = logging.getLogger(__name__)
 
 INDEX = "index.md"
+HTML = "index.html"
 TEMPLATE = "index.md.j2"
 
-__all__ = ["INDEX", "Inputs", "page", "write"]
+__all__ = ["HTML", "INDEX", "Inputs", "page", "write"]
 
 
 # --------------------------------------------------------------------------- the page
 
 
+def _cell(v: Any) -> Any:
+    return v.replace("|", "\\|") if isinstance(v, str) else v
+
+
 def _md(df: pd.DataFrame, cols: list[str]) -> str:
-    return markdown(df[[c for c in cols if c in df.columns]]) if len(df) else "(no rows)"
+    """The page's table of `cols`; a "|" in a name or cell (KL(target||latent)) escaped, as a
+    GFM table needs (else the row splits there and the table does not render)."""
+    if not len(df):
+        return "(no rows)"
+    sub = df[[c for c in cols if c in df.columns]]
+    return markdown(sub.rename(columns=_cell).apply(
+        lambda col: col if pd.api.types.is_numeric_dtype(col) else col.map(_cell)))
 
 
 def _is_metric(column: str) -> bool:
@@ -140,7 +154,7 @@ def page(name: str, runs: dict[str, dict[str, list[str]]], t: dict[str, pd.DataF
 
 
 def write(params: dict[str, Any], inputs: Inputs, name: str, out: str | Path) -> dict[str, pd.DataFrame]:
-    """The tables, figures and index.md in `out` (atomically), with a provenance record."""
+    """The tables, figures, index.md and index.html in `out` (atomically), with a provenance record."""
     # Every table and claim reads a generation number beside its baselines.
     experiments.attach_baselines(inputs.generation, inputs.floors)
     p = config_mod.validate(params, "report", where="report", source=f"parameters of {name}")
@@ -155,7 +169,9 @@ def write(params: dict[str, Any], inputs: Inputs, name: str, out: str | Path) ->
             if len(df):
                 write_table(df, tmp / "tables", stem, *experiments.INTROS[stem])
         figs = figures.render(p, runs, inputs, progress, tmp / "figures")
-        atomic.write_text(tmp / INDEX, page(name, runs, t, figs))
+        text = page(name, runs, t, figs)
+        atomic.write_text(tmp / INDEX, text)
+        atomic.write_text(tmp / HTML, html.page(text))
         prov.write(out, tmp)
     log.info("report %s: %s", name, {k: len(v) for k, v in t.items()})
     return t

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import SpecmatchError
-from . import atomic, checkpoint, seeding
+from . import atomic, checkpoint, curves, seeding
 from .hashing import sha256_json
 from .provenance import Provenance, utc_now
 from .signals import EXIT_INTERRUPTED
@@ -478,10 +478,12 @@ def write_output(out: Path, run_dir: Path, prov: Provenance, write_files: Callab
     """A trainer's output folder, atomically: the artifact's files (`write_files(tmp)`, the
     artifact module's writer), the run's training log, and the provenance with every attempt
     that made the run (each start and resumption): `attempts` (`AttemptLog.as_finished`), or
-    those recorded in the run folder."""
+    those recorded in the run folder. The run's curves (`curves.CURVES_DIR`: TensorBoard events,
+    DVC plots and summary) are copied with the log."""
     prov.extra["attempts"] = attempts if attempts is not None else read_attempts(run_dir)
     with atomic.atomic_dir(out) as tmp:
         write_files(tmp)
         if (run_dir / METRICS_FILE).exists():
             (tmp / METRICS_FILE).write_bytes((run_dir / METRICS_FILE).read_bytes())
+        curves.copy_into(run_dir, tmp)
         prov.write(out, tmp)
