@@ -229,7 +229,11 @@ def test_tiny_dag_report_outputs(tiny_run):
             "fid_over_training.png", "data_spectra_embedded.png"} <= names
     assert {f"samples_{d}-{s}.png" for d, s in SAMPLE_SETS} <= names
     e1 = pd.read_csv(rep / "tables" / "e1.csv")
-    assert e1["autoencoder"].tolist() == ["embedded-tiny-sdvae", "embedded-tiny-esm", "embedded-tiny-dsm"]
+    assert e1["autoencoder"].tolist() == ["embedded-tiny-sdvae", "embedded-tiny-esm", "embedded-tiny-dsm",
+                                          "embedded-tiny-pixels"]
+    # the identity reconstructs losslessly (PSNR +inf) and its U-ViT is scored against the 32 px images
+    pix = e1.set_index("autoencoder").loc["embedded-tiny-pixels"]
+    assert pix["PSNR"] == np.inf and pix["dataset"] == "embedded_32px" and pix["model"] == "UViT-tiny/4"
     for _, r in e1.iterrows():
         ev = json.loads((out / "ae_eval" / r["autoencoder"] / "metrics.json").read_text())
         gm = json.loads((out / "gen_metrics" / r["diffusion"] / "tiny-dpm20" / "metrics.json").read_text())
@@ -244,7 +248,7 @@ def test_tiny_dag_report_outputs(tiny_run):
     assert plain["alignment"].tolist() == ["none", "repa"]
     assert plain["target_RMSC2"].iloc[1:].notna().all() and pd.isna(plain["target_RMSC2"].iloc[0])
     e4 = pd.read_csv(rep / "tables" / "e4_latents.csv")
-    assert len(e4) == 3 and {"rFD-EffNetLite0-128 LP k=8", "rFD-EffNetLite0-128 LP k=12"} <= set(e4.columns)
+    assert len(e4) == 4 and {"rFD-EffNetLite0-128 LP k=8", "rFD-EffNetLite0-128 LP k=12"} <= set(e4.columns)
     for diff in UVIT:
         assert sorted(p.name for p in (out / "diffusion" / diff / "snapshots").iterdir()) == [
             "step-00000040.safetensors", "step-00000080.safetensors"]
@@ -252,7 +256,7 @@ def test_tiny_dag_report_outputs(tiny_run):
         assert prog["step"].tolist() == [40, 80, 160] and (prog["n_samples"] == 64).all()
         assert (prog["metric"] == "FD-EffNetLite0-128").all() and prog["value"].notna().all()
     curve = pd.read_csv(rep / "tables" / "fid_over_training.csv")
-    assert len(curve) == 3 * 3 + 3 and (curve[curve["source"] == "generation table"]["n_samples"] == 128).all()
+    assert len(curve) == 4 * 3 + 4 and (curve[curve["source"] == "generation table"]["n_samples"] == 128).all()
     audit = _run([str(BIN / "specmatch"), "audit", "--no-dvc", "results/tiny/report/tables/e1.csv"], tiny_run)
     assert "results/tiny/data/embedded" in audit.stdout and "results/tiny/progress" in audit.stdout
     assert "FAILED" not in audit.stdout
@@ -270,28 +274,29 @@ def _planned_jobs(repo: Path, override: str) -> dict[str, int]:
 
 
 def test_spectra_parameter_change_reruns_only_spectra(tiny_run):
-    assert _planned_jobs(tiny_run, "spectra={n_bins: 8}") == {"data_spectra": 1, "report": 1, "all": 1}
+    assert _planned_jobs(tiny_run, "spectra={n_bins: 8}") == {"data_spectra": 2, "report": 1, "all": 1}
 
 
 def test_dataset_parameter_change_reruns_data_and_spectra(tiny_run):
+    # everything on the 64 px images; the pixel run on the 32 px set (its own dataset) is left alone
     assert _planned_jobs(tiny_run, "datasets={embedded: {seed: 1}}") == {
         "prepare_data": 1, "data_spectra": 1, "fid_ref": 1, "fid_real_floor": 1, "fid_real_floor_n": 1, "train_ae": 3, "eval_ae": 3,
-        "extract_latents": 3, "extract_targets": 1, "target_spectra": 1, **DIFFUSION_JOBS, **REPORT_JOBS,
-        **BAND_ERROR_JOBS, "all": 1}
+        "extract_latents": 3, "extract_targets": 1, "target_spectra": 1, "train_diffusion": 9, "sample": 11,
+        "generation_metrics": 11, "generation_table": 1, "fid_progress": 3, "report": 1, "band_error": 3, "all": 1}
 
 
 def test_autoencoder_eval_change_reruns_only_evaluation(tiny_run):
-    assert _planned_jobs(tiny_run, "autoencoder={eval: {max_images: 64}}") == {"eval_ae": 3, "report": 1, "all": 1}
+    assert _planned_jobs(tiny_run, "autoencoder={eval: {max_images: 64}}") == {"eval_ae": 4, "report": 1, "all": 1}
 
 
 def test_autoencoder_train_change_reruns_training_and_downstream(tiny_run):
     assert _planned_jobs(tiny_run, "autoencoder={train: {lr: 1e-4}}") == {
-        "train_ae": 3, "eval_ae": 3, "extract_latents": 3, **DIFFUSION_JOBS, **REPORT_JOBS, **BAND_ERROR_JOBS, "all": 1}
+        "train_ae": 4, "eval_ae": 4, "extract_latents": 4, **DIFFUSION_JOBS, **REPORT_JOBS, **BAND_ERROR_JOBS, "all": 1}
 
 
 def test_metrics_parameter_change_reruns_evaluation_and_scores(tiny_run):
     assert _planned_jobs(tiny_run, "metrics={pr_k: 5}") == {
-        "fid_ref": 1, "fid_real_floor": 1, "fid_real_floor_n": 1, "generation_metrics": 13, "generation_table": 1,
+        "fid_ref": 2, "fid_real_floor": 2, "fid_real_floor_n": 2, "generation_metrics": 13, "generation_table": 1,
         **REPORT_JOBS, "all": 1}
 
 
@@ -300,21 +305,21 @@ def test_diffusion_train_change_reruns_diffusion_sampling_and_scores(tiny_run):
         **DIFFUSION_JOBS, **REPORT_JOBS, **BAND_ERROR_JOBS, "all": 1}
 
 
-def test_dog_change_reruns_only_the_dog_run_and_the_diagnostics(tiny_run):
+def test_dog_change_reruns_only_the_diagnostics(tiny_run):
+    # no DoG-REPA run in the tiny grid (the small preset has them): only the targets' diagnostics
     assert _planned_jobs(tiny_run, "diffusion={alignment: {dog: {sigma2: 3.0}}}") == {
-        "train_diffusion": 1, "sample": 1, "generation_metrics": 1, "generation_table": 1, "target_spectra": 1,
-        "report": 1, "all": 1}
+        "target_spectra": 1, "report": 1, "all": 1}
 
 
 def test_target_cache_change_reruns_the_aligned_runs(tiny_run):
     assert _planned_jobs(tiny_run, "targets={dtype: float32}") == {
-        "extract_targets": 1, "target_spectra": 1, "train_diffusion": 3, "sample": 3, "generation_metrics": 3,
+        "extract_targets": 1, "target_spectra": 1, "train_diffusion": 1, "sample": 1, "generation_metrics": 1,
         "generation_table": 1, "report": 1, "all": 1}
 
 
 def test_sampler_change_reruns_only_its_samples_and_scores(tiny_run):
     assert _planned_jobs(tiny_run, "samplers={tiny-dpm20: {steps: 15}}") == {
-        "sample": 6, "generation_metrics": 6, "generation_table": 1, **REPORT_JOBS, "all": 1}
+        "sample": 8, "generation_metrics": 8, "generation_table": 1, **REPORT_JOBS, "all": 1}
 
 
 def test_snakemake_lint_is_clean(tmp_path):
