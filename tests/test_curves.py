@@ -169,24 +169,40 @@ def test_fid_progress_writes_its_curve(tmp_path):
     assert json.loads((curves / SUMMARY_FILE).read_text())["FD-EffNetLite0-128"] == 60.5
 
 
-def test_dvc_plots_show_renders_the_curves(tmp_path):
+def test_dvc_curves_collects_every_run_and_dvc_plots_show_renders_them(tmp_path):
+    """`specmatch dvc curves` copies each run's curves of a stage folder into one folder; the
+    dvc.yaml entry of that folder (`x: step`, as the project's dvc.yaml declares it) makes `dvc
+    plots show` render every run's curves with their own steps and values."""
     dvc = BIN / "dvc"
     if not dvc.exists():
         pytest.skip("no dvc in the venv")
     repo = tmp_path / "repo"
-    plots = repo / "results" / "t" / "diffusion" / "u" / CURVES_DIR / PLOTS_DIR
-    plots.mkdir(parents=True)
-    with Curves(plots.parent.parent, 0, True) as c:
-        for s in (10, 20, 30):
-            c.log(s, {"loss": 1.0 / s, "lr": 1e-4})
-    (repo / "dvc.yaml").write_text(f"plots:\n  - results/t/diffusion/u/{CURVES_DIR}/{PLOTS_DIR}:\n      x: step\n")
-    env = {"DVC_NO_ANALYTICS": "1", "HOME": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    stage = repo / "results" / "t" / "diffusion"
+    runs = {"u": {10: 0.5, 20: 0.25}, "v": {10: 0.9, 20: 0.6, 30: 0.4}}
+    for run, losses in runs.items():
+        with Curves(stage / run, 0, True) as c:
+            for s, loss in losses.items():
+                c.log(s, {"loss": loss, "lr": 1e-4, "update": "g"})
+    (stage / "u" / "diffusion.json").write_text("{}")  # the other files of an output are not curves
+    env = {"DVC_NO_ANALYTICS": "1", "HOME": str(tmp_path), "PATH": f"{BIN}:/usr/bin:/bin"}
+    proc = subprocess.run([str(BIN / "specmatch"), "dvc", "curves", str(stage), str(repo / "results" / "t" / "nope"),
+                           "--out", str(repo / "results" / "t" / "curves" / "diffusion")], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    collected = repo / "results" / "t" / "curves"
+    assert sorted(p.relative_to(collected).as_posix() for p in collected.rglob("*") if p.is_file()) == [
+        "diffusion/u/loss.tsv", "diffusion/u/lr.tsv", "diffusion/v/loss.tsv", "diffusion/v/lr.tsv"]
+    # the same run in a second folder would be ambiguous
+    clash = subprocess.run([str(BIN / "specmatch"), "dvc", "curves", str(stage), str(stage), "--out", str(tmp_path / "x")],
+                           env=env, capture_output=True, text=True, timeout=120)
+    assert clash.returncode != 0 and "collect each stage" in clash.stderr and not (tmp_path / "x").exists()
+    (repo / "dvc.yaml").write_text("plots:\n  - results/t/curves:\n      x: step\n")
     subprocess.run([str(dvc), "init", "--no-scm", "-q"], cwd=repo, env=env, check=True, timeout=120)
     proc = subprocess.run([str(dvc), "plots", "show", "--json"], cwd=repo, env=env, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     shown = json.loads(proc.stdout)["data"]
-    loss = shown[f"results/t/diffusion/u/{CURVES_DIR}/{PLOTS_DIR}/loss.tsv"]
-    data = loss[0]["content"]["data"]["values"]
-    assert [int(d["step"]) for d in data] == [10, 20, 30]
-    assert [float(d["loss"]) for d in data] == pytest.approx([0.1, 0.05, 1 / 30])
+    for run, losses in runs.items():
+        data = shown[f"results/t/curves/diffusion/{run}/loss.tsv"][0]["content"]["data"]["values"]
+        assert [int(d["step"]) for d in data] == list(losses)
+        assert [float(d["loss"]) for d in data] == pytest.approx(list(losses.values()))

@@ -205,6 +205,14 @@ def _dvc(repo: Path, *args: str, env: dict | None = None):
     return proc.stdout + proc.stderr
 
 
+def _dvc_json(repo: Path, *args: str):
+    """The JSON a `dvc ... --json` command prints on stdout."""
+    proc = subprocess.run([str(BIN / "dvc"), *args, "--json"], cwd=repo, env=dag_env(), capture_output=True, text=True,
+                          timeout=1800)
+    assert proc.returncode == 0, f"dvc {' '.join(args)}:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return json.loads(proc.stdout)
+
+
 @pytest.fixture(scope="module")
 def adopted(tiny_run, tmp_path_factory) -> Path:
     """A copy of the shared tiny DAG run (`tiny_run`: what `make demo` makes, run locally), made
@@ -275,6 +283,20 @@ def test_dvc_versions_the_run_pushes_pulls_and_audits_it_and_sees_what_a_change_
     outs = [o["path"] for st in lock.values() for o in st.get("outs", [])]
     assert {"results/tiny/data", "results/tiny/spectra", "results/tiny/band_error", "results/tiny/report"} <= set(outs)
     assert "didn't change" in _dvc(adopted, "repro")
+    # Every trained run's curves as DVC plots, its last values as DVC metrics (`dvc exp show`).
+    shown = _dvc_json(adopted, "plots", "show")["data"]
+    for stage, runs in (("autoencoders", ("embedded-tiny-sdvae", "embedded-tiny-esm", "embedded-tiny-dsm")),
+                        ("diffusion", ("embedded-tiny-sdvae-uvit", "embedded-tiny-pixels-uvit",
+                                       "embedded-tiny-dsm-sit-repa"))):
+        for run in runs:
+            values = shown[f"results/tiny/curves/{stage}/{run}/loss.tsv"][0]["content"]["data"]["values"]
+            log = [json.loads(x) for x in (adopted / "results/tiny" / stage / run / "metrics.jsonl").read_text().splitlines()]
+            assert [int(v["step"]) for v in values] == [r["step"] for r in log], run
+    assert "results/tiny/curves/progress/embedded-tiny-sdvae-uvit/FD-EffNetLite0-128.tsv" in shown
+    metrics = _dvc_json(adopted, "metrics", "show")
+    training = next(iter(metrics.values()))["data"]["results/tiny/metrics/diffusion_training.json"]["data"]
+    last = json.loads((adopted / "results/tiny/diffusion/embedded-tiny-sdvae-uvit/metrics.jsonl").read_text().splitlines()[-1])
+    assert training["diffusion/embedded-tiny-sdvae-uvit/curves"]["loss"] == pytest.approx(last["loss"])
     before = {o: _tree_hashes(adopted / o) for o in outs}
     _dvc(adopted, "remote", "add", "-d", "local", str(tmp_path / "remote"))
     _dvc(adopted, "push")

@@ -328,3 +328,30 @@ def test_snakemake_lint_is_clean(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "Lints for" not in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+
+
+def test_tiny_dag_training_curves_for_tensorboard(tiny_run):
+    """Every trainer of the tiny DAG and every `fid-progress` leaves curves in its output that
+    TensorBoard's own reader lists: each logged number of metrics.jsonl at its steps (loss,
+    learning rate, gradient norm, throughput; the alignment loss of the REPA run; FD over
+    training)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tiny_run / "results" / "tiny"
+
+    def scalars(folder: Path) -> dict[str, list[int]]:
+        acc = EventAccumulator(str(folder / "curves" / "tb"))
+        acc.Reload()
+        return {tag: [e.step for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+    trained = [out / "autoencoders" / f"embedded-tiny-{v}" for v in STEPS] + [
+        out / "diffusion" / d for d in sorted({d for d, _ in SAMPLE_SETS})]
+    for folder in trained:
+        tb = scalars(folder)
+        log = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
+        assert {"loss", "lr", "grad_norm"} <= set(tb), (folder.name, sorted(tb))
+        assert {"images_per_s", "latents_per_s"} & set(tb), (folder.name, sorted(tb))
+        assert tb["loss"] == [r["step"] for r in log], folder.name
+    assert "align_loss" in scalars(out / "diffusion" / "embedded-tiny-dsm-sit-repa")
+    for diff in UVIT:
+        assert scalars(out / "progress" / diff)["FD-EffNetLite0-128"] == [40, 80, 160], diff

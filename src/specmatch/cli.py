@@ -190,6 +190,13 @@ def _dvc_metrics(stage: Stage, args: argparse.Namespace, dvc_metrics: ModuleType
     print(f"{args.out}: {len(result)} run(s)")
 
 
+def _dvc_curves(stage: Stage, args: argparse.Namespace, dvc_metrics: ModuleType) -> None:
+    """Copies every <run>/curves/plots/*.tsv below each FOLDER into OUT/<folder>/<run>/, the
+    curves output of a dvc.yaml stage (`plots:` names OUT's parent once)."""
+    result = call(stage, args, dvc_metrics)
+    print(f"{args.out}: curves of {len(result)} run(s)")
+
+
 def _container_binds(stage: Stage, args: argparse.Namespace, container: ModuleType) -> None:
     """Prints the Apptainer --bind option that makes data/, resources/ and results/ of the
     repository visible in the container at the paths the rules use (real:path where a folder is a
@@ -283,6 +290,7 @@ ADAPTERS: dict[tuple[str, ...], Callable[[Stage, argparse.Namespace, ModuleType]
     ("dvc", "deps"): _dvc_deps,
     ("dvc", "adopt"): _dvc_adopt,
     ("dvc", "metrics"): _dvc_metrics,
+    ("dvc", "curves"): _dvc_curves,
     ("container", "binds"): _container_binds,
     ("container", "check"): _container_check,
     ("audit",): _audit,

@@ -311,6 +311,9 @@ def _train(job: _Job, net: torch.nn.Module, align) -> dict[str, Any]:
             loss.backward()
             if t.grad_clip:
                 terms["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
+            elif (step + 1) % t.log_every == 0 or step + 1 == steps:
+                # logged without clipping too (metrics.jsonl, the curves): measured, the gradients untouched
+                terms["grad_norm"] = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
             opt.step()
             sched.step()
             if ema is not None:

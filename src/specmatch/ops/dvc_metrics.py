@@ -10,6 +10,7 @@ output in dvc.yaml, outside every `outs` folder), keyed by the run's folder; `dv
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -57,3 +58,32 @@ def write_metrics(folders: list[str | Path], filename: str, out: str | Path) -> 
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic.write_text(out, json.dumps(result, indent=1, sort_keys=True) + "\n")
     return result
+
+
+def write_curves(folders: list[str | Path], out: str | Path) -> dict[str, Any]:
+    """`specmatch dvc curves`: every run's training curves below `folders` (the trainers' and
+    `fid-progress`'s `<run>/curves/plots/<name>.tsv`, runtime/curves.py) copied into one folder,
+    `<out>/<run dir>/<name>.tsv`, atomically (a run dir found in two folders is an error): the stage's curves output, which
+    dvc.yaml's top-level `plots:` names once (`x: step`), so `dvc plots show` renders every run's
+    curves and `dvc plots diff` overlays two revisions' without listing runs. A stage folder holds
+    weights and JSON besides, and DVC plots take no globs, hence the copy. Returns {run: [curve
+    names]}."""
+    from ..runtime import atomic
+    from ..runtime.curves import CURVES_DIR, PLOTS_DIR
+
+    found: dict[str, list[str]] = {}
+    with atomic.atomic_dir(out) as tmp:
+        for folder in map(Path, folders):
+            for plots in sorted(folder.rglob(f"{CURVES_DIR}/{PLOTS_DIR}")) if folder.is_dir() else []:
+                run = plots.parent.parent.relative_to(folder).as_posix()
+                if run in found:
+                    raise SpecmatchError(f"{plots}: a run {run!r} of another folder given has curves too; "
+                                         "collect each stage's folder into a folder of its own")
+                dest = tmp / run
+                dest.mkdir(parents=True, exist_ok=True)
+                names = []
+                for tsv in sorted(plots.glob("*.tsv")):
+                    shutil.copyfile(tsv, dest / tsv.name)
+                    names.append(tsv.stem)
+                found[run] = names
+    return found
