@@ -176,3 +176,18 @@ def test_snakemake_plans_exactly_the_grids_jobs(preset, tmp_path):
             "extract_targets": len(g.target_caches), "fid_real_floor_n": len(g.report.floors),
             "fid_progress": len(g.report.progress), "report": 1}
     assert {k: jobs.get(k, 0) for k in want} == want
+
+
+def test_small_grid_second_seeds_have_untrained_twins_of_their_own_seed():
+    """A run trained with `train.seed: 1` starts from other initial weights than its seed-0 twin:
+    its untrained baseline is a network of seed 1, not the seed-0 one."""
+    g = _grid("small")
+    assert g.untrained_of("embedded-small-sdvae-uvit") == "embedded-small-sdvae-uvit-untrained"
+    assert g.untrained_of("embedded-small-sdvae-uvit-s1") == "embedded-small-sdvae-uvit-s1-untrained"
+    for run in ("embedded-small-sdvae-uvit", "embedded-small-sdvae-uvit-s1", "embedded-small-sdvae-sit-dog-s1"):
+        twin = g.diffusions[g.untrained_of(run)]
+        assert twin["train"]["seed"] == g.diffusions[run]["train"]["seed"] and twin["train"]["steps"] == 0
+    assert g.diffusions["embedded-small-sdvae-uvit-s1"]["train"]["seed"] == 1
+    # the four alignments of one seed share one untrained SiT
+    assert {g.untrained_of(f"embedded-small-sdvae-sit{a}-s1") for a in ("", "-repa", "-irepa", "-dog")} == {
+        "embedded-small-sdvae-sit-s1-untrained"}

@@ -719,3 +719,19 @@ def test_c0_verdict_follows_its_definition(c0, verdict):
     (row,) = claims.frequency_bias(Inputs, ["u"])
     assert row["claim"] == "C0" and row["verdict"] == verdict, row
     assert "u: 2 points to step 160" in row["setting"]
+
+
+def test_untrained_baseline_of_the_same_training_seed():
+    """A run of training seed 1 is read against the untrained network of seed 1 (other initial
+    weights than seed 0's), under the same protocol; a row that records no seed takes the first."""
+    from specmatch.report.experiments import attach_baselines
+
+    proto = {"autoencoder": "ae", "model": "UViT-tiny/2", "process": "vp-linear", "sampler": "dpm-solver", "steps": 20,
+             "cfg_scale": 1.0, "cfg_interval": "0-1", "n_samples": 128, "metric": METRIC, "protocol": "pytorch-fid",
+             "dataset": "d"}
+    rows = [{**proto, "diffusion": f"u{s}-untrained", "trained_steps": 0, "train_seed": s, "value": v,
+             "value_std": 1.0} for s, v in ((0, 300.0), (1, 400.0))]
+    rows += [{**proto, "diffusion": f"u{s}", "trained_steps": 100, "train_seed": s, "value": 200.0,
+              "value_std": 1.0} for s in (0, 1, None)]
+    attach_baselines({"E1": rows}, [])
+    assert [r["untrained"] for r in rows[2:]] == [300.0, 400.0, 300.0]
