@@ -7,9 +7,16 @@ from pathlib import Path
 import pandas as pd
 
 
+def _escape(v):
+    return v.replace("|", "\\|") if isinstance(v, str) else v
+
+
 def markdown(df: pd.DataFrame) -> str:
-    """A Markdown table, 4 significant digits, missing values as empty cells."""
-    return df.astype(object).where(df.notna(), None).to_markdown(index=False, floatfmt=".4g", missingval="")
+    """A Markdown table, 4 significant digits, missing values as empty cells; a "|" in a name or
+    cell (KL(target||latent)) escaped, as a GFM table needs (else the row splits there)."""
+    esc = df.map(_escape).rename(columns=_escape)
+    cells = esc.astype(object).where(esc.notna(), None)
+    return cells.to_markdown(index=False, floatfmt=".4g", missingval="")
 
 
 def write_table(df: pd.DataFrame, folder: Path, stem: str, title: str, intro: str) -> None:

@@ -49,18 +49,8 @@ __all__ = ["HTML", "INDEX", "Inputs", "page", "write"]
 # --------------------------------------------------------------------------- the page
 
 
-def _cell(v: Any) -> Any:
-    return v.replace("|", "\\|") if isinstance(v, str) else v
-
-
 def _md(df: pd.DataFrame, cols: list[str]) -> str:
-    """The page's table of `cols`; a "|" in a name or cell (KL(target||latent)) escaped, as a
-    GFM table needs (else the row splits there and the table does not render)."""
-    if not len(df):
-        return "(no rows)"
-    sub = df[[c for c in cols if c in df.columns]]
-    return markdown(sub.rename(columns=_cell).apply(
-        lambda col: col if pd.api.types.is_numeric_dtype(col) else col.map(_cell)))
+    return markdown(df[[c for c in cols if c in df.columns]]) if len(df) else "(no rows)"
 
 
 def _is_metric(column: str) -> bool:
