@@ -87,6 +87,28 @@ def test_a_large_seed_spread_leaves_a_clear_single_seed_advantage_unresolved():
     assert row["verdict"] == "not resolved at this N"
 
 
+def test_a_side_that_learned_on_average_is_judged_though_one_seed_learned_little():
+    """Pooled over seeds: u-sd (seed 0) is 299 +- 1 against its untrained 300 +- 1, its seed-1 twin
+    250 +- 1 against 310 +- 1. The side: 274.5 +- sqrt(2/4 + 1200.5/2) = 24.5 against the
+    untrained 305 +- sqrt(2/4 + 50/2) = 5.05: z = 30.5 / 25.0 = 1.22, not learned. A third seed
+    far below its untrained network but spreading the side (150) leaves it unlearned; one near
+    the second seed (248) makes the side's mean beat its untrained networks': judged."""
+    gen = [_gen("u-esm", "esm", 100.0), _gen("u-esm-s1", "esm", 102.0, seed=1),
+           _gen("u-sd", "sd", 299.0, untrained=300.0), _gen("u-sd-s1", "sd", 250.0, seed=1, untrained=310.0)]
+    (row,) = _c4(gen)
+    assert row["verdict"].startswith("not resolved: the runs did not learn") and row["z"] is None
+    gen += [_gen("u-sd-s2", "sd", 150.0, seed=2, untrained=305.0)]
+    # u-sd: mean 233 (var (66^2 + 17^2 + 83^2) / 2 = 5767, se^2 = 3/9 + 5767/3 = 1922.7, se 43.8)
+    # against the untrained 305 (var 25, se^2 = 3/9 + 25/3 = 8.67, se 2.94): z = 72 / 43.9 = 1.64.
+    (row,) = _c4(gen)
+    assert row["verdict"].startswith("not resolved: the runs did not learn")
+    gen[-1] = _gen("u-sd-s2", "sd", 248.0, seed=2, untrained=305.0)
+    # mean 265.7 (var (33.3^2 + 15.7^2 + 17.7^2) / 2 = 834.3, se^2 = 1/3 + 278.1, se 16.7) against
+    # 305 +- 2.94: z = 39.3 / 16.9 = 2.32: learned; the claim compares the means.
+    (row,) = _c4(gen)
+    assert row["z"] is not None and row["verdict"] == "supported"
+
+
 def test_one_seed_that_did_not_learn_leaves_the_claim_unresolved():
     # u-esm-s1: 299 against its own (seed-1) untrained network's 300 +- 1: it did not learn.
     gen = [_gen("u-esm", "esm", 100.0), _gen("u-esm-s1", "esm", 299.0, seed=1, untrained=300.0),

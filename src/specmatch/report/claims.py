@@ -19,9 +19,11 @@ was recorded, counts as a seed of its own). A side of n runs with distances v_i 
 standard errors s_i reads as their mean, with the standard error
 sqrt(sum_i s_i^2 / n^2 + var_seed / n), var_seed the sample variance of the v_i (ddof 1; 0 for one
 seed, whose spread is then not measured: the setting says so). The seed variance already holds the
-image-sampling noise of each run, so that noise is counted twice: a conservative verdict. Every run
-of both sides must have learned; runs that repeat a known seed are not seed replicates and are
-compared one by one.
+image-sampling noise of each run, so that noise is counted twice: a conservative verdict. Both
+sides must have learned, each pooled over its seeds: the mean distance of its runs must beat the
+mean of their untrained networks (each of its own seed, pooled the same way) by 2 standard
+errors, so a seed that learned little weighs in the mean rather than vetoing the side; runs that
+repeat a known seed are not seed replicates and are compared one by one.
 
 C4 rests on a premise (docs/method.md §8): SD-VAE's latents, as the diffusion model sees them
 (posterior samples), are flatter than the delta-tilted target ("over-noisy"). The premise row
@@ -243,6 +245,22 @@ def _learned(r: dict[str, Any]) -> bool | None:
     return z is not None and z > Z
 
 
+def _side_learned(side: list[dict[str, Any]]) -> bool | None:
+    """Whether a side's runs, pooled over their training seeds, beat their untrained networks
+    (each of its own seed, pooled the same way) by 2 standard errors: `_learned` of one run, the
+    mean over seeds otherwise, so that a seed that learned little is weighed with the others
+    instead of vetoing the side (None: no baseline)."""
+    if len(side) == 1:
+        return _learned(side[0])
+    base = [r for r in side if r.get("untrained") is not None and not pd.isna(r.get("untrained"))]
+    if len(base) < len(side):
+        return None if not base else False
+    trained = _pooled(side)
+    untrained = _pooled([{"value": r["untrained"], "value_std": r.get("untrained_std")} for r in side])
+    z, _ = compare(trained[0], trained[1], untrained[0], untrained[1])
+    return z is not None and z > Z
+
+
 _PROTOCOL_KEYS = ("model", "process", "trained_steps", "sampler", "steps", "cfg_scale", "cfg_interval", "n_samples",
                   "metric", "protocol")
 
@@ -328,7 +346,7 @@ def _generation(cid: str, cand_side: list[dict[str, Any]], base_side: list[dict[
     for r in cand_side + base_side:
         if r.get("untrained") is not None and not pd.isna(r.get("untrained")):
             evidence += f" [{r['diffusion']} untrained: {r['untrained']:.4g}]"
-    if any(_learned(r) is False for r in cand_side + base_side):
+    if False in (_side_learned(cand_side), _side_learned(base_side)):
         return _row(cid, setting, evidence, None, "not resolved: the runs did not learn at this length (a distance "
                                                   "not below its untrained network's)")
     z, verdict = compare(a, sa, b, sb)
