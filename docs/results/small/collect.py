@@ -2,10 +2,10 @@
 
     .venv/bin/python docs/results/small/collect.py [results/small] [docs/results/small]
 
-Copies the report page, its tables and its figures as they are, except the sample grids: for
-each sample set of the runs in SAMPLE_RUNS and their untrained twins it draws the first 32
-samples with the report's own renderer, under the report's file name (the report's grids hold 64
-samples at about 0.7 MB each; results/small/report/figures/ keeps them).
+Copies the report page (index.md and index.html), its tables and its figures as they are, except
+the sample grids: for each sample set the page shows it draws the first 32 samples with the
+report's own renderer, under the report's file name (the report's grids hold 64 samples at about
+0.7 MB each; results/small/report/figures/ keeps them).
 """
 from __future__ import annotations
 
@@ -16,9 +16,6 @@ from pathlib import Path
 from specmatch.data.shards import iter_image_batches
 from specmatch.render.figures import image_grid
 
-SAMPLE_RUNS = ("embedded-small-sdvae-uvit", "embedded-small-ae-uvit", "embedded-small-esm-uvit",
-               "embedded-small-dsm-uvit", "embedded-small-pixels-uvit", "embedded-small-sdvae-sit",
-               "embedded-small-sdvae-sit-repa", "embedded-small-sdvae-sit-irepa", "embedded-small-sdvae-sit-dog")
 N_SHOWN = 32
 
 
@@ -36,12 +33,13 @@ def main(results: Path, out: Path) -> None:
     for fig in (report / "figures").glob("*.png"):
         if not fig.name.startswith("samples_"):
             shutil.copy2(fig, figs / fig.name)
-    for run in SAMPLE_RUNS:
-        for name in (run, f"{run}-untrained"):
-            for sampler in sorted(p for p in (results / "samples" / name).glob("*") if p.is_dir()):
+    linked = (report / "index.md").read_text()
+    for run in sorted(p for p in (results / "samples").glob("*") if p.is_dir()):
+        for sampler in sorted(p for p in run.glob("*") if p.is_dir()):
+            name = f"samples_{run.name}-{sampler.name}.png"
+            if f"(figures/{name})" in linked:  # the sample sets the page shows
                 images = next(iter_image_batches(sampler, "samples", N_SHOWN))
-                image_grid(images, figs / f"samples_{name}-{sampler.name}.png",
-                           title=f"{name}: {sampler.name}, first {len(images)} samples")
+                image_grid(images, figs / name, title=f"{run.name}: {sampler.name}, first {len(images)} samples")
 
 
 if __name__ == "__main__":
