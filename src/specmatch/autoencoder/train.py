@@ -109,7 +109,10 @@ def identity(run: dict[str, Any], images_sha256: str) -> dict[str, Any]:
     discriminator and the sha256 of the train images (the data it was trained on). Checkpoints
     record it; a resume compares it (`runtime.train_state`)."""
     train = {k: v for k, v in run["train"].items() if k not in _BOOKKEEPING}
-    return {"dataset": run.get("dataset"), "config": dataclasses.asdict(ae_model.config(run["config"])),
+    config = dataclasses.asdict(ae_model.config(run["config"]))
+    if not config["identity"]:
+        del config["identity"]  # a field newer than the run folders it would otherwise re-key
+    return {"dataset": run.get("dataset"), "config": config,
             "variant": run["variant"], "loss": run.get("loss", {}), "disc": run.get("disc", {}),
             "train": train, "data": images_sha256}
 
