@@ -211,14 +211,10 @@ def train(run: dict[str, Any], dataset: str | Path, run_dir: str | Path | None, 
                              "neither goes with the other")
     info = distributed.setup(t.device)
     try:
-        if cfg.identity:
-            return _write_identity(_Job(params=run, name=name, train=t, cfg=cfg, obj=objective("pixels"), fp=fp,
-                                        settings=settings, info=info, dataset=Path(dataset),
-                                        run_dir=run_folder(run_dir, runs_root, fp), out=Path(out), resume=resume))
-        return _train(_Job(params=run, name=name, train=t, cfg=ae_model.config(run["config"]),
-                           obj=objective(run["variant"], run.get("loss")), fp=fp, settings=settings, info=info,
-                           dataset=Path(dataset), run_dir=run_folder(run_dir, runs_root, fp), out=Path(out),
-                           resume=resume))
+        job = _Job(params=run, name=name, train=t, cfg=cfg, obj=objective(run["variant"], run.get("loss")), fp=fp,
+                   settings=settings, info=info, dataset=Path(dataset), run_dir=run_folder(run_dir, runs_root, fp),
+                   out=Path(out), resume=resume)
+        return _write_identity(job) if cfg.identity else _train(job)
     finally:
         distributed.teardown()
 

@@ -49,6 +49,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from .generation_table import train_seed
+
 SUPPORTED, CONTRADICTED, UNRESOLVED = "supported", "contradicted", "not resolved at this N"
 Z = 2.0
 R2_POWER_LAW = 0.95
@@ -269,12 +271,6 @@ def _same_protocol(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return all(a[k] == b[k] for k in _PROTOCOL_KEYS)
 
 
-def _seed(r: dict[str, Any]) -> int | None:
-    """The row's training seed (None: unknown)."""
-    v = r.get("train_seed")
-    return None if v is None or (isinstance(v, float) and math.isnan(v)) else int(v)
-
-
 # Besides the protocol (`_same_protocol`), what the runs of one side share: only their training
 # seed (and run name) differs.
 _SIDE_KEYS = ("autoencoder", "alignment", "weights", "dataset")
@@ -296,11 +292,11 @@ def _sides(rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
     sides = []
     for g in groups:
         # An unknown seed is a seed of its own, but two sample sets of one run are not two seeds.
-        seeds = [_seed(r) if _seed(r) is not None else ("run", r["diffusion"]) for r in g]
+        seeds = [train_seed(r) if train_seed(r) is not None else ("run", r["diffusion"]) for r in g]
         if len(set(seeds)) < len(seeds):
             sides += [[r] for r in g]
         else:
-            sides.append(sorted(g, key=lambda r: (_seed(r) is None, _seed(r) or 0)))
+            sides.append(sorted(g, key=lambda r: (train_seed(r) is None, train_seed(r) or 0)))
     return sides
 
 

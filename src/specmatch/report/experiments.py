@@ -10,8 +10,6 @@ rFD-EffNetLite0-128, ...), and a table whose rows were scored by different metri
 
 from __future__ import annotations
 
-import math
-
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -25,7 +23,7 @@ from ..metrics import record
 from ..metrics import spectra as data_spectra
 from . import claims as claims_mod
 from . import published
-from .generation_table import align_order
+from .generation_table import align_order, train_seed
 from .inputs import KINDS, Inputs
 
 def runs_of(p: dict[str, Any], inputs: Inputs) -> dict[str, dict[str, list[str]]]:
@@ -62,9 +60,8 @@ _SAME_PROTOCOL = ("autoencoder", "model", "process", "sampler", "steps", "cfg_sc
 def _same_seed(a: dict[str, Any], b: dict[str, Any]) -> bool:
     """Whether two generation rows come from the same training seed (the seed of the initial
     weights of an untrained network); true where either does not record it."""
-    sa, sb = a.get("train_seed"), b.get("train_seed")
-    known = [v is not None and not (isinstance(v, float) and math.isnan(v)) for v in (sa, sb)]
-    return not all(known) or int(sa) == int(sb)
+    sa, sb = train_seed(a), train_seed(b)
+    return sa is None or sb is None or sa == sb
 
 
 def attach_baselines(generation: dict[str, list[dict[str, Any]]], floors: list[record.GenerationMetrics]) -> None:

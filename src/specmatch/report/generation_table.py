@@ -24,6 +24,13 @@ def align_order(label: str) -> int:
     return ALIGN_ORDER.get(str(label).split(" ")[0], len(ALIGN_ORDER))
 
 
+def train_seed(row: dict[str, Any]) -> int | None:
+    """A generation row's training seed (`train_seed`); None where it is not recorded (samples of
+    imported models, records written before it was), read back from a CSV as NaN."""
+    v = row.get("train_seed")
+    return None if v is None or (isinstance(v, float) and v != v) else int(v)
+
+
 def generation_row(folder: Path) -> dict[str, Any]:
     """One scored sample set (a `fid calc` output of `sample` images): the run, the sampling
     protocol, the metric by name and its value, precision/recall, IS, reference, feature weights."""
